@@ -1,0 +1,502 @@
+"""LocalEngine: one in-process transformers causal LM behind DSPy's engine contract.
+
+DSPy 3.4 calls a custom engine with one canonical ``dspy.lm15.Request`` and expects one
+``Response`` (``dspy.LM(model, engine=...)``). The engine here:
+
+* renders the request through the tokenizer's chat template and generates with
+  ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop`` and ``seed``;
+* collects requests that arrive concurrently (``dspy.Evaluate(num_threads=...)``,
+  ``dspy.Parallel``, DSPy's ``n`` fan-out) for a short window and runs compatible ones as
+  one left-padded batched ``generate``; one copy of the weights whatever the thread count;
+* owns the LoRA adapter slot: attach, reset, snapshot, restore, save, load. Every change
+  of weights bumps ``version``; ``weights_id`` names the weights by content, and
+  :class:`LocalLM` puts it in the model string so DSPy's cache key changes with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+import torch
+from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+
+from rosa2_dspy import models
+
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Settings that must agree for requests to share one batched ``generate`` call."""
+
+    max_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+
+
+@dataclass
+class _Job:
+    input_ids: list[int]
+    settings: GenSettings
+    stop: tuple[str, ...]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Completion:
+    """What one request produced: text, token counts and why it ended."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str
+
+
+class _StopOnStrings:
+    """Per-row stopping on stop strings: each row of a batch has its own stop list."""
+
+    def __init__(self, tokenizer, stops: list[tuple[str, ...]], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, stop in enumerate(self.stops):
+            if stop:
+                tail = self.tokenizer.decode(input_ids[row, self.prompt_len:][-32:], skip_special_tokens=True)
+                done[row] = any(s in tail for s in stop)
+        return done
+
+
+class LocalEngine:
+    """A local causal LM served to DSPy in process, with a LoRA adapter slot.
+
+    Build one with :meth:`from_pretrained` (``"default"`` is the embedded SmolLM2-135M-Instruct)
+    or from a model and tokenizer you already hold; get a ``dspy.LM`` for it with :meth:`lm`.
+    """
+
+    _registry: dict[tuple, LocalEngine] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, model, tokenizer, *, name: str = "model", fingerprint: str | None = None,
+                 spec: str | None = None, max_batch: int = 8, batch_window: float = 0.02,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, info: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.spec = spec
+        self.info = dict(info or {})
+        self.base_fingerprint = fingerprint or self._hash_parameters(model)
+        self.max_batch = max_batch
+        self.batch_window = batch_window
+        self.default_max_tokens = default_max_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_token_ids = self._eos_ids()
+        self.device = next(model.parameters()).device
+        self.weights_lock = threading.RLock()  # held while generating and while weights change
+        self.version = 0
+        self.peft_model = None
+        self._pristine_adapter: dict[str, torch.Tensor] | None = None
+        self._weights_id_cache: tuple[int, str] | None = None
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._pending: list[_Job] = []
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
+                        dtype: str | None = None, **kwargs) -> LocalEngine:
+        loaded = models.load_model(spec, device=device, dtype=dtype)
+        info = {"source": loaded.source, "device": loaded.device, "dtype": loaded.dtype,
+                "load_seconds": round(loaded.load_seconds, 2), **loaded.info}
+        return cls(loaded.model, loaded.tokenizer, name=loaded.name, fingerprint=loaded.fingerprint,
+                   spec=spec, info=info, **kwargs)
+
+    @classmethod
+    def shared(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
+               dtype: str | None = None) -> LocalEngine:
+        """One engine per model per process: everything that needs the model borrows this one."""
+        key = (spec, device or "auto", dtype or "auto")
+        with cls._registry_lock:
+            if key not in cls._registry:
+                cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
+            return cls._registry[key]
+
+    def lm(self, **kwargs) -> LocalLM:
+        """A ``dspy.LM`` served by this engine, whose cache key follows the weights."""
+        return LocalLM(self, **kwargs)
+
+    # DSPy saves a custom engine as its class path plus this state (dspy.LM.dump_state).
+    def dump_state(self) -> dict:
+        if self.spec is None:
+            raise ValueError("this engine was built from an in-memory model and cannot be saved by reference")
+        return {"spec": self.spec}
+
+    @classmethod
+    def load_state(cls, state: dict) -> LocalEngine:
+        return cls.shared(state["spec"])
+
+    # ------------------------------------------------------------------ the engine contract
+
+    def complete(self, request: Request) -> Response:
+        """Generate one completion for a canonical DSPy request."""
+        from dspy.clients.engines.base import validate_request
+
+        validate_request(request)
+        messages = request_messages(request)
+        settings, stop = self._settings(request)
+        out = self.generate_one(messages, settings, stop)
+        return Response(
+            id=f"local-{uuid.uuid4().hex[:12]}", model=request.model,
+            message=Message.assistant([TextPart(out.text)]), finish_reason=out.finish_reason,
+            usage=Usage(input_tokens=out.input_tokens, output_tokens=out.output_tokens,
+                        total_tokens=out.input_tokens + out.output_tokens),
+        )
+
+    def stream(self, request: Request):
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        """Borrowed by DSPy; the engine lives as long as the process that made it."""
+
+    def _settings(self, request: Request) -> tuple[GenSettings, tuple[str, ...]]:
+        config = request.config
+        temperature = float(config.temperature or 0.0)
+        do_sample = temperature > 0
+        settings = GenSettings(
+            max_tokens=int(config.max_tokens or self.default_max_tokens),
+            do_sample=do_sample,
+            temperature=temperature if do_sample else 0.0,
+            top_p=config.top_p if do_sample else None,
+            top_k=config.top_k if do_sample else None,
+            seed=config.seed if do_sample else None,
+        )
+        return settings, tuple(config.stop or ())
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        return list(encoded["input_ids"])
+
+    def generate_one(self, messages: list[dict], settings: GenSettings, stop: tuple[str, ...] = ()) -> Completion:
+        """Queue one chat for generation and wait for it (batched with concurrent callers)."""
+        job = _Job(self.encode_chat(messages), settings, stop)
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.future.result()
+
+    def generate_batch(self, prompts: list[list[int]], settings: GenSettings,
+                       stops: list[tuple[str, ...]] | None = None) -> list[Completion]:
+        """Run prompts (token ids) as one left-padded batch under the same settings."""
+        stops = stops or [()] * len(prompts)
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_tokens, do_sample=settings.do_sample,
+                                      pad_token_id=pad, eos_token_id=self.eos_token_ids)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p or 1.0, top_k=settings.top_k or 0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if any(stops):
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
+        with self.weights_lock, torch.inference_mode():
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **kwargs)
+            finally:
+                self.model.train(was_training)
+        results = []
+        for row, prompt in enumerate(prompts):
+            new = out[row, width:].tolist()
+            finish = "length"
+            for i, tok in enumerate(new):
+                if tok in self.eos_token_ids:
+                    new, finish = new[:i], "stop"
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            for s in stops[row]:
+                cut = text.find(s)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+            results.append(Completion(text, len(prompt), len(new), finish))
+        return results
+
+    def _ensure_worker(self) -> None:
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, name=f"LocalEngine[{self.name}]", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        """Collect concurrent requests for a short window and run compatible ones together."""
+        while True:
+            if not self._pending:
+                self._pending.append(self._queue.get())
+            deadline = time.monotonic() + self.batch_window
+            while len(self._pending) < self.max_batch * 4:
+                remaining = deadline - time.monotonic()
+                try:
+                    self._pending.append(self._queue.get(timeout=max(remaining, 0)) if remaining > 0
+                                         else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            head = self._pending[0].settings
+            batch = [job for job in self._pending if job.settings == head][: self.max_batch]
+            self._pending = [job for job in self._pending if job not in batch]
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live])
+        except BaseException as exc:  # noqa: BLE001 - a failed batch fails each of its callers, not the worker
+            if len(live) > 1:  # retry one by one so that one bad request fails only itself
+                for job in live:
+                    self._run_single(job)
+                return
+            live[0].future.set_exception(exc)
+            return
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(live)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
+        for job, result in zip(live, results):
+            job.future.set_result(result)
+
+    def _run_single(self, job: _Job) -> None:
+        try:
+            job.future.set_result(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
+        except BaseException as exc:  # noqa: BLE001
+            job.future.set_exception(exc)
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        for tid in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(tid, int):
+                ids.add(tid)
+            elif isinstance(tid, (list, tuple)):
+                ids.update(tid)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ weights identity
+
+    @staticmethod
+    def _hash_parameters(model) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def weights_id(self) -> str:
+        """Content-derived name of the weights now in use: base fingerprint, plus the adapter's hash."""
+        with self.weights_lock:
+            if self._weights_id_cache and self._weights_id_cache[0] == self.version:
+                return self._weights_id_cache[1]
+            ident = self.base_fingerprint
+            state = self.adapter_state()
+            if state and any(t.abs().sum() > 0 for k, t in state.items() if "lora_B" in k):
+                digest = hashlib.sha256()
+                for key, tensor in sorted(state.items()):
+                    digest.update(key.encode())
+                    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                ident = f"{ident}-{digest.hexdigest()[:12]}"
+            self._weights_id_cache = (self.version, ident)
+            return ident
+
+    def mark_changed(self) -> None:
+        """Record that weights changed (called by anything that updates the adapter)."""
+        with self.weights_lock:
+            self.version += 1
+
+    # ------------------------------------------------------------------ the adapter slot
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.peft_model is not None
+
+    def attach_adapter(self, lora_config=None):
+        """Wrap the base model with a fresh PEFT LoRA adapter (zero shift); idempotent."""
+        from peft import LoraConfig, get_peft_model
+
+        with self.weights_lock:
+            if self.peft_model is not None:
+                return self.peft_model
+            lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                    target_modules="all-linear", task_type="CAUSAL_LM")
+            self.peft_model = get_peft_model(self.model, lora_config)
+            self.model = self.peft_model
+            self._pristine_adapter = self.snapshot()
+            self.mark_changed()
+            return self.peft_model
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's trainable tensors (live references), empty when no adapter is attached."""
+        if self.peft_model is None:
+            return {}
+        return {name: param for name, param in self.peft_model.named_parameters() if "lora_" in name}
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the adapter tensors, for :meth:`restore`."""
+        with self.weights_lock:
+            return {name: t.detach().clone() for name, t in self.adapter_state().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Put the adapter back exactly as it was in ``snapshot`` (bit-identical)."""
+        with self.weights_lock, torch.no_grad():
+            state = self.adapter_state()
+            if set(state) != set(snapshot):
+                raise ValueError("snapshot does not match the attached adapter's tensors")
+            for name, tensor in state.items():
+                tensor.copy_(snapshot[name])
+            self.mark_changed()
+
+    def reset_adapter(self) -> None:
+        """Back to the freshly attached adapter: zero weight shift."""
+        if self._pristine_adapter is not None:
+            self.restore(self._pristine_adapter)
+
+    def save_adapter(self, path: str | os.PathLike) -> Path:
+        """Save the adapter in PEFT's format (safetensors), atomically: staged, then renamed."""
+        if self.peft_model is None:
+            raise ValueError("no adapter is attached; nothing to save")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            with self.weights_lock:
+                self.peft_model.save_pretrained(staging)
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
+                os.replace(target, old)
+            os.replace(staging, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Load adapter weights saved by :meth:`save_adapter` into the slot."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"no adapter at {path} (expected adapter_model.safetensors)")
+        with self.weights_lock:
+            if self.peft_model is None:
+                self.attach_adapter(LoraConfig.from_pretrained(str(path)))
+            result = set_peft_model_state_dict(self.peft_model, load_file(str(weights)))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"adapter at {path} does not fit this model: {result.unexpected_keys[:3]}")
+            self.mark_changed()
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run with the adapter switched off (the base model), e.g. as a reference policy."""
+        with self.weights_lock:
+            if self.peft_model is None:
+                yield self.model
+                return
+            with self.peft_model.disable_adapter():
+                yield self.peft_model
+
+
+def request_messages(request: Request) -> list[dict]:
+    """Canonical request to chat-template messages (text parts only)."""
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+        messages.append({"role": "system", "content": system})
+    for message in request.messages:
+        role = "system" if message.role == "developer" else message.role
+        text = "\n".join(getattr(p, "text", "") for p in message.parts if getattr(p, "text", None) is not None)
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+class AsyncLocalEngine:
+    """The async counterpart DSPy asks for (``acall``): the same engine, awaited off the event loop."""
+
+    def __init__(self, engine: LocalEngine):
+        self.engine = engine
+
+    async def complete(self, request: Request) -> Response:
+        import asyncio
+
+        return await asyncio.to_thread(self.engine.complete, request)
+
+    async def stream(self, request: Request):
+        for event in response_to_events(await self.complete(request)):
+            yield event
+
+    async def aclose(self) -> None:
+        """Borrowed, like the sync engine."""
+
+
+class LocalLM(dspy.LM):
+    """``dspy.LM("local/<name>", engine=LocalEngine)`` whose model string carries the weights id.
+
+    DSPy keys its response cache on the request, which includes the model string; putting
+    ``@<weights_id>`` there means a cached answer is only ever returned for the same weights.
+    """
+
+    def __init__(self, engine: LocalEngine, **kwargs):
+        kwargs.setdefault("num_retries", 0)
+        kwargs.setdefault("max_tokens", engine.default_max_tokens)
+        self._local_engine = engine
+        super().__init__(f"local/{engine.name}", engine=engine, async_engine=AsyncLocalEngine(engine), **kwargs)
+
+    @property
+    def model(self) -> str:
+        return f"{self._model_base}@{self._local_engine.weights_id}"
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self._model_base = value.split("@", 1)[0]
+
+    @property
+    def engine_ref(self) -> LocalEngine:
+        return self._local_engine
