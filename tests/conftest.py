@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny randomly initialised Llama built in process, with the embedded model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "programs"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from rosa2_dspy import models
+
+    path, _, _, _ = models.resolve("default")  # converts the embedded GGUF once, then reads the cache
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_tiny_model(tokenizer, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def tiny_engine(tokenizer):
+    from rosa2_dspy.engine import LocalEngine
+
+    return LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory):
+    """The tiny model saved as a Hugging Face folder, for code paths that load from disk (the CLI)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    from rosa2_dspy.engine import LocalEngine
+
+    return LocalEngine.shared("default")
+
+
+@pytest.fixture(autouse=True)
+def _dspy_defaults():
+    import dspy
+
+    yield
+    dspy.configure(lm=None, adapter=None)

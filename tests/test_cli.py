@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from rosa2_dspy.cli import main
+
+PROGRAM = "programs/math_solver.py"
+
+
+def run(*args):
+    return main(list(args))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--split", "nope"], "unknown split"),
+    (["--split", "math500", "--subject", "Astrology"], "unknown subject"),
+    (["--split", "math500", "--level", "7"], "unknown level"),
+    (["--program", "missing.py"], "does not exist"),
+    (["--program", f"{PROGRAM}:Nope"], "defines no 'Nope'"),
+    (["--model", "/no/such/model", "--limit", "1"], "not found"),
+    (["--limit", "-1"], "--limit must be >= 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = run("eval", "--out", str(tmp_path / "run"), *args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("rosa2: error:") and message in err and "\n" not in err
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run("eval", "--limit", "1", "--out", str(blocker / "run")) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_malformed_data_file_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+')
+    assert run("eval", "--data", str(bad), "--out", str(tmp_path / "run")) == 2
+    assert "cannot read data file" in capsys.readouterr().err
+
+
+def test_eval_writes_results_resumes_and_repairs_a_torn_line(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    common = ["eval", "--program", PROGRAM, "--split", "math500", "--limit", "3", "--model", str(tiny_model_dir),
+              "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out)]
+    assert run(*common) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    record = json.loads(lines[0])
+    for key in ("unique_id", "prediction", "gold", "correct", "strict", "boxed", "input_tokens", "output_tokens",
+                "seconds", "parse_error"):
+        assert key in record
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 3 and 0 <= summary["parse_failure_rate"] <= 1
+    # a killed run leaves a torn last line: it is dropped, that problem runs again, the rest is kept
+    kept = lines[:2]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n" + lines[2][: len(lines[2]) // 2])
+    assert run(*common) == 0
+    after = (out / "results.jsonl").read_text().splitlines()
+    assert after[:2] == kept and len(after) == 3
+    assert "resuming: 2 of 3" in capsys.readouterr().out
+    # extending the limit resumes too; other settings are refused instead of mixing runs
+    assert run(*[a if a != "3" else "4" for a in common]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert run(*common[:-1], str(out), "--seed", "9") == 2
+
+
+def test_info_prints_versions_and_precision(capsys):
+    assert run("info") == 0
+    text = capsys.readouterr().out
+    from rosa2_dspy import models
+
+    expected = str(models.pick_dtype(models.pick_device())).replace("torch.", "")
+    assert "dspy" in text and "precision" in text and expected in text

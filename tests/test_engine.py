@@ -1,0 +1,194 @@
+import threading
+
+import dspy
+import pytest
+import torch
+
+from rosa2_dspy.engine import GenSettings, LocalEngine, usage_scope
+from tests.conftest import make_tiny_model
+
+GREEDY = GenSettings(max_tokens=12, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+
+
+def chat(engine, text):
+    return engine.encode_chat([{"role": "user", "content": text}])
+
+
+def test_answers_through_dspy_predict(tiny_engine):
+    dspy.configure(lm=tiny_engine.lm(cache=False, max_tokens=8), adapter=dspy.ChatAdapter())
+    lm = dspy.settings.lm
+    out = lm("hello")
+    assert isinstance(out, list) and isinstance(out[0], str)
+    assert lm.history[-1]["usage"]["completion_tokens"] <= 8
+    assert lm.model.startswith("local/tiny@")
+
+
+def test_batched_greedy_equals_unbatched(tiny_engine):
+    prompts = [chat(tiny_engine, t) for t in ("hi", "what is two plus two, tell me please", "a b c d e f g h")]
+    batched = tiny_engine.generate_batch(prompts, GREEDY)
+    single = [tiny_engine.generate_batch([p], GREEDY)[0] for p in prompts]
+    assert [b.text for b in batched] == [s.text for s in single]
+    assert [b.output_tokens for b in batched] == [s.output_tokens for s in single]
+    assert all(b.input_tokens == len(p) for b, p in zip(batched, prompts))
+
+
+def test_max_tokens_stop_and_finish_reason(tiny_engine):
+    long = tiny_engine.generate_batch([chat(tiny_engine, "x")], GREEDY)[0]
+    assert long.output_tokens <= 12
+    assert long.finish_reason in {"length", "stop"}
+    stop_at = long.text[2:5]
+    if stop_at.strip():
+        stopped = tiny_engine.generate_batch([chat(tiny_engine, "x")], GREEDY, [(stop_at,)])[0]
+        assert stop_at not in stopped.text and long.text.startswith(stopped.text)
+        assert stopped.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_n_gives_several(tiny_engine):
+    lm = tiny_engine.lm(cache=False, max_tokens=10, temperature=1.0)
+    a = lm("tell me a story", seed=7)
+    b = lm("tell me a story", seed=7)
+    assert a == b
+    many = lm("tell me a story", n=4)
+    assert len(many) == 4 and len(set(many)) > 1
+
+
+def test_concurrent_callers_get_their_own_answers_and_are_batched(tiny_engine):
+    lm = tiny_engine.lm(cache=False, max_tokens=10)
+    questions = [f"question number {i}" for i in range(8)]
+    ten = GenSettings(max_tokens=10, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    expected = {q: tiny_engine.generate_batch([chat(tiny_engine, q)], ten)[0].text for q in questions}
+    got, usage = {}, {}
+    barrier = threading.Barrier(len(questions))
+
+    def call(q):
+        barrier.wait()
+        with usage_scope() as counter:
+            got[q] = lm(q)[0]
+        usage[q] = dict(counter)
+
+    threads = [threading.Thread(target=call, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert all(u["calls"] == 1 and u["input_tokens"] > 0 for u in usage.values())
+    assert tiny_engine.stats["max_batch_seen"] > 1
+
+
+def test_incompatible_settings_are_not_mixed(tiny_engine):
+    seen = []
+    original = tiny_engine.generate_batch
+
+    def spy(prompts, settings, stops=None):
+        seen.append((len(prompts), settings))
+        return original(prompts, settings, stops)
+
+    tiny_engine.generate_batch = spy
+    greedy, hot = tiny_engine.lm(cache=False, max_tokens=6), tiny_engine.lm(cache=False, max_tokens=6, temperature=1.0)
+    barrier = threading.Barrier(4)
+
+    def run(lm, text):
+        barrier.wait()
+        lm(text)
+
+    threads = [threading.Thread(target=run, args=(lm, f"t{i}")) for i, lm in enumerate([greedy, hot, greedy, hot])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(n for n, _ in seen) == 4
+    assert all(n <= 2 for n, _ in seen)  # a greedy and a sampled request never share a batch
+    assert {s.do_sample for _, s in seen} == {True, False}
+
+
+def test_one_failing_request_fails_only_itself(tiny_engine):
+    original = tiny_engine.generate_batch
+
+    def flaky(prompts, settings, stops=None):
+        if any(p[-1] == -1 for p in prompts):
+            raise RuntimeError("bad request")
+        return original(prompts, settings, stops)
+
+    tiny_engine.generate_batch = flaky
+    good, bad = chat(tiny_engine, "fine"), chat(tiny_engine, "broken") + [-1]
+    from rosa2_dspy.engine import _Job
+
+    jobs = [_Job(good, GREEDY, ()), _Job(bad, GREEDY, ()), _Job(good, GREEDY, ())]
+    tiny_engine._run(jobs)
+    assert jobs[0].future.result().text == jobs[2].future.result().text
+    with pytest.raises(RuntimeError, match="bad request"):
+        jobs[1].future.result()
+
+
+def test_one_copy_of_weights_under_evaluate_threads(tiny_engine):
+    dspy.configure(lm=tiny_engine.lm(cache=False, max_tokens=6), adapter=dspy.ChatAdapter())
+    before = {id(p) for p in tiny_engine.model.parameters()}
+    examples = [dspy.Example(question=f"q{i}", answer="x").with_inputs("question") for i in range(6)]
+    evaluate = dspy.Evaluate(devset=examples, metric=lambda e, p, t=None: 0.0, num_threads=4,
+                             display_progress=False, provide_traceback=False)
+    evaluate(dspy.Predict("question -> answer"))
+    assert {id(p) for p in tiny_engine.model.parameters()} == before
+    assert tiny_engine.stats["requests"] >= 6
+
+
+def test_cache_never_returns_an_answer_from_other_weights(tiny_engine, tmp_path):
+    import uuid
+
+    prompt = f"cache me {uuid.uuid4().hex}"  # DSPy's disk cache outlives the test run
+    lm = tiny_engine.lm(cache=True, max_tokens=8)
+    first = lm(prompt)[0]
+    calls = tiny_engine.stats["requests"]
+    assert lm(prompt)[0] == first and tiny_engine.stats["requests"] == calls  # served from cache
+    tiny_engine.attach_adapter()
+    assert lm(prompt)[0] == first  # a fresh adapter is zero shift: same weights, cache still valid
+    with torch.no_grad():
+        for name, tensor in tiny_engine.adapter_state().items():
+            if "lora_B" in name:
+                tensor.normal_(0, 0.5)
+    tiny_engine.mark_changed()
+    lm(prompt)
+    assert tiny_engine.stats["requests"] == calls + 1  # other weights: generated again, not cached
+    tiny_engine.reset_adapter()
+    assert lm(prompt)[0] == first
+
+
+def test_adapter_slot_snapshot_restore_save_load(tiny_engine, tmp_path):
+    version = tiny_engine.version
+    tiny_engine.attach_adapter()
+    assert tiny_engine.version > version
+    snap = tiny_engine.snapshot()
+    with torch.no_grad():
+        for tensor in tiny_engine.adapter_state().values():
+            tensor.add_(0.1)
+    tiny_engine.mark_changed()
+    changed = tiny_engine.snapshot()
+    saved = tiny_engine.save_adapter(tmp_path / "adapter")
+    assert (saved / "adapter_model.safetensors").is_file()
+    tiny_engine.restore(snap)
+    assert all(torch.equal(tiny_engine.adapter_state()[k], snap[k]) for k in snap)
+    tiny_engine.load_adapter(saved)
+    assert all(torch.equal(tiny_engine.adapter_state()[k], changed[k]) for k in changed)
+    tiny_engine.reset_adapter()
+    assert all(torch.count_nonzero(t) == 0 for k, t in tiny_engine.adapter_state().items() if "lora_B" in k)
+
+
+def test_save_adapter_is_atomic_when_it_fails(tiny_engine, tmp_path, monkeypatch):
+    tiny_engine.attach_adapter()
+    target = tiny_engine.save_adapter(tmp_path / "adapter")
+    before = (target / "adapter_model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tiny_engine.peft_model, "save_pretrained", boom)
+    with pytest.raises(OSError):
+        tiny_engine.save_adapter(target)
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_engines_from_different_weights_have_different_ids(tokenizer):
+    a = LocalEngine(make_tiny_model(tokenizer, seed=1), tokenizer, name="tiny")
+    b = LocalEngine(make_tiny_model(tokenizer, seed=2), tokenizer, name="tiny")
+    assert a.lm().model != b.lm().model
