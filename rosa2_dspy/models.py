@@ -205,9 +205,16 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     target, name, fingerprint, info = resolve(spec)
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
+    def load(**kw):
+        return AutoTokenizer.from_pretrained(target, **kw), AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kw)
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+        try:
+            tokenizer, model = load(local_files_only=True)  # a folder, or a hub model already cached
+        except OSError:
+            if "hub_id" not in info:
+                raise
+            tokenizer, model = load()
     except OSError as exc:
         if "hub_id" in info:
             raise ModelError(

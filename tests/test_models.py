@@ -27,7 +27,9 @@ def test_bad_model_specs_say_what_was_tried(tmp_path):
 
 
 def test_offline_hub_id_gives_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so patch the constant
     with pytest.raises(models.ModelError, match="tried the local folder .* and the Hugging Face hub"):
         models.load_model("nobody-here/no-such-model")
 
