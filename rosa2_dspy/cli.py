@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
     ev.add_argument("--no-progress", action="store_true")
 
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    be = bench_sub.add_parser("engine", help="engine throughput against raw transformers and the bandwidth bound")
+    be.add_argument("--model", default="default")
+    be.add_argument("--max-tokens", type=int, default=96)
+    be.add_argument("--concurrency", type=int, default=8)
+
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
     info.add_argument("--load", action="store_true", help="also load the model and time it")
@@ -208,7 +215,18 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "info": cmd_info}
+def cmd_bench(args) -> int:
+    from rosa2_dspy import bench
+
+    if args.bench == "engine":
+        if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
+            raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
+        result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,13 @@ def test_info_prints_versions_and_precision(capsys):
 
     expected = str(models.pick_dtype(models.pick_device())).replace("torch.", "")
     assert "dspy" in text and "precision" in text and expected in text
+
+
+def test_bench_engine_prints_json_with_every_measurement(tiny_model_dir, capsys):
+    assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "4", "--concurrency", "2") == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("a_raw_batch1", "b_engine_sequential", "c_engine_concurrent_dspy", "d_raw_batch8"):
+        assert report[key]["tokens"] > 0 and report[key]["tokens_per_s"] > 0
+    assert report["greedy_identical_batched_vs_sequential"] is True
+    assert report["bandwidth_bound_batch1_tokens_per_s"] > 0 and report["peak_rss_mib"] > 0
+    assert set(report["targets"]) == {"b_ge_0.95a", "c_ge_2.5a"}
