@@ -43,13 +43,11 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
     """Plain transformers generate on a left-padded batch; returns the generated (non-pad) tokens."""
+    from rosa2_dspy.engine import left_pad
+
     tok = engine.tokenizer
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    width = ids.shape[1]
     with torch.inference_mode():
         out = engine.model.generate(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
                                     max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,

@@ -238,12 +238,8 @@ class LocalEngine:
         """Run prompts (token ids) as one left-padded batch under the same settings."""
         stops = stops or [()] * len(prompts)
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]
         kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_tokens, do_sample=settings.do_sample,
                                       pad_token_id=pad, eos_token_id=self.eos_token_ids)
         if settings.do_sample:
@@ -345,11 +341,7 @@ class LocalEngine:
 
     @staticmethod
     def _hash_parameters(model) -> str:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return _hash_tensors(model.state_dict().items())[:16]
 
     @property
     def weights_id(self) -> str:
@@ -360,11 +352,7 @@ class LocalEngine:
             ident = self.base_fingerprint
             state = self.adapter_state()
             if state and any(t.abs().sum() > 0 for k, t in state.items() if "lora_B" in k):
-                digest = hashlib.sha256()
-                for key, tensor in sorted(state.items()):
-                    digest.update(key.encode())
-                    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-                ident = f"{ident}-{digest.hexdigest()[:12]}"
+                ident = f"{ident}-{_hash_tensors(state.items())[:12]}"
             self._weights_id_cache = (self.version, ident)
             return ident
 
@@ -469,6 +457,26 @@ class LocalEngine:
                 return
             with self.peft_model.disable_adapter():
                 yield self.peft_model
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists to a left-padded id tensor and its attention mask (decoder-only batching)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def _hash_tensors(items) -> str:
+    """A content hash of (name, tensor) pairs, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(items, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def request_messages(request: Request) -> list[dict]:
