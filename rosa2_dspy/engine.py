@@ -75,7 +75,7 @@ class GenSettings:
     seed: int | None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
 class _Job:
     input_ids: list[int]
     settings: GenSettings

@@ -192,3 +192,20 @@ def test_engines_from_different_weights_have_different_ids(tokenizer):
     a = LocalEngine(make_tiny_model(tokenizer, seed=1), tokenizer, name="tiny")
     b = LocalEngine(make_tiny_model(tokenizer, seed=2), tokenizer, name="tiny")
     assert a.lm().model != b.lm().model
+
+
+def test_identical_requests_beyond_one_batch_all_complete(tiny_engine):
+    tiny_engine.max_batch = 2
+    lm = tiny_engine.lm(cache=False, max_tokens=4)
+    results, barrier = [], threading.Barrier(5)
+
+    def call():
+        barrier.wait()
+        results.append(lm("the same question")[0])
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 5 and len(set(results)) == 1
