@@ -23,10 +23,15 @@ REASONING_FIELDS = ("reasoning", "rationale")
 FORMAT_REMINDER = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-class BoxedAdapter(dspy.Adapter):
-    """Plain-text prompts; ``answer_field`` is read from the last ``\\boxed{}`` of the reply."""
+class BoxedAdapter(dspy.ChatAdapter):
+    """Plain-text prompts; ``answer_field`` is read from the last ``\\boxed{}`` of the reply.
+
+    A ChatAdapter subclass (with every formatting and parsing method replaced) so that DSPy's
+    fine-tuning tools recognise its chat data format; its JSON fallback is off.
+    """
 
     def __init__(self, answer_field: str = "answer", **kwargs):
+        kwargs.setdefault("use_json_adapter_fallback", False)
         super().__init__(**kwargs)
         self.answer_field = answer_field
         self._fallback = dspy.ChatAdapter()
@@ -40,7 +45,7 @@ class BoxedAdapter(dspy.Adapter):
     def format(self, signature, demos, inputs):
         if not self._fits(signature):
             return self._fallback.format(signature, demos, inputs)
-        return super().format(signature, demos, inputs)
+        return dspy.Adapter.format(self, signature, demos, inputs)
 
     def format_system_message(self, signature) -> str:
         return signature.instructions.strip()
@@ -64,6 +69,9 @@ class BoxedAdapter(dspy.Adapter):
             if name in REASONING_FIELDS or outputs.get(name) in (None, ""):
                 continue
             value = str(outputs[name])
+            if parts and name == self.answer_field and last_boxed(parts[-1]) in (last_boxed(value), value) \
+                    and last_boxed(parts[-1]) is not None:
+                continue  # the reasoning is the whole reply and already ends with this boxed answer
             if name == self.answer_field and last_boxed(value) is None:
                 value = f"The final answer is \\boxed{{{value}}}."
             parts.append(value)

@@ -73,6 +73,7 @@ class GenSettings:
     top_p: float | None
     top_k: int | None
     seed: int | None
+    weights: str | None = None  # a pinned weights id (see LocalEngine.pin), else the weights in use
 
 
 @dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
@@ -136,6 +137,7 @@ class LocalEngine:
         self.device = next(model.parameters()).device
         self.weights_lock = threading.RLock()  # held while generating and while weights change
         self.version = 0
+        self._pins: dict[str, dict[str, torch.Tensor]] = {}
         self.peft_model = None
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
         self._weights_id_cache: tuple[int, str] | None = None
@@ -165,6 +167,10 @@ class LocalEngine:
             if key not in cls._registry:
                 cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
             return cls._registry[key]
+
+    def __deepcopy__(self, memo):
+        # The engine is a shared resource, like an HTTP client: copies of programs and LMs borrow it.
+        return self
 
     def lm(self, **kwargs) -> LocalLM:
         """A ``dspy.LM`` served by this engine, whose cache key follows the weights."""
@@ -214,8 +220,16 @@ class LocalEngine:
             top_p=config.top_p if do_sample else None,
             top_k=config.top_k if do_sample else None,
             seed=config.seed if do_sample else None,
+            weights=self._requested_pin(request.model),
         )
         return settings, tuple(config.stop or ())
+
+    def _requested_pin(self, model: str | None) -> str | None:
+        """The pinned weights a request names (``...@<weights_id>`` registered by :meth:`pin`), else None."""
+        if not model or "@" not in model:
+            return None
+        ident = model.rsplit("@", 1)[1]
+        return ident if ident in self._pins else None
 
     # ------------------------------------------------------------------ generation
 
@@ -305,6 +319,8 @@ class LocalEngine:
         if not live:
             return
         try:
+            if live[0].settings.weights is not None:
+                self.use_pinned(live[0].settings.weights)
             results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live])
         except BaseException as exc:  # noqa: BLE001 - a failed batch fails each of its callers, not the worker
             if len(live) > 1:  # retry one by one so that one bad request fails only itself
@@ -355,6 +371,30 @@ class LocalEngine:
                 ident = f"{ident}-{_hash_tensors(state.items())[:12]}"
             self._weights_id_cache = (self.version, ident)
             return ident
+
+    def pin(self) -> str:
+        """Remember the weights now in use under their id, so an LM pinned to it keeps them.
+
+        The adapter is changed in place, so two programs (say, BetterTogether's candidates before
+        and after a weights step) share one engine. A pinned ``LocalLM`` names its weights id in
+        every request; the engine switches to those weights (a copy of the small LoRA tensors)
+        before running the batch, so each program answers with the weights it was compiled with.
+        """
+        with self.weights_lock:
+            ident = self.weights_id
+            self._pins.setdefault(ident, self.snapshot())
+            return ident
+
+    def use_pinned(self, ident: str) -> None:
+        """Switch the adapter to the pinned weights ``ident`` (no-op when already in use)."""
+        with self.weights_lock:
+            if ident != self.weights_id:
+                if ident not in self._pins:
+                    raise ValueError(f"weights {ident} were never pinned on this engine")
+                snapshot = self._pins[ident]
+                if not snapshot and self._pristine_adapter is not None:
+                    snapshot = self._pristine_adapter  # pinned before any adapter: the zero-shift adapter
+                self.restore(snapshot)
 
     def mark_changed(self) -> None:
         """Record that weights changed (called by anything that updates the adapter)."""
@@ -516,21 +556,36 @@ class LocalLM(dspy.LM):
 
     DSPy keys its response cache on the request, which includes the model string; putting
     ``@<weights_id>`` there means a cached answer is only ever returned for the same weights.
+
+    By default the LM follows the engine's weights as they change. ``pinned=True`` (or a model
+    string naming weights registered with :meth:`LocalEngine.pin`, which is what a finetune
+    returns) fixes it to the weights of that moment: the engine switches back to them for its
+    requests, so a program compiled with an adapter keeps answering with that adapter.
     """
 
-    def __init__(self, engine: LocalEngine, **kwargs):
+    def __init__(self, engine: LocalEngine, *, pinned: bool = False, **kwargs):
         kwargs.setdefault("num_retries", 0)
         kwargs.setdefault("max_tokens", engine.default_max_tokens)
         self._local_engine = engine
+        self._pin: str | None = None
         super().__init__(f"local/{engine.name}", engine=engine, async_engine=AsyncLocalEngine(engine), **kwargs)
+        if pinned:
+            self._pin = engine.pin()
 
     @property
     def model(self) -> str:
-        return f"{self._model_base}@{self._local_engine.weights_id}"
+        return f"{self._model_base}@{self._pin or self._local_engine.weights_id}"
 
     @model.setter
     def model(self, value: str) -> None:
-        self._model_base = value.split("@", 1)[0]
+        base, _, ident = value.partition("@")
+        self._model_base = base
+        engine = getattr(self, "_local_engine", None)
+        self._pin = ident if engine is not None and ident in engine._pins else None
+
+    @property
+    def pinned_weights(self) -> str | None:
+        return self._pin
 
     @property
     def engine_ref(self) -> LocalEngine:

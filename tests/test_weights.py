@@ -1,0 +1,234 @@
+"""LoRA updates through TRL on a tiny model: objectives, shift, trust region, rollback, persistence, DSPy hooks."""
+
+from __future__ import annotations
+
+import math
+
+import dspy
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from rosa2_dspy.adapters import BoxedAdapter
+from rosa2_dspy.engine import GenSettings, LocalEngine
+from rosa2_dspy.weights import (LoRAFinetune, LoRAUpdater, UpdateConfig, UpdateError, kto_row, local_finetunable_lm,
+                                sequence_logprob, sft_row)
+
+PROMPT = [{"role": "user", "content": "What is 2+3?"}]
+GOOD = "2+3=5. \\boxed{5}"
+BAD = "I think it is 7 or so"
+
+
+def fast(**overrides) -> UpdateConfig:
+    values = dict(objective="sft", steps=4, batch_size=2, learning_rate=1e-2, max_length=128)
+    values.update(overrides)
+    return UpdateConfig(**values)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_raises_the_likelihood_of_its_targets(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast())
+    before = sequence_logprob(tiny_engine, PROMPT, GOOD)
+    result = updater.update([sft_row(PROMPT, GOOD)])
+    after = sequence_logprob(tiny_engine, PROMPT, GOOD)
+    assert result.steps == 4 and not result.rolled_back and len(result.losses) == 4
+    assert after > before + 1.0
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_kto_lowers_undesirable_relative_to_desirable(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast(objective="kto", beta=0.5, steps=6))
+    margin_before = sequence_logprob(tiny_engine, PROMPT, GOOD) - sequence_logprob(tiny_engine, PROMPT, BAD)
+    result = updater.update([kto_row(PROMPT, GOOD, True), kto_row(PROMPT, BAD, False)])
+    margin_after = sequence_logprob(tiny_engine, PROMPT, GOOD) - sequence_logprob(tiny_engine, PROMPT, BAD)
+    assert not result.rolled_back
+    assert margin_after > margin_before + 0.5
+    # the reference is the adapter-disabled base: no second adapter is left behind
+    assert list(tiny_engine.peft_model.peft_config) == ["default"]
+
+
+def test_dpo_prefers_chosen(tiny_engine):
+    from rosa2_dspy.weights import dpo_row
+
+    updater = LoRAUpdater(tiny_engine, fast(objective="dpo", beta=0.5))
+    margin_before = sequence_logprob(tiny_engine, PROMPT, GOOD) - sequence_logprob(tiny_engine, PROMPT, BAD)
+    updater.update([dpo_row(PROMPT, GOOD, BAD)])
+    margin_after = sequence_logprob(tiny_engine, PROMPT, GOOD) - sequence_logprob(tiny_engine, PROMPT, BAD)
+    assert margin_after > margin_before
+
+
+def test_shift_is_zero_after_reset_and_grows_with_updates(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast(steps=2))
+    assert updater.shift().total == 0.0
+    first = updater.update([sft_row(PROMPT, GOOD)])
+    one = updater.shift()
+    updater.update([sft_row(PROMPT, GOOD)])
+    two = updater.shift()
+    assert 0 < one.total < two.total
+    assert first.shift_after == pytest.approx(one.total)
+    assert math.isclose(math.sqrt(sum(v * v for v in two.modules.values())), two.total, rel_tol=1e-9)
+    # the factor formula equals the explicit ||s B A||_F of one module
+    name, value = next(iter(two.modules.items()))
+    module = dict(tiny_engine.peft_model.named_modules())[name]
+    with torch.no_grad():
+        explicit = (module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight).norm()
+    assert value == pytest.approx(float(explicit), rel=1e-4)
+    updater.reset()
+    assert updater.shift().total == 0.0
+
+
+def test_trust_region_bounds_each_update_and_the_session(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast(max_shift_per_update=0.05, max_shift_per_session=0.08))
+    first = updater.update([sft_row(PROMPT, GOOD)])
+    assert first.scaled_by < 1.0 and "trust region" in first.reason
+    assert first.update_shift == pytest.approx(0.05, rel=1e-3)
+    second = updater.update([sft_row(PROMPT, GOOD)])
+    assert second.update_shift <= 0.05 * (1 + 1e-3)
+    assert updater.session_shift() == pytest.approx(0.08, rel=1e-3)
+    third = updater.update([sft_row(PROMPT, GOOD)])
+    assert updater.session_shift() <= 0.08 * (1 + 1e-3) and third.update_shift < 1e-3
+
+
+@pytest.mark.parametrize("objective", ["sft", "kto"])
+def test_nan_loss_rolls_back_bit_identical(tiny_engine, monkeypatch, objective):
+    updater = LoRAUpdater(tiny_engine, fast(objective=objective, steps=2))
+    rows = [kto_row(PROMPT, GOOD, True), kto_row(PROMPT, BAD, False)]
+    updater.update(rows)  # a non-trivial adapter to roll back to
+    before = tiny_engine.snapshot()
+    trainer = updater._trainers[objective]
+    real_loss = trainer.compute_loss
+    calls = {"n": 0}
+
+    def loss_turns_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(trainer, "compute_loss", loss_turns_nan)
+    updater.config = fast(objective=objective, steps=4)
+    result = updater.update(rows)
+    assert result.rolled_back and "non-finite" in result.reason
+    assert result.steps == 2  # training stopped at the first non-finite loss
+    assert same_state(before, tiny_engine.snapshot())
+
+
+def test_interrupt_mid_update_restores_the_weights(tiny_engine, monkeypatch):
+    updater = LoRAUpdater(tiny_engine, fast(steps=3))
+    updater.update([sft_row(PROMPT, GOOD)])
+    before = tiny_engine.snapshot()
+    trainer = updater._trainers["sft"]
+    real_step = trainer.training_step
+    calls = {"n": 0}
+
+    def step_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        updater.update([sft_row(PROMPT, "something else entirely")])
+    assert calls["n"] == 2
+    assert same_state(before, tiny_engine.snapshot())
+
+
+def test_bad_rows_and_settings_are_refused(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast())
+    with pytest.raises(UpdateError, match="desirable"):
+        updater.update([kto_row(PROMPT, BAD, False)], objective="sft")
+    with pytest.raises(UpdateError, match="objective"):
+        UpdateConfig(objective="ppo")
+    with pytest.raises(UpdateError, match="unknown update setting"):
+        UpdateConfig.from_dict({"lr": 1})
+
+
+def test_precision_follows_the_device(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast())
+    args = updater._training_args("kto")
+    assert args.bf16 is False and args.fp16 is False  # fp32 on this CPU, never TRL's bf16 default
+    assert args.gradient_checkpointing is False
+
+
+def test_save_and_load_round_trip(tiny_engine, tokenizer, tmp_path):
+    updater = LoRAUpdater(tiny_engine, fast(steps=2))
+    updater.update([sft_row(PROMPT, GOOD)])
+    tiny_engine.save_adapter(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    other = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    other.load_adapter(tmp_path / "adapter")
+    assert same_state(tiny_engine.snapshot(), other.snapshot())
+    assert other.weights_id == tiny_engine.weights_id
+    settings = GenSettings(max_tokens=8, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    assert other.generate_one(PROMPT, settings).text == tiny_engine.generate_one(PROMPT, settings).text
+
+
+def test_pinned_lm_keeps_its_weights(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast(steps=2))
+    updater.update([sft_row(PROMPT, GOOD)])
+    pinned = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
+    answer = pinned(messages=PROMPT)[0]
+    kept = tiny_engine.weights_id
+    updater.update([sft_row(PROMPT, "another target text")])
+    assert tiny_engine.weights_id != kept
+    assert pinned(messages=PROMPT)[0] == answer
+    assert tiny_engine.weights_id == kept  # the engine switched back for the pinned request
+
+
+class Reply(dspy.Signature):
+    """Reply to the question."""
+
+    question: str = dspy.InputField()
+    reply: str = dspy.OutputField()
+
+
+def _program(lm):
+    program = dspy.Predict(Reply)
+    program.set_lm(lm)
+    return program
+
+
+def _trainset():
+    return [dspy.Example(question=f"What is {i}+{i}?", reply=str(2 * i)).with_inputs("question") for i in range(4)]
+
+
+def test_bootstrap_finetune_trains_through_our_provider(tiny_engine):
+    lm = local_finetunable_lm(tiny_engine, fast(steps=2), max_tokens=8, cache=False, temperature=1.0)
+    dspy.configure(adapter=BoxedAdapter())
+    student = _program(lm)
+    optimizer = dspy.BootstrapFinetune(metric=lambda example, pred, trace=None: True, num_threads=2)
+    compiled = optimizer.compile(student, trainset=_trainset())
+    trained = tiny_engine.weights_id
+    assert trained != tiny_engine.base_fingerprint  # the adapter moved
+    assert compiled.lm.pinned_weights == trained
+    tiny_engine.reset_adapter()  # someone else changes the engine; the student keeps its adapter
+    compiled(question="What is 1+1?")
+    assert compiled.lm.history[-1]["response"].model.endswith(trained)
+    assert tiny_engine.weights_id == trained
+
+
+def test_lora_finetune_as_the_w_step_of_better_together(tiny_engine):
+    lm = tiny_engine.lm(max_tokens=8, cache=False, temperature=1.0)  # sampled: the tiny model's greedy text is blank
+    dspy.configure(adapter=BoxedAdapter())
+    metric = lambda example, pred, trace=None: 1.0  # noqa: E731
+    weights = LoRAFinetune(metric, config=fast(steps=2), num_threads=2)
+    optimizer = dspy.BetterTogether(metric=metric, w=weights)
+    compiled = optimizer.compile(_program(lm), trainset=_trainset(), valset_ratio=0, strategy="w")
+    assert weights.history and weights.history[-1]["update"]["steps"] == 2
+    assert compiled.predictors()[0].lm.pinned_weights == tiny_engine.weights_id != tiny_engine.base_fingerprint
+
+
+def test_better_together_keeps_the_baseline_on_its_own_weights(tiny_engine):
+    """With a pinned LM, BetterTogether's untrained candidate keeps answering with the base weights."""
+    lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False, temperature=1.0)
+    base = lm.pinned_weights
+    dspy.configure(adapter=BoxedAdapter())
+    metric = lambda example, pred, trace=None: 1.0  # noqa: E731 - a tie: BetterTogether keeps the original
+    optimizer = dspy.BetterTogether(metric=metric, w=LoRAFinetune(metric, config=fast(steps=2), num_threads=2))
+    compiled = optimizer.compile(_program(lm), trainset=_trainset(), valset=_trainset()[:2], strategy="w")
+    assert tiny_engine.pin() != base  # the w step trained the adapter...
+    compiled(question="What is 1+1?")
+    assert tiny_engine.weights_id == base  # ...but the chosen original program runs on the base weights
