@@ -1,5 +1,9 @@
 """Benchmarks that print JSON (targets are checked here, never by timed tests).
 
+``rosa2 bench update``: seconds per LoRA update through TRL (``LoRAUpdater``) against a minimal
+raw PyTorch LoRA loop, same rows, steps and batch size, interleaved; construction overhead,
+the shift produced, peak RSS.
+
 ``rosa2 bench engine``: tokens/s on the same prompts for (a) raw transformers ``generate``,
 batch 1; (b) the engine, one request at a time; (c) the engine under 8 concurrent DSPy calls;
 (d) raw ``generate``, batch 8; plus the memory-bandwidth bound for batch 1 and peak RSS.
@@ -142,3 +146,107 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
         "peak_rss_mib": round(peak_rss_mib(), 1),
     })
     return results
+
+
+# ----------------------------------------------------------------------------- rosa2 bench update
+
+
+def _update_rows(limit: int = 8) -> list[dict]:
+    """SFT rows from MATH train problems: the program's prompt, a reference solution as the target."""
+    from rosa2_dspy.adapters import FORMAT_REMINDER
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.signatures import Answer
+    from rosa2_dspy.weights import sft_row
+
+    rows = []
+    for example in load_examples("train", levels="1", limit=limit, seed=0):
+        prompt = [{"role": "system", "content": Answer.instructions},
+                  {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}]
+        rows.append(sft_row(prompt, example.solution))
+    return rows
+
+
+def raw_lora_update(engine, rows: list[dict], *, steps: int, batch_size: int, learning_rate: float,
+                    max_length: int = 1024) -> float:
+    """The minimal PyTorch LoRA SFT loop the TRL path is measured against; returns seconds."""
+    tokenizer = engine.tokenizer
+    encoded = []
+    for row in rows:
+        prompt = engine.encode_chat(row["prompt"])
+        completion = tokenizer.encode(row["completion"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids = (prompt + completion)[:max_length]
+        labels = ([-100] * len(prompt) + completion)[:max_length]
+        encoded.append((ids, labels))
+    model = engine.peft_model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(batch):  # right padding, as TRL's collator does for training
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, :len(lab)] = torch.tensor(lab)
+            mask[i, :len(ids)] = 1
+        loss = model(input_ids=input_ids.to(engine.device), attention_mask=mask.to(engine.device),
+                     labels=labels.to(engine.device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return time.perf_counter() - started
+
+
+def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
+                 updates: int = 3, learning_rate: float = 1e-4) -> dict:
+    """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved."""
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
+
+    engine = LocalEngine.from_pretrained(spec)
+    rows = _update_rows()
+    if objective == "kto":  # half desirable (reference solutions), half undesirable (a truncated guess)
+        rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else r["completion"][:40], i % 2 == 0)
+                for i, r in enumerate(rows)]
+    config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate)
+    updater = LoRAUpdater(engine, config)
+    start_state = engine.snapshot()
+    trl_seconds, raw_seconds, prepare, shifts = [], [], [], []
+    first_update = None
+    for index in range(updates):
+        engine.restore(start_state)
+        result = updater.update(rows)
+        shifts.append(result.update_shift)
+        if index == 0:
+            first_update = result
+        else:
+            trl_seconds.append(result.seconds - result.prepare_seconds)
+            prepare.append(result.prepare_seconds)
+        engine.restore(start_state)
+        if objective == "sft":
+            raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
+                                               learning_rate=learning_rate))
+    engine.restore(start_state)
+    out = {
+        "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
+        "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size, "updates": updates,
+        "first_update_seconds": round(first_update.seconds, 3),
+        "construction_seconds_first_update": round(first_update.prepare_seconds, 3),
+        "prepare_seconds_per_update": round(sum(prepare) / len(prepare), 3),
+        "trl_train_seconds_per_update": round(sum(trl_seconds) / len(trl_seconds), 3),
+        "trl_total_seconds_per_update": round((sum(trl_seconds) + sum(prepare)) / len(trl_seconds), 3),
+        "l2_shift_per_update": round(sum(shifts) / len(shifts), 6),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    if raw_seconds:
+        raw = sum(raw_seconds[1:] or raw_seconds) / len(raw_seconds[1:] or raw_seconds)
+        out["raw_seconds_per_update"] = round(raw, 3)
+        out["trl_over_raw"] = round(out["trl_total_seconds_per_update"] / raw, 3)
+        out["target_trl_over_raw"] = 1.25
+        out["target_met"] = out["trl_over_raw"] <= 1.25
+    return out

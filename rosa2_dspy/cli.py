@@ -1,4 +1,4 @@
-"""The ``rosa2`` command: ``eval`` and ``info`` (compile and bench arrive with their issues)."""
+"""The ``rosa2`` command: ``eval``, ``compile``, ``bench`` and ``info``."""
 
 from __future__ import annotations
 
@@ -75,8 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ev.add_argument("--threads", type=int, default=8, help="problems in flight; the engine batches them (default 8)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
+    ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
     ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
     ev.add_argument("--no-progress", action="store_true")
+
+    co = sub.add_parser("compile", help="optimize a program's words and/or weights on training problems")
+    co.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
+    co.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
+    co.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
+    co.add_argument("--optimizer", required=True, help="a recipe: optimizers/lora.toml, words.toml, gepa.toml ...")
+    _add_data_args(co)
+    co.set_defaults(split="train")
+    co.add_argument("--val-limit", type=int, default=0,
+                    help="problems after the first --limit held out as the validation set (default: none)")
+    _add_model_args(co)
+    co.add_argument("--max-tokens", type=int, default=512, help="generation budget per call (default 512)")
+    co.add_argument("--threads", type=int, default=8, help="calls in flight; the engine batches them (default 8)")
+    co.add_argument("--out", required=True, help="artifact folder: program.json, adapter/, compile.json")
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -84,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", default="default")
     be.add_argument("--max-tokens", type=int, default=96)
     be.add_argument("--concurrency", type=int, default=8)
+    bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
+    bu.add_argument("--model", default="default")
+    bu.add_argument("--objective", default="sft", choices=["sft", "kto"])
+    bu.add_argument("--steps", type=int, default=4)
+    bu.add_argument("--batch-size", type=int, default=4)
+    bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
 
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
@@ -110,6 +131,15 @@ def cmd_eval(args) -> int:
     if not examples:
         raise CLIError("no problems match the given split and filters")
     kwargs = {}
+    compiled_meta = None
+    if args.compiled:
+        from rosa2_dspy.artifacts import read_meta
+
+        compiled_meta = read_meta(args.compiled)
+        args.program = compiled_meta.get("program", args.program)
+        kwargs.update(compiled_meta.get("program_kwargs") or {})
+        if args.model == "default":
+            args.model = compiled_meta.get("model", args.model)
     if args.clarify:
         kwargs["clarify"] = True
     if args.adapter:
@@ -117,6 +147,7 @@ def cmd_eval(args) -> int:
     program = load_program(args.program, **kwargs)
     config = {
         "command": "eval", "program": args.program, "program_kwargs": kwargs, "split": args.split,
+        "compiled": str(Path(args.compiled).resolve()) if args.compiled else None,
         "data_file": args.data_file, "subject": args.subject, "level": args.level, "ids": args.ids,
         "seed": args.seed, "shuffle": not args.no_shuffle, "model": args.model, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "limit": args.limit,
@@ -129,6 +160,10 @@ def cmd_eval(args) -> int:
     from rosa2_dspy.engine import LocalEngine
 
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    if args.compiled:
+        from rosa2_dspy.artifacts import load_compiled
+
+        load_compiled(args.compiled, program, engine)
     lm = engine.lm(cache=args.cache, max_tokens=args.max_tokens, temperature=args.temperature)
     dspy.configure(lm=lm)
     results = ResultsFile(out / "results.jsonl")
@@ -147,9 +182,95 @@ def cmd_eval(args) -> int:
     summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
                     "dtype": engine.info.get("dtype"), "program": args.program, "split": args.split,
                     "engine_batches": dict(engine.stats)})
+    if args.compiled:
+        from rosa2_dspy.artifacts import instructions_of
+        from rosa2_dspy.weights import adapter_shift
+
+        summary.update({"compiled": args.compiled, "instructions": instructions_of(program),
+                        "adapter_l2_shift": round(adapter_shift(engine).total, 6)})
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary, out)
     return 0
+
+
+def cmd_compile(args) -> int:
+    import inspect
+
+    import dspy
+
+    from rosa2_dspy.artifacts import instructions_of, save_compiled
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.program_loader import load_program
+    from rosa2_dspy.recipes import build_optimizer, load_recipe, update_config
+    from rosa2_dspy.weights import adapter_shift, local_finetunable_lm
+
+    if args.limit is None or args.limit < 1:
+        raise CLIError("--limit must be given and >= 1 (compiling is slow on a CPU: start with 8-16 problems)")
+    if args.val_limit < 0 or args.threads < 1:
+        raise CLIError("--val-limit must be >= 0 and --threads >= 1")
+    recipe = load_recipe(args.optimizer)
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit + args.val_limit,
+                             seed=None if args.no_shuffle else args.seed)
+    trainset, valset = examples[:args.limit], examples[args.limit:]
+    if not trainset:
+        raise CLIError("no problems match the given split and filters")
+    kwargs = {}
+    if args.clarify:
+        kwargs["clarify"] = True
+    if args.adapter:
+        kwargs["adapter"] = args.adapter
+    program = load_program(args.program, **kwargs)
+
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    lm = local_finetunable_lm(engine, update_config(recipe, objective="sft"), pinned=True, cache=False,
+                              max_tokens=args.max_tokens, temperature=0.0)
+    dspy.configure(lm=lm)
+    program.set_lm(lm)
+    before = instructions_of(program)
+    optimizer = build_optimizer(recipe, engine, num_threads=args.threads)
+    accepted = inspect.signature(optimizer.compile).parameters
+    compile_kwargs = {"trainset": trainset, **getattr(optimizer, "compile_kwargs", {})}
+    if valset and "valset" in accepted:
+        compile_kwargs["valset"] = valset
+    started = time.perf_counter()
+    compiled = optimizer.compile(program, **compile_kwargs)
+    seconds = round(time.perf_counter() - started, 1)
+    history = getattr(optimizer, "history", None) or getattr(compiled, "words_history", None)
+    meta = {
+        "command": "compile", "program": args.program, "program_kwargs": kwargs, "model": args.model,
+        "recipe": recipe.to_dict(), "recipe_text": recipe.text, "split": args.split, "seed": args.seed,
+        "train_ids": [e.unique_id for e in trainset], "val_ids": [e.unique_id for e in valset],
+        "instructions_before": before, "seconds": seconds, "history": history,
+    }
+    # the compiled program's LM is pinned to its weights; make them current before saving
+    pinned = next((p.lm.pinned_weights for p in compiled.predictors() if getattr(p.lm, "pinned_weights", None)),
+                  None)
+    if pinned:
+        engine.use_pinned(pinned)
+    meta["adapter_l2_shift"] = round(adapter_shift(engine).total, 6)
+    target = save_compiled(args.out, compiled, engine, meta)
+    _print_compile(meta, instructions_of(compiled), target)
+    return 0
+
+
+def _print_compile(meta: dict, after: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"rosa2 compile - {meta['recipe']['kind']} on {len(meta['train_ids'])} {meta['split']} "
+                        f"problems ({meta['seconds']} s)")
+    table.add_column("predictor")
+    table.add_column("instruction before")
+    table.add_column("instruction after")
+    for name, text in meta["instructions_before"].items():
+        table.add_row(name, text, after.get(name, "") if after.get(name) != text else "(unchanged)")
+    console.print(table)
+    console.print(f"adapter L2 shift: {meta['adapter_l2_shift']}")
+    console.print(f"artifact: {out}   evaluate it: rosa2 eval --compiled {out} --split test --limit 20 --out runs/NAME")
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -222,16 +343,22 @@ def cmd_bench(args) -> int:
         if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
             raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency)
+    elif args.bench == "update":
+        if args.steps < 1 or args.batch_size < 2 or args.updates < 2:
+            raise CLIError("--steps >= 1, --batch-size >= 2 and --updates >= 2 are needed")
+        result = bench.bench_update(args.model, objective=args.objective, steps=args.steps,
+                                    batch_size=args.batch_size, updates=args.updates)
     print(json.dumps(result, indent=2))
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from rosa2_dspy.artifacts import ArtifactError
     from rosa2_dspy.evaluation import RunError
     from rosa2_dspy.math.data import DataError
     from rosa2_dspy.models import ModelError
@@ -239,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
+    except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
         print(f"rosa2: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -215,3 +215,24 @@ def summarize(records: list[dict], *, wall_seconds: float, new_items: int) -> di
             "tokens_per_second": round(new_tokens / wall_seconds, 2) if wall_seconds else None,
         })
     return summary
+
+
+def math_metric(keep: str = "correct") -> Callable[..., float]:
+    """A DSPy metric ``(example, prediction, trace=None) -> float`` for filtering traces.
+
+    ``keep="correct"``: 1.0 when the answer grades as correct. ``keep="boxed"``: 1.0 when the reply
+    has a parseable boxed answer at all (the format gap the small model has); used to bootstrap
+    format-following traces when almost nothing is correct.
+    """
+    if keep not in ("correct", "boxed"):
+        raise ValueError(f"keep must be 'correct' or 'boxed', got {keep!r}")
+
+    def metric(example, prediction, trace=None, *args, **kwargs) -> float:
+        answer = getattr(prediction, "answer", None) if prediction is not None else None
+        if answer is None:
+            return 0.0
+        judged = grade(answer, example.answer)
+        return float(judged.correct if keep == "correct" else judged.boxed)
+
+    metric.__name__ = f"math_{keep}"
+    return metric

@@ -590,6 +590,31 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
     return rows
 
 
+def solution_rows_for(program: dspy.Module, examples: list, adapter: dspy.Adapter | None = None) -> list[dict]:
+    """SFT rows from reference solutions: each answering predictor's prompt, the example's worked solution.
+
+    For datasets that carry worked solutions (MATH train does), this teaches the format and the
+    method directly, where bootstrapping finds too few passing traces on a small model.
+    """
+    adapter = adapter or dspy.settings.adapter or dspy.ChatAdapter()
+    rows = []
+    for _, predictor in program.named_predictors():
+        signature = predictor.signature
+        if "answer" not in signature.output_fields:
+            continue
+        for example in examples:
+            solution = example.get("solution") if hasattr(example, "get") else None
+            inputs = {name: example.get(name) for name in signature.input_fields}
+            if not solution or any(value is None for value in inputs.values()):
+                continue
+            outputs = {"reasoning": solution, "answer": example.get("answer")}
+            data = adapter.format_finetune_data(signature=signature, demos=list(predictor.demos), inputs=inputs,
+                                                outputs=outputs)
+            messages = data["messages"]
+            rows.append(sft_row(messages[:-1], messages[-1]["content"]))
+    return rows
+
+
 class LoRAFinetune(Teleprompter):
     """Compile-time weights optimizer: bootstrap traces, keep those that pass, update the adapter.
 
@@ -598,14 +623,19 @@ class LoRAFinetune(Teleprompter):
     """
 
     def __init__(self, metric, config: UpdateConfig | None = None, num_threads: int | None = None,
-                 adapter: dspy.Adapter | None = None, samples_per_example: int = 1, temperature: float = 0.7):
+                 adapter: dspy.Adapter | None = None, samples_per_example: int = 1, temperature: float = 0.7,
+                 sources: tuple[str, ...] | list[str] = ("bootstrap",)):
         super().__init__()
+        unknown = set(sources) - {"bootstrap", "solutions"}
+        if unknown or not sources:
+            raise UpdateError(f"sources must be among 'bootstrap', 'solutions', got {list(sources)}")
         self.metric = metric
         self.config = config or UpdateConfig(objective="sft")
         self.num_threads = num_threads
         self.adapter = adapter
         self.samples_per_example = samples_per_example
         self.temperature = temperature
+        self.sources = tuple(sources)
         self.history: list[dict] = []
         self.updater: LoRAUpdater | None = None
 
@@ -620,18 +650,20 @@ class LoRAFinetune(Teleprompter):
         self.updater = self.updater if self.updater and self.updater.engine is engine else \
             LoRAUpdater(engine, self.config)
         program = (teacher or student).deepcopy()
+        adapter = self.adapter or getattr(student, "adapter", None) or dspy.settings.adapter
         traces = []
-        for sample in range(self.samples_per_example):
+        for sample in range(self.samples_per_example if "bootstrap" in self.sources else 0):
             # sample 0 is the program as it is; further samples draw at a temperature, each its own rollout
             lm = base_lm if sample == 0 else base_lm.copy(temperature=self.temperature, rollout_id=sample)
             sampler = program.deepcopy()
             sampler.set_lm(lm)
             traces += bootstrap_trace_data(program=sampler, dataset=trainset, metric=self.metric,
                                            num_threads=self.num_threads or 8, raise_on_error=False)
-        adapter = self.adapter or getattr(student, "adapter", None) or dspy.settings.adapter
         rows = traces_to_rows(traces, adapter, objective=self.config.objective)
         passed = sum(1 for t in traces if t.get("score"))
-        record = {"traces": len(traces), "passed": passed, "rows": len(rows)}
+        solution_rows = solution_rows_for(student, trainset, adapter) if "solutions" in self.sources else []
+        rows += solution_rows
+        record = {"traces": len(traces), "passed": passed, "solution_rows": len(solution_rows), "rows": len(rows)}
         if not any(r["label"] for r in rows):
             record["update"] = None
             record["note"] = "no trace passed the metric: the adapter was left unchanged"

@@ -84,3 +84,76 @@ def test_bench_engine_prints_json_with_every_measurement(tiny_model_dir, capsys)
     assert report["greedy_identical_batched_vs_sequential"] is True
     assert report["bandwidth_bound_batch1_tokens_per_s"] > 0 and report["peak_rss_mib"] > 0
     assert set(report["targets"]) == {"b_ge_0.95a", "c_ge_2.5a"}
+
+
+def _tiny_recipe(tmp_path, text: str):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return str(path)
+
+
+LORA_RECIPE = """
+[optimizer]
+kind = "lora"
+sources = ["bootstrap", "solutions"]
+[update]
+objective = "sft"
+steps = 2
+batch_size = 2
+learning_rate = 1e-2
+max_length = 256
+"""
+
+
+def test_compile_lora_then_eval_compiled(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    from rosa2_dspy.engine import LocalEngine
+
+    model = tmp_path / "model"  # its own engine: the shared tiny one stays untouched for other tests
+    shutil.copytree(tiny_model_dir, model)
+    artifact = tmp_path / "artifacts" / "lora"
+    assert run("compile", "--program", PROGRAM, "--optimizer", _tiny_recipe(tmp_path, LORA_RECIPE), "--split",
+               "train", "--level", "1", "--limit", "2", "--model", str(model), "--max-tokens", "8", "--threads", "2",
+               "--out", str(artifact)) == 0
+    meta = json.loads((artifact / "compile.json").read_text())
+    assert (artifact / "adapter" / "adapter_model.safetensors").is_file() and (artifact / "program.json").is_file()
+    assert meta["history"][0]["solution_rows"] == 2 and meta["adapter_l2_shift"] > 0
+    assert len(meta["train_ids"]) == 2
+    LocalEngine.shared(str(model)).reset_adapter()  # eval --compiled must bring the adapter back
+    out = tmp_path / "run"
+    assert run("eval", "--compiled", str(artifact), "--split", "test", "--limit", "2", "--max-tokens", "8",
+               "--threads", "2", "--no-progress", "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter_l2_shift"] == pytest.approx(meta["adapter_l2_shift"], rel=1e-5)
+    assert summary["instructions"] == meta["instructions"]
+    assert "rosa2 eval --compiled" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[optimizer]\nkind = 'magic'\n", "kind must be one of"),
+    ("[optimizer\nkind = 'lora'", "not valid TOML"),
+    ("[optimizer]\nkind = 'lora'\n[update]\nlr = 1\n", "unknown update setting"),
+    ("[optimizer]\nkind = 'lora'\nwarp = 9\n", "warp"),
+])
+def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, capsys, text, message):
+    artifact = tmp_path / "artifact"
+    code = run("compile", "--optimizer", _tiny_recipe(tmp_path, text), "--limit", "1", "--model",
+               str(tiny_model_dir), "--out", str(artifact))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not artifact.exists()
+
+
+def test_eval_compiled_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    assert run("eval", "--compiled", str(tmp_path), "--limit", "1", "--out", str(tmp_path / "run")) == 2
+    assert "not a compiled artifact" in capsys.readouterr().err
+
+
+def test_bench_update_prints_json(tiny_model_dir, capsys):
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--steps", "1", "--batch-size", "2",
+               "--updates", "2") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trl_total_seconds_per_update"] > 0 and report["raw_seconds_per_update"] > 0
+    assert report["l2_shift_per_update"] > 0 and report["trl_over_raw"] > 0
+    assert report["construction_seconds_first_update"] >= report["prepare_seconds_per_update"]

@@ -1,0 +1,135 @@
+"""Optimizer recipes: TOML files in ``optimizers/`` that name a teleprompter and its settings.
+
+    [optimizer]
+    kind = "lora"          # lora | words | gepa | rosa2 | better-together | session
+    ...                    # the optimizer's own settings
+    [update]               # LoRA update settings (weights.UpdateConfig) for kinds that train
+    [critic]
+    model = "engine"       # the critic/reflection LM: the local engine, or a dspy.LM model id
+
+``build_optimizer`` turns a recipe into a ``dspy.Teleprompter`` bound to a metric and engine.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("lora", "words", "gepa", "rosa2", "better-together")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or used (one line, exit 2)."""
+
+
+@dataclass
+class Recipe:
+    path: str
+    kind: str
+    optimizer: dict[str, Any]
+    update: dict[str, Any] = field(default_factory=dict)
+    critic: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "optimizer": self.optimizer, "update": self.update,
+                "critic": self.critic}
+
+
+def load_recipe(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no recipe at {path} (see optimizers/ for the shipped ones)")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+    optimizer = dict(data.get("optimizer") or {})
+    kind = optimizer.pop("kind", None)
+    if kind not in kinds:
+        raise RecipeError(f"{path}: [optimizer] kind must be one of {', '.join(kinds)}, got {kind!r}")
+    unknown = sorted(set(data) - {"optimizer", "update", "critic", "session", "user"})
+    if unknown:
+        raise RecipeError(f"{path}: unknown table(s) {', '.join(unknown)}")
+    return Recipe(str(path), kind, optimizer, dict(data.get("update") or {}), dict(data.get("critic") or {}), text)
+
+
+def critic_lm(recipe: Recipe, engine):
+    """The critic / reflection LM a recipe names: the local engine (default) or a dspy.LM id."""
+    import dspy
+
+    model = recipe.critic.get("model", "engine")
+    settings = {k: v for k, v in recipe.critic.items() if k != "model"}
+    if model == "engine":
+        settings.setdefault("max_tokens", 384)
+        return engine.lm(pinned=True, cache=False, **settings)
+    return dspy.LM(model, **settings)
+
+
+def update_config(recipe: Recipe, **defaults):
+    from rosa2_dspy.weights import UpdateConfig
+
+    return UpdateConfig.from_dict({**defaults, **recipe.update})
+
+
+def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
+    """The teleprompter a recipe describes, with our MATH metrics."""
+    import dspy
+
+    from rosa2_dspy.weights import LoRAFinetune
+
+    settings = dict(recipe.optimizer)
+    try:
+        if recipe.kind == "lora":
+            from rosa2_dspy.evaluation import math_metric
+
+            keep = settings.pop("keep", "correct")
+            return LoRAFinetune(math_metric(keep), config=update_config(recipe, objective="sft"),
+                                num_threads=num_threads, **settings)
+        if recipe.kind == "words":
+            from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+
+            return TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
+                                            **settings)
+        if recipe.kind == "gepa":
+            from rosa2_dspy.words import math_feedback_metric
+
+            return dspy.GEPA(metric=math_feedback_metric, reflection_lm=critic_lm(recipe, engine),
+                             num_threads=num_threads, **settings)
+        if recipe.kind == "rosa2":
+            from rosa2_dspy.coadapt import ROSA2
+            from rosa2_dspy.words import math_feedback_metric
+
+            return ROSA2(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
+                         config=update_config(recipe, objective="sft"), num_threads=num_threads, **settings)
+        if recipe.kind == "better-together":
+            return _better_together(recipe, engine, settings, num_threads)
+    except TypeError as exc:  # an unknown key in the [optimizer] table
+        raise RecipeError(f"{recipe.path}: {exc}") from None
+    raise RecipeError(f"unknown recipe kind {recipe.kind!r}")
+
+
+def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
+    """DSPy's BetterTogether with p = GEPA (or our words optimizer) and w = BootstrapFinetune through our provider."""
+    import dspy
+
+    from rosa2_dspy.evaluation import math_metric
+    from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+
+    p_kind = settings.pop("p", "gepa")
+    p_settings = dict(settings.pop("p_settings", {}))
+    keep = settings.pop("keep", "correct")
+    if p_kind == "gepa":
+        p = dspy.GEPA(metric=math_feedback_metric, reflection_lm=critic_lm(recipe, engine), num_threads=num_threads,
+                      **p_settings)
+    elif p_kind == "words":
+        p = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine), **p_settings)
+    else:
+        raise RecipeError(f"{recipe.path}: p must be 'gepa' or 'words', got {p_kind!r}")
+    w = dspy.BootstrapFinetune(metric=math_metric(keep), num_threads=num_threads)
+    optimizer = dspy.BetterTogether(metric=math_metric("correct"), p=p, w=w)
+    optimizer.compile_kwargs = settings  # strategy, valset_ratio ...: passed to compile()
+    return optimizer
