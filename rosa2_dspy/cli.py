@@ -61,6 +61,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
 
 
+def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) -> None:
+    from rosa2_dspy.coadapt import POLICIES
+
+    if method_default is None:
+        p.add_argument("--method", choices=list(POLICIES),
+                       help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2 (default: one plain pass)")
+    p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
+    p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
+    p.add_argument("--samples", type=int, default=4, help="replies sampled per weights step (default 4)")
+    p.add_argument("--update-steps", type=int, default=2, help="optimizer steps per weights step (default 2)")
+    p.add_argument("--objective", default="kto", choices=["kto", "sft"], help="weights step objective")
+    p.add_argument("--max-shift", type=float, default=None, help="trust region: max L2 shift per conversation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rosa2", description="Co-adapt the words and weights of a language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=8, help="problems in flight; the engine batches them (default 8)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
     ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
+    _add_session_args(ev, method_default=None)
     ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
     ev.add_argument("--no-progress", action="store_true")
 
@@ -105,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--steps", type=int, default=4)
     bu.add_argument("--batch-size", type=int, default=4)
     bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
+
+    bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
+    _add_data_args(bc)
+    bc.set_defaults(split="test", level="1")
+    _add_model_args(bc)
+    _add_session_args(bc, method_default="all")
+    bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
+    bc.add_argument("--program", default="programs/math_solver.py")
+    bc.add_argument("--max-tokens", type=int, default=384, help="generation budget per call (default 384)")
+    bc.add_argument("--threads", type=int, default=8, help="problems in flight for methods without weights steps")
+    bc.add_argument("--out", required=True)
+    bc.add_argument("--no-progress", action="store_true")
 
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
@@ -152,8 +179,12 @@ def cmd_eval(args) -> int:
         "seed": args.seed, "shuffle": not args.no_shuffle, "model": args.model, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "limit": args.limit,
     }
+    if args.method:
+        config.update(_session_config(args), method=args.method)
     resume_keys = tuple(k for k in config if k != "limit")
     out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
+    if args.method:
+        return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled)
 
     import dspy
 
@@ -190,6 +221,55 @@ def cmd_eval(args) -> int:
                         "adapter_l2_shift": round(adapter_shift(engine).total, 6)})
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary, out)
+    return 0
+
+
+def _session_config(args) -> dict:
+    if args.turns < 1 or args.samples < 0 or args.update_steps < 1:
+        raise CLIError("--turns >= 1, --samples >= 0 and --update-steps >= 1 are needed")
+    from rosa2_dspy.math.users import USERS
+
+    if args.user not in USERS:
+        raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
+    return {"turns": args.turns, "user": args.user, "samples": args.samples, "update_steps": args.update_steps,
+            "objective": args.objective, "max_shift": args.max_shift}
+
+
+def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None) -> int:
+    """Run each method's sessions on the same problems; results per method, then the report."""
+    import dspy
+
+    from rosa2_dspy.coadapt import Session, SessionConfig, get_policy
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.evaluation import ResultsFile, run_items
+    from rosa2_dspy.math.users import make_user
+    from rosa2_dspy.report import build_report
+    from rosa2_dspy.weights import UpdateConfig
+
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    if compiled:
+        from rosa2_dspy.artifacts import load_compiled
+
+        load_compiled(compiled, program, engine)
+    lm = engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0)
+    dspy.configure(lm=lm)
+    session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
+    update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=4, max_length=768,
+                              learning_rate=1e-4, max_shift_per_session=args.max_shift)
+    for method in methods:
+        policy = get_policy(method)
+        session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, update_cfg)
+        (out / method).mkdir(parents=True, exist_ok=True)
+        results = ResultsFile(out / method / "results.jsonl")
+        # sessions with weights steps own the adapter: one conversation at a time
+        threads = 1 if policy.weights != "never" else args.threads
+        done = sum(1 for e in examples if e.unique_id in results.records)
+        if done:
+            print(f"{method}: resuming, {done} of {len(examples)} problems already done")
+        run_items(examples, session.run, results, threads=threads, description=method,
+                  progress=not args.no_progress)
+    report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}")
+    print(report.read_text())
     return 0
 
 
@@ -343,6 +423,8 @@ def cmd_bench(args) -> int:
         if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
             raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency)
+    elif args.bench == "compare":
+        return _bench_compare(args)
     elif args.bench == "update":
         if args.steps < 1 or args.batch_size < 2 or args.updates < 2:
             raise CLIError("--steps >= 1, --batch-size >= 2 and --updates >= 2 are needed")
@@ -350,6 +432,29 @@ def cmd_bench(args) -> int:
                                     batch_size=args.batch_size, updates=args.updates)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _bench_compare(args) -> int:
+    from rosa2_dspy.coadapt import get_policy
+    from rosa2_dspy.evaluation import prepare_run_dir
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.program_loader import load_program
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        get_policy(method)
+    if args.limit is None or args.limit < 1:
+        raise CLIError("--limit must be given and >= 1 (each method runs every problem)")
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit, seed=None if args.no_shuffle else args.seed)
+    if not examples:
+        raise CLIError("no problems match the given split and filters")
+    config = {"command": "bench compare", "split": args.split, "level": args.level, "subject": args.subject,
+              "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens,
+              **_session_config(args)}
+    out = prepare_run_dir(args.out, config, resume_keys=tuple(config))
+    return _run_methods(args, methods, examples, load_program(args.program), out)
 
 
 COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench}

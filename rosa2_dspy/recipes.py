@@ -95,10 +95,7 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
             return TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
                                             **settings)
         if recipe.kind == "gepa":
-            from rosa2_dspy.words import math_feedback_metric
-
-            return dspy.GEPA(metric=math_feedback_metric, reflection_lm=critic_lm(recipe, engine),
-                             num_threads=num_threads, **settings)
+            return _gepa(recipe, engine, settings, num_threads)
         if recipe.kind == "rosa2":
             from rosa2_dspy.coadapt import ROSA2
             from rosa2_dspy.words import math_feedback_metric
@@ -112,6 +109,19 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
     raise RecipeError(f"unknown recipe kind {recipe.kind!r}")
 
 
+def _gepa(recipe: Recipe, engine, settings: dict, num_threads: int):
+    """DSPy's GEPA with our feedback metric; its proposer reads the critic's whole reply as the instruction
+    (GEPA's default asks for a fenced block that a small local critic rarely writes)."""
+    import dspy
+
+    from rosa2_dspy.words import math_feedback_metric, plain_text_gepa_proposer
+
+    settings = dict(settings)
+    settings.setdefault("component_selector", "all")  # a predictor the program never calls gets no turns
+    return dspy.GEPA(metric=math_feedback_metric, reflection_lm=critic_lm(recipe, engine), num_threads=num_threads,
+                     instruction_proposer=plain_text_gepa_proposer(), **settings)
+
+
 def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
     """DSPy's BetterTogether with p = GEPA (or our words optimizer) and w = BootstrapFinetune through our provider."""
     import dspy
@@ -123,8 +133,7 @@ def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
     p_settings = dict(settings.pop("p_settings", {}))
     keep = settings.pop("keep", "correct")
     if p_kind == "gepa":
-        p = dspy.GEPA(metric=math_feedback_metric, reflection_lm=critic_lm(recipe, engine), num_threads=num_threads,
-                      **p_settings)
+        p = _gepa(recipe, engine, p_settings, num_threads)
     elif p_kind == "words":
         p = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine), **p_settings)
     else:

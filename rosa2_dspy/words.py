@@ -16,7 +16,8 @@ as parameters and natural-language feedback as the signal that moves them:
 
 :class:`TextualGradientOptimizer` runs this loop at compile time on every predictor of a program
 (a ``dspy.Teleprompter``, usable as the ``p`` step of ``dspy.BetterTogether``); DSPy's ``GEPA``
-takes the same metric, so the two can be compared on the same problems. At test time,
+takes the same metric (with :func:`plain_text_gepa_proposer` when its reflection LM is a small
+local model), so the two can be compared on the same problems. At test time,
 :func:`refine` is the same idea applied to one turn: the user's feedback, however vague, becomes a
 critique (what was unclear) and the ``Clarify`` module rewrites the problem statement from it.
 
@@ -35,7 +36,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import dspy
 from dspy.teleprompt.bootstrap_trace import FailedPrediction
@@ -44,6 +45,9 @@ from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.adapters import BoxedAdapter
 from rosa2_dspy.math.grading import grade, last_boxed
+
+if TYPE_CHECKING:
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +404,19 @@ def validate_instruction(old: str, new: str | None, max_chars: int = 1200) -> st
     if new == old.strip():
         return "unchanged rewrite"
     return None
+
+
+def plain_text_gepa_proposer(max_chars: int | None = None) -> "InstructionProposer":
+    """GEPA's own instruction proposer (its reflection prompt), speaking plain text to the reflection LM.
+
+    GEPA's default proposer asks for its ``new_instruction`` through a ``JSONAdapter``; a small
+    local model rarely writes that, so every proposal fails to parse and GEPA proposes nothing.
+    Pass ``dspy.GEPA(..., instruction_proposer=plain_text_gepa_proposer())`` to take the whole
+    reply as the instruction instead, as the words optimizer does.
+    """
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+    return InstructionProposer(adapter=BoxedAdapter(), max_chars=max_chars)
 
 
 # ----------------------------------------------------------------------------- the compile-time optimizer

@@ -14,7 +14,8 @@ from math_solver import MathSolver
 from rosa2_dspy.engine import request_messages
 from rosa2_dspy.signatures import Answer, Clarify
 from rosa2_dspy.words import (Refinement, TextualGradientOptimizer, apply_gradient, math_feedback,
-                              math_feedback_metric, math_score, refine, textual_gradient, validate_instruction)
+                              math_feedback_metric, math_score, plain_text_gepa_proposer, refine, textual_gradient,
+                              validate_instruction)
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_WORDS = Answer.instructions
@@ -357,6 +358,18 @@ def test_a_tiny_local_model_as_student_and_default_critic_never_breaks_the_progr
     assert instruction(compiled, "answer.predict") == ANSWER_WORDS
     # the engine served the two validation runs, the two minibatch runs and the two critic calls
     assert tiny_engine.stats["requests"] >= 6
+
+
+def test_gepa_runs_on_the_same_metric_with_a_plain_text_reflection_lm():
+    student_lm, _ = script_lm(student_reply)
+    reflection_lm, reflection_engine = script_lm(lambda system, user: f"{ANSWER_WORDS} {MARKER}")
+    dspy.configure(lm=student_lm)
+    gepa = dspy.GEPA(metric=math_feedback_metric, reflection_lm=reflection_lm, max_metric_calls=30,
+                     reflection_minibatch_size=3, num_threads=1, instruction_proposer=plain_text_gepa_proposer())
+    compiled = gepa.compile(MathSolver(), trainset=TRAIN, valset=VAL)
+    assert instruction(compiled, "answer.predict") == f"{ANSWER_WORDS} {MARKER}"
+    # GEPA's reflection read our feedback texts
+    assert any("Wrong value" in user or "No \\boxed{} answer" in user for _, user in reflection_engine.calls)
 
 
 # ----------------------------------------------------------------------------- test-time refinement

@@ -1,0 +1,289 @@
+"""Co-adaptation: ROSA2 multi-turn sessions at test time, and the ROSA2 compile-time optimizer.
+
+A session is one conversation about one problem (:func:`run_session`, the whole turn loop):
+
+1. the program answers (turn 1 with the frozen or compiled adapter);
+2. the user judges the shown answer; accepted: stop;
+3. **words step**: the clarification module refines the prompt from the feedback and history;
+4. **weights step**: a LoRA update (KTO by default) on the interaction so far, conditioned on
+   the refined prompt: undesirable = the rejected replies re-paired with the new prompt;
+   desirable = replies sampled under the new prompt that pass self-checks (boxed, parseable,
+   agreeing with the majority of the samples, not an answer the user already rejected);
+5. next turn, until accepted or the budget T ends. The adapter is restored after the session.
+
+The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
+turn), ``pe`` (words only), ``ttt`` (weights only; the raw feedback is appended to the original
+prompt), ``pe-then-ttt`` (words for the first half of the budget, weights after) and ``rosa2``
+(both every turn, words first).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+from rosa2_dspy.engine import GenSettings, LocalEngine
+from rosa2_dspy.math.grading import last_boxed, strict_normalize
+from rosa2_dspy.weights import LoRAFinetune, LoRAUpdater, UpdateConfig, kto_row
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which adaptation steps run after a failed turn ``turn`` (1-based) of a budget of ``turns``."""
+
+    name: str
+    words: str = "never"  # never | always | first-half
+    weights: str = "never"  # never | always | second-half
+    single_turn: bool = False
+
+    def steps(self, turn: int, turns: int) -> tuple[bool, bool]:
+        half = turns // 2 if turns > 2 else 1  # adaptation steps happen after turns 1 .. turns-1
+        words = self.words == "always" or (self.words == "first-half" and turn <= half)
+        weights = self.weights == "always" or (self.weights == "second-half" and turn > half)
+        return words, weights
+
+
+POLICIES = {
+    "single": Policy("single", single_turn=True),
+    "pe": Policy("pe", words="always"),
+    "ttt": Policy("ttt", weights="always"),
+    "pe-then-ttt": Policy("pe-then-ttt", words="first-half", weights="second-half"),
+    "rosa2": Policy("rosa2", words="always", weights="always"),
+}
+
+
+def get_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+@dataclass
+class SessionConfig:
+    turns: int = 3
+    samples: int = 4  # replies sampled under the refined prompt, as candidate desirable responses
+    sample_temperature: float = 0.8
+    max_tokens: int = 384
+    keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
+    seed: int = 0
+
+
+def _answer_predictor(program: dspy.Module):
+    for name, predictor in program.named_predictors():
+        if "answer" in predictor.signature.output_fields:
+            return name, predictor
+    raise ValueError("the program has no predictor with an 'answer' output")
+
+
+def _normalized(answer: str | None) -> str | None:
+    if not answer:
+        return None
+    inner = last_boxed(answer) if "\\boxed" in answer else answer
+    return strict_normalize(inner) if inner else None
+
+
+class Session:
+    """Runs conversations for one method on one engine; the adapter is per conversation."""
+
+    def __init__(self, program: dspy.Module, engine: LocalEngine, policy: Policy | str, user,
+                 config: SessionConfig | None = None, update: UpdateConfig | None = None, critic_lm=None):
+        self.program = program
+        self.engine = engine
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.user = user
+        self.config = config or SessionConfig()
+        self.updater = LoRAUpdater(engine, update or UpdateConfig(objective="kto", steps=2, batch_size=4,
+                                                                  max_length=768, max_shift_per_update=None))
+        self.critic_lm = critic_lm
+        self.adapter = getattr(program, "adapter", None) or dspy.settings.adapter or dspy.ChatAdapter()
+        self.answer_name, self.answer_predictor = _answer_predictor(program)
+
+    # -- the pieces a turn is made of -------------------------------------------------------
+
+    def answer(self, statement: str) -> tuple[Any, str]:
+        """The program's answer to ``statement``: (prediction or None, the full reply text)."""
+        try:
+            prediction = self.program(problem=statement)
+            return prediction, str(prediction.get("reasoning") or prediction.get("answer") or "")
+        except AdapterParseError as exc:
+            return None, exc.lm_response or ""
+
+    def prompt_messages(self, statement: str) -> list[dict]:
+        """The chat messages the answer module sends for ``statement`` (for training rows)."""
+        predictor = self.answer_predictor
+        return self.adapter.format(predictor.signature, list(predictor.demos), {"problem": statement})
+
+    def words_step(self, problem: str, history: list[dict], feedback: str):
+        from rosa2_dspy.words import refine
+
+        return refine(self.program.clarify, problem, history, feedback, critic_lm=self.critic_lm,
+                      adapter=self.adapter)
+
+    def sample_desirable(self, messages: list[dict], rejected: set[str], turn: int) -> tuple[list[str], list[dict]]:
+        """Sample replies in one batch; keep those that pass the self-checks. Returns (kept, all checks)."""
+        cfg = self.config
+        if cfg.samples < 1:
+            return [], []
+        settings = GenSettings(max_tokens=cfg.max_tokens, do_sample=True, temperature=cfg.sample_temperature,
+                               top_p=0.95, top_k=None, seed=cfg.seed * 1000 + turn)
+        ids = self.engine.encode_chat(messages)
+        replies = [c.text for c in self.engine.generate_batch([ids] * cfg.samples, settings)]
+        answers = [_normalized(last_boxed(r) and f"\\boxed{{{last_boxed(r)}}}") for r in replies]
+        counts = collections.Counter(a for a in answers if a)
+        majority, votes = counts.most_common(1)[0] if counts else (None, 0)
+        kept, checks = [], []
+        for reply, answer in zip(replies, answers):
+            check = {"boxed": last_boxed(reply) is not None, "parseable": bool(answer),
+                     "majority": answer is not None and answer == majority and (votes >= 2 or cfg.samples == 1),
+                     "not_rejected": answer is not None and answer not in rejected}
+            checks.append(check)
+            if all(check.values()):
+                kept.append(reply)
+        return kept, checks
+
+    def weights_step(self, messages: list[dict], rejected_replies: list[str], rejected: set[str], turn: int) -> dict:
+        desirable, checks = self.sample_desirable(messages, rejected, turn)
+        rows = [kto_row(messages, reply, False) for reply in rejected_replies if reply.strip()]
+        rows += [kto_row(messages, reply, True) for reply in desirable]
+        info = {"desirable": len(desirable), "undesirable": len(rows) - len(desirable), "sample_checks": checks}
+        if not rows:
+            info["skipped"] = "no training rows"
+            return info
+        objective = self.updater.config.objective
+        if objective == "sft" and not desirable:
+            info["skipped"] = "sft needs a desirable sample; none passed the self-checks"
+            return info
+        result = self.updater.update(rows)
+        info.update(result.to_dict())
+        return info
+
+    # -- the turn loop ----------------------------------------------------------------------
+
+    def run(self, example) -> dict:
+        """One conversation about ``example``; returns its record (never raises on model errors)."""
+        started = time.perf_counter()
+        engine, cfg = self.engine, self.config
+        start_state = engine.snapshot() if engine.has_adapter else None
+        self.updater.begin_session()
+        record = {"unique_id": example.unique_id, "subject": example.get("subject"), "level": example.get("level"),
+                  "gold": example.answer, "method": self.policy.name, "turns": [], "error": None}
+        timing = {"generation": 0.0, "words": 0.0, "weights": 0.0}
+        try:
+            record.update(self._converse(example, record["turns"], timing))
+        except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded; the run goes on
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc(limit=5)
+            record.setdefault("solved", False)
+            record.setdefault("turns_used", len(record["turns"]))
+        finally:
+            record["l2_shift"] = round(self.updater.session_shift(), 6)
+            if start_state is not None and not cfg.keep_adapter:
+                engine.restore(start_state)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        record["seconds_split"] = {k: round(v, 3) for k, v in timing.items()}
+        record["boxed_rate"] = (sum(t["boxed"] for t in record["turns"]) / len(record["turns"])
+                                if record["turns"] else 0.0)
+        return record
+
+    def _converse(self, example, turns: list[dict], timing: dict) -> dict:
+        cfg, policy = self.config, self.policy
+        budget = 1 if policy.single_turn else cfg.turns
+        problem = statement = example.problem
+        history: list[dict] = []
+        rejected_answers: set[str] = set()
+        rejected_replies: list[str] = []
+        for turn in range(1, budget + 1):
+            t0 = time.perf_counter()
+            prediction, reply = self.answer(statement)
+            timing["generation"] += time.perf_counter() - t0
+            verdict = self.user.judge(example, prediction, turn)
+            answer = getattr(prediction, "answer", None) if prediction is not None else None
+            entry = {"turn": turn, "statement": statement, "answer": answer, "boxed": verdict.boxed,
+                     "correct": verdict.correct, "accepted": verdict.accepted, "feedback": verdict.feedback,
+                     "words": None, "weights": None}
+            turns.append(entry)
+            if verdict.accepted:
+                return {"solved": True, "turns_used": turn}
+            if turn == budget:
+                break
+            if _normalized(answer):
+                rejected_answers.add(_normalized(answer))
+            rejected_replies.append(reply)
+            history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
+            do_words, do_weights = policy.steps(turn, budget)
+            if do_words:  # 3. words step
+                t0 = time.perf_counter()
+                refinement = self.words_step(problem, history, verdict.feedback)
+                statement = refinement.clarified_problem
+                entry["words"] = refinement.to_dict()
+                timing["words"] += time.perf_counter() - t0
+            elif policy.words == "never":  # weights only: the raw feedback goes into the prompt
+                statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
+                            " ".join(h["feedback"] for h in history)
+            if do_weights:  # 4. weights step, conditioned on the (refined) prompt
+                t0 = time.perf_counter()
+                entry["weights"] = self.weights_step(self.prompt_messages(statement), rejected_replies,
+                                                     rejected_answers, turn)
+                timing["weights"] += time.perf_counter() - t0
+        return {"solved": False, "turns_used": budget}
+
+
+# ----------------------------------------------------------------------------- compile time
+
+
+class ROSA2(dspy.teleprompt.Teleprompter):
+    """Compile-time co-adaptation: rounds of a words step then a weights step on a trainset.
+
+    Each round rewrites the instructions (:class:`~rosa2_dspy.words.TextualGradientOptimizer`,
+    one round), then fine-tunes the adapter (:class:`~rosa2_dspy.weights.LoRAFinetune`) on
+    traces generated under the just-rewritten instructions. ``history`` has, per round, the
+    instructions, the validation accuracy and the adapter's L2 shift.
+    """
+
+    def __init__(self, metric=None, critic_lm=None, config: UpdateConfig | None = None, rounds: int = 2,
+                 num_threads: int = 8, minibatch_size: int = 4, val_size: int = 8, keep: str = "correct",
+                 sources: tuple[str, ...] | list[str] = ("bootstrap",), max_instruction_chars: int = 1200):
+        from rosa2_dspy.evaluation import math_metric
+        from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+
+        super().__init__()
+        self.rounds = rounds
+        self.words = TextualGradientOptimizer(metric=metric or math_feedback_metric, critic_lm=critic_lm, rounds=1,
+                                              minibatch_size=minibatch_size, val_size=val_size,
+                                              max_instruction_chars=max_instruction_chars, num_threads=num_threads)
+        self.weights = LoRAFinetune(math_metric(keep), config=config or UpdateConfig(objective="sft"),
+                                    num_threads=num_threads, sources=sources)
+        self.history: list[dict] = []
+
+    def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
+        from rosa2_dspy.artifacts import instructions_of
+        from rosa2_dspy.weights import engine_of
+
+        engine = engine_of(student)
+        program = student
+        for round_index in range(1, self.rounds + 1):
+            self.words.seed = round_index  # each round critiques a different minibatch
+            program = self.words.compile(program, trainset=trainset, valset=valset)
+            program = self.weights.compile(program, trainset=trainset)
+            scored = self.words.score(program, valset or trainset[: self.words.val_size])
+            self.history.append({"round": round_index, "instructions": instructions_of(program),
+                                 "val_score": scored, "l2_shift": engine_shift(engine),
+                                 "words": self.words.history[-len(program.named_predictors()):],
+                                 "weights": self.weights.history[-1]})
+        program.words_history = self.history
+        return program
+
+
+def engine_shift(engine: LocalEngine) -> float:
+    from rosa2_dspy.weights import adapter_shift
+
+    return round(adapter_shift(engine).total, 6)

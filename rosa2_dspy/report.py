@@ -1,0 +1,95 @@
+"""The comparison report: per-method table (report.md) and cumulative accuracy by turn (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rosa2_dspy.evaluation import ResultsFile, wilson_interval, write_json_atomic, write_text_atomic
+
+
+def summarize_sessions(records: list[dict], turns: int) -> dict:
+    n = len(records)
+    solved = sum(1 for r in records if r.get("solved"))
+    low, high = wilson_interval(solved, n) if n else (0.0, 0.0)
+    all_turns = [t for r in records for t in r.get("turns", [])]
+    split = {key: sum(r.get("seconds_split", {}).get(key, 0.0) for r in records)
+             for key in ("generation", "words", "weights")}
+    adapted_turns = sum(1 for t in all_turns if t.get("words") or t.get("weights"))
+    adapt = split["words"] + split["weights"]
+    generation_per_turn = split["generation"] / len(all_turns) if all_turns else 0.0
+    by_turn = []
+    for k in range(1, turns + 1):
+        by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)
+    return {
+        "problems": n, "solved": solved, "accuracy": solved / n if n else 0.0, "accuracy_ci95": [low, high],
+        "mean_turns": sum(r["turns_used"] if r.get("solved") else turns for r in records) / n if n else 0.0,
+        "mean_l2_shift": sum(r.get("l2_shift", 0.0) for r in records) / n if n else 0.0,
+        "boxed_rate": sum(1 for t in all_turns if t.get("boxed")) / len(all_turns) if all_turns else 0.0,
+        "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
+        "seconds_split_per_problem": {k: v / n for k, v in split.items()} if n else split,
+        "adaptation_over_generation_per_turn": (
+            (adapt / adapted_turns) / generation_per_turn if adapted_turns and generation_per_turn else None),
+        "errors": sum(1 for r in records if r.get("error")),
+        "cumulative_accuracy_by_turn": by_turn,
+    }
+
+
+def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare") -> Path:
+    """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png."""
+    out = Path(out)
+    summaries = {}
+    for method in methods:
+        path = out / method / "results.jsonl"
+        if not path.exists():
+            continue
+        summaries[method] = summarize_sessions(list(ResultsFile(path).records.values()), turns)
+    if not summaries:
+        raise ValueError(f"no results under {out}: run the methods first")
+    write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries})
+    _plot(out / "accuracy_by_turn.png", summaries, turns, title)
+    lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
+             "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.", "",
+             "| method | problems | accuracy (95% CI) | mean turns | mean L2 shift | boxed rate | s/problem "
+             "| gen / words / weights s | adapt÷gen per turn | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, s in summaries.items():
+        low, high = s["accuracy_ci95"]
+        split = s["seconds_split_per_problem"]
+        ratio = s["adaptation_over_generation_per_turn"]
+        lines.append(
+            f"| {method} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) | {s['mean_turns']:.2f} "
+            f"| {s['mean_l2_shift']:.4f} | {s['boxed_rate']:.1%} | {s['seconds_per_problem']:.1f} "
+            f"| {split['generation']:.1f} / {split['words']:.1f} / {split['weights']:.1f} "
+            f"| {'-' if ratio is None else f'{ratio:.2f}'} | {s['errors']} |")
+    lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", ""]
+    report = out / "report.md"
+    write_text_atomic(report, "\n".join(lines))
+    return report
+
+
+def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = list(range(1, turns + 1))
+    for method, s in summaries.items():
+        ax.plot(xs, [100 * v for v in s["cumulative_accuracy_by_turn"]], marker="o", label=method)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("solved within turn (%)")
+    ax.set_xticks(xs)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def load_summary(out: str | Path) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())

@@ -1,0 +1,160 @@
+"""Co-adaptation sessions on a tiny model with scripted users: step order, turns, resets, self-checks, report."""
+
+from __future__ import annotations
+
+import json
+
+import dspy
+import pytest
+
+from math_solver import MathSolver
+from rosa2_dspy.coadapt import POLICIES, Session, SessionConfig
+from rosa2_dspy.math.users import HintUser, Judgement, OracleUser, VagueUser
+from rosa2_dspy.weights import UpdateConfig
+from rosa2_dspy.words import Refinement
+
+EXAMPLE = dspy.Example(problem="What is 2+3?", answer="5", unique_id="t/1", subject="Algebra",
+                       level=1).with_inputs("problem")
+
+
+class ScriptedUser:
+    name = "scripted"
+
+    def __init__(self, accept_at: int | None = None):
+        self.accept_at = accept_at
+
+    def judge(self, example, prediction, turn):
+        ok = turn == self.accept_at
+        return Judgement(ok, "ok" if ok else "hmm, not what I asked", ok, False)
+
+
+class SpySession(Session):
+    """Records which steps run, in order; the steps themselves are scripted."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def answer(self, statement):
+        self.calls.append("answer")
+        return dspy.Prediction(answer="\\boxed{7}", reasoning="so \\boxed{7}"), "so \\boxed{7}"
+
+    def words_step(self, problem, history, feedback):
+        self.calls.append("words")
+        return Refinement(clarified_problem=f"{problem} (clarified {len(history)})", critique="unclear")
+
+    def weights_step(self, messages, rejected_replies, rejected, turn):
+        self.calls.append("weights")
+        return {"scripted": True}
+
+
+EXPECTED = {
+    "single": ["answer"],
+    "pe": ["answer", "words"] * 3 + ["answer"],
+    "ttt": ["answer", "weights"] * 3 + ["answer"],
+    "pe-then-ttt": ["answer", "words", "answer", "words", "answer", "weights", "answer"],
+    "rosa2": ["answer", "words", "weights"] * 3 + ["answer"],
+}
+
+
+@pytest.mark.parametrize("method", list(POLICIES))
+def test_each_policy_calls_exactly_its_steps_in_order(tiny_engine, method):
+    session = SpySession(MathSolver(), tiny_engine, method, ScriptedUser(), SessionConfig(turns=4))
+    record = session.run(EXAMPLE)
+    assert session.calls == EXPECTED[method]
+    assert record["solved"] is False and record["error"] is None
+    assert record["turns_used"] == (1 if method == "single" else 4) == len(record["turns"])
+
+
+def test_turns_stop_at_acceptance_and_ttt_appends_raw_feedback(tiny_engine):
+    session = SpySession(MathSolver(), tiny_engine, "ttt", ScriptedUser(accept_at=2), SessionConfig(turns=4))
+    record = session.run(EXAMPLE)
+    assert record["solved"] is True and record["turns_used"] == 2
+    assert session.calls == ["answer", "weights", "answer"]
+    assert "hmm, not what I asked" in record["turns"][1]["statement"]
+
+
+def test_a_raising_step_is_recorded_and_the_next_problem_runs(tiny_engine):
+    class Broken(SpySession):
+        def words_step(self, problem, history, feedback):
+            raise RuntimeError("critic down")
+
+    session = Broken(MathSolver(), tiny_engine, "pe", ScriptedUser(), SessionConfig(turns=3))
+    record = session.run(EXAMPLE)
+    assert "critic down" in record["error"] and record["solved"] is False
+    assert session.run(EXAMPLE)["turns"][0]["turn"] == 1
+
+
+class ReplySession(Session):
+    def answer(self, statement):
+        return dspy.Prediction(answer="\\boxed{7}", reasoning="I add them: \\boxed{7}"), "I add them: \\boxed{7}"
+
+
+def test_weights_step_updates_then_the_adapter_is_back_at_zero(tiny_engine):
+    dspy.configure(lm=tiny_engine.lm(max_tokens=8, cache=False))
+    update = UpdateConfig(objective="kto", steps=2, batch_size=2, learning_rate=1e-2, max_length=128)
+    session = ReplySession(MathSolver(), tiny_engine, "ttt", ScriptedUser(), SessionConfig(turns=2, samples=2,
+                                                                                          max_tokens=8), update)
+    first = session.run(EXAMPLE)
+    weights = first["turns"][0]["weights"]
+    assert weights["undesirable"] == 1 and weights["steps"] == 2
+    assert first["l2_shift"] > 0
+    assert session.updater.shift().total == 0.0  # restored after the conversation
+    second = session.run(EXAMPLE)
+    assert second["turns"][0]["weights"]["shift_before"] == 0.0
+
+
+def test_desirable_samples_never_repeat_a_rejected_answer(tiny_engine, monkeypatch):
+    from rosa2_dspy.engine import Completion
+
+    session = Session(MathSolver(), tiny_engine, "rosa2", ScriptedUser(), SessionConfig(samples=4))
+    scripts = [["\\boxed{7}", "so \\boxed{7}", "\\boxed{7}.", "\\boxed{5}"],
+               ["\\boxed{5}", "it is \\boxed{5}", "\\boxed{7}", "no box here"]]
+
+    def scripted(prompts, settings, stops=None):
+        replies = scripts.pop(0)
+        return [Completion(text, 1, 1, "stop") for text in replies]
+
+    monkeypatch.setattr(tiny_engine, "generate_batch", scripted)
+    kept, checks = session.sample_desirable([{"role": "user", "content": "x"}], {"7"}, turn=1)
+    assert kept == [] and all(not c["not_rejected"] for c in checks[:3])  # the majority was rejected
+    kept, checks = session.sample_desirable([{"role": "user", "content": "x"}], {"7"}, turn=2)
+    assert kept == ["\\boxed{5}", "it is \\boxed{5}"]
+    assert checks[3] == {"boxed": False, "parseable": False, "majority": False, "not_rejected": False}
+
+
+def test_users_never_reveal_the_gold():
+    example = dspy.Example(problem="p", answer="\\frac{3}{7}", unique_id="u/9").with_inputs("problem")
+    wrong = dspy.Prediction(answer="\\boxed{0.43}")
+    for user in (OracleUser(), VagueUser(seed=1), HintUser()):
+        verdict = user.judge(example, wrong, turn=1)
+        assert not verdict.accepted and "3}{7" not in verdict.feedback and "3/7" not in verdict.feedback
+    assert VagueUser(1).judge(example, wrong, 2).feedback == VagueUser(1).judge(example, wrong, 2).feedback
+    assert OracleUser().judge(example, None, 1).feedback == "Incorrect."
+    assert "box" in HintUser().judge(example, None, 1).feedback.lower()
+    assert OracleUser().judge(example, dspy.Prediction(answer="\\boxed{3/7}"), 1).accepted
+
+
+def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_model_dir, capsys):
+    from rosa2_dspy.cli import main
+
+    out = tmp_path / "pe"
+    common = ["eval", "--method", "pe", "--turns", "2", "--split", "test", "--limit", "2", "--model",
+              str(tiny_model_dir), "--max-tokens", "8", "--no-progress", "--out", str(out)]
+    assert main(common) == 0
+    before = (out / "pe" / "results.jsonl").read_text()
+    assert len(before.splitlines()) == 2
+    assert main(common) == 0
+    assert "resuming, 2 of 2" in capsys.readouterr().out
+    assert (out / "pe" / "results.jsonl").read_text() == before  # finished problems are not rerun
+
+    cmp = tmp_path / "cmp"
+    assert main(["bench", "compare", "--methods", "single,ttt", "--limit", "2", "--turns", "2", "--samples", "2",
+                 "--model", str(tiny_model_dir), "--max-tokens", "8", "--no-progress", "--out", str(cmp)]) == 0
+    summary = json.loads((cmp / "summary.json").read_text())
+    assert set(summary["methods"]) == {"single", "ttt"}
+    assert summary["methods"]["single"]["problems"] == 2
+    assert len(summary["methods"]["ttt"]["cumulative_accuracy_by_turn"]) == 2
+    report = (cmp / "report.md").read_text()
+    assert "| single |" in report and "| ttt |" in report
+    assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
