@@ -65,8 +65,8 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) ->
     from rosa2_dspy.coadapt import POLICIES
 
     if method_default is None:
-        p.add_argument("--method", choices=list(POLICIES),
-                       help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2 (default: one plain pass)")
+        p.add_argument("--method", help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2, or a session recipe "
+                                       "(optimizers/rosa2.toml); default: one plain pass")
     p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
     p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
     p.add_argument("--samples", type=int, default=4, help="replies sampled per weights step (default 4)")
@@ -150,6 +150,9 @@ def cmd_eval(args) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise CLIError(f"--limit must be >= 0, got {args.limit}")
+    _apply_session_recipe(args)
+    if args.method:
+        _session_config(args)
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
     examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
@@ -224,7 +227,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _apply_session_recipe(args) -> None:
+    """``--method path.toml``: the recipe's [session] table sets the method and its settings."""
+    if not args.method or not args.method.endswith(".toml"):
+        return
+    import tomllib
+
+    path = Path(args.method)
+    if not path.is_file():
+        raise CLIError(f"no session recipe at {path}")
+    try:
+        table = tomllib.loads(path.read_text()).get("session") or {}
+    except tomllib.TOMLDecodeError as exc:
+        raise CLIError(f"{path} is not valid TOML: {exc}") from None
+    known = {"method", "turns", "user", "samples", "update_steps", "objective", "max_shift"}
+    unknown = sorted(set(table) - known)
+    if unknown or "method" not in table:
+        raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
+                       f"unknown: {', '.join(unknown) or '-'}")
+    for key, value in table.items():
+        setattr(args, key, value)
+
+
 def _session_config(args) -> dict:
+    from rosa2_dspy.coadapt import POLICIES
+
+    if getattr(args, "method", None) and args.method not in POLICIES:
+        raise CLIError(f"unknown method {args.method!r}; choose from: {', '.join(POLICIES)} or a recipe .toml")
     if args.turns < 1 or args.samples < 0 or args.update_steps < 1:
         raise CLIError("--turns >= 1, --samples >= 0 and --update-steps >= 1 are needed")
     from rosa2_dspy.math.users import USERS

@@ -158,3 +158,39 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     report = (cmp / "report.md").read_text()
     assert "| single |" in report and "| ttt |" in report
     assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
+
+
+def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
+    from test_words import critic, script_lm
+
+    from rosa2_dspy.coadapt import ROSA2
+
+    lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
+    dspy.configure(lm=lm)
+    critic_lm, critic_engine = script_lm(critic("improve"))
+    train = [dspy.Example(problem=f"What is {i}+{i}?", answer=str(2 * i), solution=f"{i}+{i}={2 * i}, "
+                          f"so \\boxed{{{2 * i}}}", unique_id=f"u{i}").with_inputs("problem") for i in range(1, 5)]
+    optimizer = ROSA2(critic_lm=critic_lm, rounds=2, minibatch_size=2, val_size=2, num_threads=2,
+                      sources=("solutions",), config=UpdateConfig(objective="sft", steps=2, batch_size=2,
+                                                                  learning_rate=1e-2, max_length=128))
+    program = MathSolver()
+    program.set_lm(lm)
+    compiled = optimizer.compile(program, trainset=train)
+    assert [h["round"] for h in optimizer.history] == [1, 2]
+    assert critic_engine.calls  # the words step asked the critic in each round
+    shifts = [h["l2_shift"] for h in optimizer.history]
+    assert 0 < shifts[0] < shifts[1]  # each round's weights step moved the adapter further
+    assert all(h["weights"]["solution_rows"] == 4 for h in optimizer.history)
+    assert compiled.words_history is optimizer.history
+
+
+def test_every_shipped_recipe_builds(tiny_engine):
+    from pathlib import Path
+
+    from rosa2_dspy.recipes import build_optimizer, load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "optimizers"
+    built = {name: type(build_optimizer(load_recipe(root / f"{name}.toml"), tiny_engine)).__name__
+             for name in ("lora", "words", "gepa", "rosa2-compile", "better-together")}
+    assert built == {"lora": "LoRAFinetune", "words": "TextualGradientOptimizer", "gepa": "GEPA",
+                     "rosa2-compile": "ROSA2", "better-together": "BetterTogether"}
