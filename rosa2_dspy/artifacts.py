@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import dspy
 
 from rosa2_dspy.evaluation import write_json_atomic
+from rosa2_dspy.fsutil import staged_dir
 
 
 class ArtifactError(ValueError):
@@ -34,9 +32,7 @@ def instructions_of(program: dspy.Module) -> dict[str, str]:
 
 def save_compiled(out: str | os.PathLike, program: dspy.Module, engine, meta: dict) -> Path:
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         stripped = program.deepcopy()
         stripped.set_lm(None)  # the LM is the engine: recorded in compile.json, not pickled
         stripped.save(str(staging / "program.json"))
@@ -46,16 +42,6 @@ def save_compiled(out: str | os.PathLike, program: dspy.Module, engine, meta: di
         write_json_atomic(staging / "compile.json", {**meta, "instructions": instructions_of(program),
                                                      "adapter": "adapter" if has_adapter else None,
                                                      "weights_id": engine.weights_id})
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -19,8 +19,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -34,6 +32,7 @@ import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from rosa2_dspy import models
+from rosa2_dspy.fsutil import staged_dir
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -453,21 +452,8 @@ class LocalEngine:
         if self.peft_model is None:
             raise ValueError("no adapter is attached; nothing to save")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            with self.weights_lock:
-                self.peft_model.save_pretrained(staging)
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
-                os.replace(target, old)
-            os.replace(staging, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with staged_dir(target) as staging, self.weights_lock:
+            self.peft_model.save_pretrained(staging)
         return target
 
     def load_adapter(self, path: str | os.PathLike) -> None:
@@ -586,6 +572,27 @@ class LocalLM(dspy.LM):
     @property
     def pinned_weights(self) -> str | None:
         return self._pin
+
+    def __call__(self, prompt=None, *, messages=None, **kwargs):
+        """As ``dspy.LM.__call__``; sampled ``n > 1`` candidates are requested concurrently, so the
+        engine runs them as one batch (DSPy itself asks a custom engine for them one after another).
+        Each candidate is its own rollout (``rollout_id`` base*n+i), so the cache keeps them apart."""
+        n = kwargs.get("n", self.kwargs.get("n", 1)) or 1
+        temperature = kwargs.get("temperature", self.kwargs.get("temperature")) or 0.0
+        if n <= 1 or temperature <= 0:
+            return super().__call__(prompt, messages=messages, **kwargs)
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        base = kwargs.pop("rollout_id", None) or 0
+        call = super().__call__
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="rosa2-candidates") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, call, prompt, messages=messages,
+                                   **{**kwargs, "n": 1, "rollout_id": base * n + i}) for i in range(n)]
+            outputs = []
+            for future in futures:
+                outputs.extend(future.result())
+        return outputs
 
     @property
     def engine_ref(self) -> LocalEngine:

@@ -209,3 +209,14 @@ def test_identical_requests_beyond_one_batch_all_complete(tiny_engine):
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 5 and len(set(results)) == 1
+
+
+def test_sampled_n_candidates_run_in_one_batch(tiny_engine):
+    lm = tiny_engine.lm(max_tokens=6, temperature=1.0, cache=False)
+    before = dict(tiny_engine.stats)
+    outputs = lm(messages=[{"role": "user", "content": "Say something."}], n=4)
+    assert len(outputs) == 4
+    assert tiny_engine.stats["requests"] - before["requests"] == 4
+    assert tiny_engine.stats["batches"] - before["batches"] < 4  # not one generate per candidate
+    assert len(set(map(str, outputs))) > 1  # distinct samples, not one answer repeated
+    assert len(lm(messages=[{"role": "user", "content": "Say something."}], n=1)) == 1
