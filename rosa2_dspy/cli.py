@@ -133,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 
+    bk = bench_sub.add_parser("compile", help="compile-time methods side by side: same training and test problems")
+    _add_data_args(bk)
+    bk.set_defaults(split="train", level="1")
+    bk.add_argument("--val-limit", type=int, default=0, help="validation problems after the first --limit")
+    bk.add_argument("--recipes", default="optimizers/words.toml,optimizers/lora.toml,optimizers/p-then-w.toml,"
+                                         "optimizers/rosa2-compile.toml,optimizers/better-together.toml")
+    bk.add_argument("--eval-split", default="test")
+    bk.add_argument("--eval-level", default="1")
+    bk.add_argument("--eval-limit", type=int, default=20)
+    _add_model_args(bk)
+    bk.add_argument("--program", default="programs/math_solver.py")
+    bk.add_argument("--max-tokens", type=int, default=512)
+    bk.add_argument("--threads", type=int, default=8)
+    bk.add_argument("--out", required=True)
+    bk.add_argument("--no-progress", action="store_true")
+
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
     info.add_argument("--load", action="store_true", help="also load the model and time it")
@@ -302,38 +318,35 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     return 0
 
 
-def cmd_compile(args) -> int:
+def _program_kwargs(args) -> dict:
+    kwargs = {}
+    if getattr(args, "clarify", False):
+        kwargs["clarify"] = True
+    if getattr(args, "adapter", None):
+        kwargs["adapter"] = args.adapter
+    return kwargs
+
+
+def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, out: str | Path) -> tuple[dict, dict]:
+    """Compile ``args.program`` with a recipe from the engine's base weights; save the artifact.
+
+    Returns (compile meta, instructions after)."""
     import inspect
 
     import dspy
 
     from rosa2_dspy.artifacts import instructions_of, save_compiled
     from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
     from rosa2_dspy.recipes import build_optimizer, load_recipe, update_config
     from rosa2_dspy.weights import adapter_shift, local_finetunable_lm
 
-    if args.limit is None or args.limit < 1:
-        raise CLIError("--limit must be given and >= 1 (compiling is slow on a CPU: start with 8-16 problems)")
-    if args.val_limit < 0 or args.threads < 1:
-        raise CLIError("--val-limit must be >= 0 and --threads >= 1")
-    recipe = load_recipe(args.optimizer)
-    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
-                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
-                             ids=args.ids, limit=args.limit + args.val_limit,
-                             seed=None if args.no_shuffle else args.seed)
-    trainset, valset = examples[:args.limit], examples[args.limit:]
-    if not trainset:
-        raise CLIError("no problems match the given split and filters")
-    kwargs = {}
-    if args.clarify:
-        kwargs["clarify"] = True
-    if args.adapter:
-        kwargs["adapter"] = args.adapter
+    recipe = load_recipe(recipe_path)
+    kwargs = _program_kwargs(args)
     program = load_program(args.program, **kwargs)
-
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    if engine.has_adapter:
+        engine.reset_adapter()  # every compile starts from the base weights
     lm = local_finetunable_lm(engine, update_config(recipe, objective="sft"), pinned=True, cache=False,
                               max_tokens=args.max_tokens, temperature=0.0)
     dspy.configure(lm=lm)
@@ -360,8 +373,89 @@ def cmd_compile(args) -> int:
     if pinned:
         engine.use_pinned(pinned)
     meta["adapter_l2_shift"] = round(adapter_shift(engine).total, 6)
-    target = save_compiled(args.out, compiled, engine, meta)
-    _print_compile(meta, instructions_of(compiled), target)
+    save_compiled(out, compiled, engine, meta)
+    return meta, instructions_of(compiled)
+
+
+def _train_val(args) -> tuple[list, list]:
+    from rosa2_dspy.math.data import load_examples
+
+    if args.limit is None or args.limit < 1:
+        raise CLIError("--limit must be given and >= 1 (compiling is slow on a CPU: start with 8-16 problems)")
+    if args.val_limit < 0 or args.threads < 1:
+        raise CLIError("--val-limit must be >= 0 and --threads >= 1")
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit + args.val_limit,
+                             seed=None if args.no_shuffle else args.seed)
+    trainset, valset = examples[:args.limit], examples[args.limit:]
+    if not trainset:
+        raise CLIError("no problems match the given split and filters")
+    return trainset, valset
+
+
+def cmd_compile(args) -> int:
+    from rosa2_dspy.recipes import load_recipe
+
+    trainset, valset = _train_val(args)
+    load_recipe(args.optimizer)  # a bad recipe fails before the model loads
+    meta, after = compile_to_artifact(args, args.optimizer, trainset, valset, args.out)
+    _print_compile(meta, after, Path(args.out))
+    return 0
+
+
+def _bench_compile(args) -> int:
+    """Each recipe compiled from the base weights on the same training problems, then evaluated on the
+    same held-out problems; plus the uncompiled baseline. Resumable: finished artifacts and results are kept."""
+    import dspy
+
+    from rosa2_dspy.artifacts import load_compiled, read_meta
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.program_loader import load_program
+    from rosa2_dspy.recipes import load_recipe
+    from rosa2_dspy.report import build_compile_report
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for recipe in recipes:
+        load_recipe(recipe)
+    trainset, valset = _train_val(args)
+    tests = load_examples(args.eval_split, levels=args.eval_level, limit=args.eval_limit, seed=args.seed)
+    config = {"command": "bench compile", "split": args.split, "level": args.level, "limit": args.limit,
+              "val_limit": args.val_limit, "eval_split": args.eval_split, "eval_level": args.eval_level,
+              "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens}
+    out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k != "eval_limit"))
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    methods = {"baseline": None, **{Path(r).stem: r for r in recipes}}
+    summaries = {}
+    for name, recipe in methods.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {}
+        if recipe is not None:
+            artifact = folder / "artifact"
+            if not (artifact / "compile.json").exists():
+                print(f"{name}: compiling on {len(trainset)} problems")
+                compile_to_artifact(args, recipe, trainset, valset, artifact)
+            meta = read_meta(artifact)
+        program = load_program(args.program, **_program_kwargs(args))
+        if engine.has_adapter:
+            engine.reset_adapter()
+        if recipe is not None:
+            load_compiled(folder / "artifact", program, engine)
+        dspy.configure(lm=engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0))
+        results = ResultsFile(folder / "results.jsonl")
+        wall = run_items(tests, lambda ex: solve_math(program, ex), results, threads=args.threads,
+                         description=f"eval {name}", progress=not args.no_progress)
+        records = [results.records[e.unique_id] for e in tests if e.unique_id in results.records]
+        summary = summarize(records, wall_seconds=wall, new_items=len(tests))
+        summary.update({"compile_seconds": meta.get("seconds"), "adapter_l2_shift": meta.get("adapter_l2_shift", 0.0),
+                        "instructions_changed": sorted(k for k, v in (meta.get("instructions") or {}).items()
+                                                       if v != (meta.get("instructions_before") or {}).get(k))})
+        summaries[name] = summary
+    report = build_compile_report(out, summaries)
+    print(report.read_text())
     return 0
 
 
@@ -454,6 +548,8 @@ def cmd_bench(args) -> int:
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency)
     elif args.bench == "compare":
         return _bench_compare(args)
+    elif args.bench == "compile":
+        return _bench_compile(args)
     elif args.bench == "update":
         if args.steps < 1 or args.batch_size < 2 or args.updates < 2:
             raise CLIError("--steps >= 1, --batch-size >= 2 and --updates >= 2 are needed")

@@ -283,6 +283,21 @@ class ROSA2(dspy.teleprompt.Teleprompter):
         return program
 
 
+class Sequential(dspy.teleprompt.Teleprompter):
+    """The sequential baseline p -> w: every words round first, then one weights step."""
+
+    def __init__(self, p: dspy.teleprompt.Teleprompter, w: dspy.teleprompt.Teleprompter):
+        super().__init__()
+        self.p, self.w = p, w
+        self.history: list[dict] = []
+
+    def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
+        program = self.p.compile(student, trainset=trainset, valset=valset)
+        program = self.w.compile(program, trainset=trainset)
+        self.history = [{"words": getattr(self.p, "history", None), "weights": getattr(self.w, "history", None)}]
+        return program
+
+
 def engine_shift(engine: LocalEngine) -> float:
     from rosa2_dspy.weights import adapter_shift
 

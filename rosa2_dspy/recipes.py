@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("lora", "words", "gepa", "rosa2", "better-together")
+KINDS = ("lora", "words", "gepa", "rosa2", "p-then-w", "better-together")
 
 
 class RecipeError(ValueError):
@@ -102,6 +102,17 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
 
             return ROSA2(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
                          config=update_config(recipe, objective="sft"), num_threads=num_threads, **settings)
+        if recipe.kind == "p-then-w":
+            from rosa2_dspy.coadapt import Sequential
+            from rosa2_dspy.evaluation import math_metric
+            from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+
+            keep, sources = settings.pop("keep", "correct"), settings.pop("sources", ("bootstrap",))
+            words = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
+                                             **settings)
+            weights = LoRAFinetune(math_metric(keep), config=update_config(recipe, objective="sft"),
+                                   num_threads=num_threads, sources=sources)
+            return Sequential(words, weights)
         if recipe.kind == "better-together":
             return _better_together(recipe, engine, settings, num_threads)
     except TypeError as exc:  # an unknown key in the [optimizer] table

@@ -191,6 +191,30 @@ def test_every_shipped_recipe_builds(tiny_engine):
 
     root = Path(__file__).resolve().parents[1] / "optimizers"
     built = {name: type(build_optimizer(load_recipe(root / f"{name}.toml"), tiny_engine)).__name__
-             for name in ("lora", "words", "gepa", "rosa2-compile", "better-together")}
+             for name in ("lora", "words", "gepa", "rosa2-compile", "p-then-w", "better-together")}
     assert built == {"lora": "LoRAFinetune", "words": "TextualGradientOptimizer", "gepa": "GEPA",
-                     "rosa2-compile": "ROSA2", "better-together": "BetterTogether"}
+                     "rosa2-compile": "ROSA2", "p-then-w": "Sequential", "better-together": "BetterTogether"}
+
+
+def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir):
+    import shutil
+
+    from rosa2_dspy.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    recipe = tmp_path / "lora.toml"
+    recipe.write_text("[optimizer]\nkind = 'lora'\nsources = ['solutions']\n[update]\nobjective = 'sft'\nsteps = 2\n"
+                      "batch_size = 2\nlearning_rate = 0.01\nmax_length = 128\n")
+    out = tmp_path / "cmp"
+    args = ["bench", "compile", "--recipes", str(recipe), "--limit", "2", "--eval-limit", "2", "--model", str(model),
+            "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["baseline", "lora"]
+    assert summary["baseline"]["adapter_l2_shift"] == 0.0 and summary["lora"]["adapter_l2_shift"] > 0
+    assert summary["lora"]["problems"] == 2
+    assert "| lora |" in (out / "report.md").read_text() and (out / "compile_methods.png").exists()
+    compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
+    assert main(args) == 0  # resume: the artifact is reused, not recompiled
+    assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
