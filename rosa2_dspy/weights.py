@@ -576,14 +576,15 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
     adapter = adapter or dspy.settings.adapter or dspy.ChatAdapter()
     rows = []
     for item in trace_data:
-        passed = bool(item.get("score"))
+        score = item.get("score")
+        passed = score is not None and float(score) > 0  # DSPy scores a failed parse -1: that is not a pass
         if not passed and not (objective == "kto" and keep == "passed"):
             continue
         for index in range(len(item.get("trace") or [])):
             try:
                 data = build_call_data_from_trace(trace=item["trace"], pred_ind=index, adapter=adapter)
-            except Exception as exc:  # noqa: BLE001 - a trace that cannot be formatted is skipped, not fatal
-                logger.warning("skipping a trace that cannot be formatted: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a failed parse: no outputs to train on
+                logger.debug("skipping a trace that cannot be formatted: %s", exc)
                 continue
             messages = data["messages"]
             rows.append(kto_row(messages[:-1], messages[-1]["content"], passed))
@@ -660,7 +661,7 @@ class LoRAFinetune(Teleprompter):
             traces += bootstrap_trace_data(program=sampler, dataset=trainset, metric=self.metric,
                                            num_threads=self.num_threads or 8, raise_on_error=False)
         rows = traces_to_rows(traces, adapter, objective=self.config.objective)
-        passed = sum(1 for t in traces if t.get("score"))
+        passed = sum(1 for t in traces if (t.get("score") or 0) > 0)
         solution_rows = solution_rows_for(student, trainset, adapter) if "solutions" in self.sources else []
         rows += solution_rows
         record = {"traces": len(traces), "passed": passed, "solution_rows": len(solution_rows), "rows": len(rows)}

@@ -232,3 +232,17 @@ def test_better_together_keeps_the_baseline_on_its_own_weights(tiny_engine):
     assert tiny_engine.pin() != base  # the w step trained the adapter...
     compiled(question="What is 1+1?")
     assert tiny_engine.weights_id == base  # ...but the chosen original program runs on the base weights
+
+
+def test_failed_parses_are_not_counted_as_passing_traces():
+    from rosa2_dspy.weights import traces_to_rows
+
+    predictor = dspy.Predict(Reply)
+    trace = [(predictor, {"question": "2+2?"}, dspy.Prediction(reply="four"))]
+    item = lambda score: {"score": score, "trace": trace}  # noqa: E731
+    adapter = BoxedAdapter()
+    assert traces_to_rows([item(-1), item(0.0)], adapter) == []  # -1: DSPy's score for a failed parse
+    rows = traces_to_rows([item(1.0)], adapter)
+    assert len(rows) == 1 and rows[0]["completion"] == "four" and rows[0]["label"] is True
+    kto = traces_to_rows([item(-1), item(1.0)], adapter, objective="kto")
+    assert [r["label"] for r in kto] == [False, True]
