@@ -66,6 +66,7 @@ class UpdateConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     seed: int = 0
+    balance: bool = True  # KTO: weigh the scarcer label up so both kinds count equally (TRL's recommended range)
     # the trust region (None: unbounded)
     max_shift_per_update: float | None = None
     max_shift_per_session: float | None = None
@@ -289,6 +290,22 @@ class LoRAUpdater:
         self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
         self.session_start = engine.snapshot()
         self.history: list[UpdateResult] = []
+        self._kto_weights = {"desirable_weight": self.config.desirable_weight,
+                             "undesirable_weight": self.config.undesirable_weight}
+
+    def _balance(self, trl_rows: list[dict]) -> None:
+        """KTO's loss weights for this update: as configured, or balanced so that
+        desirable_weight * n_desirable == undesirable_weight * n_undesirable."""
+        cfg = self.config
+        weights = {"desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
+        desirable = sum(1 for row in trl_rows if row.get("label"))
+        undesirable = len(trl_rows) - desirable
+        if cfg.balance and desirable and undesirable:
+            if undesirable > desirable:
+                weights["desirable_weight"] = cfg.undesirable_weight * undesirable / desirable
+            elif desirable > undesirable:
+                weights["undesirable_weight"] = cfg.desirable_weight * desirable / undesirable
+        self._kto_weights = weights
 
     # -- shift and sessions -------------------------------------------------------------
 
@@ -328,8 +345,7 @@ class LoRAUpdater:
         if objective == "sft":
             return SFTConfig(**common, completion_only_loss=True, packing=False)
         if objective == "kto":
-            return KTOConfig(**common, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                             undesirable_weight=cfg.undesirable_weight)
+            return KTOConfig(**common, beta=cfg.beta, **self._kto_weights)
         return DPOConfig(**common, beta=cfg.beta)
 
     def _trainer(self, objective: str, dataset):
@@ -345,8 +361,8 @@ class LoRAUpdater:
             for name, value in (("max_steps", cfg.steps), ("per_device_train_batch_size", cfg.batch_size),
                                 ("learning_rate", cfg.learning_rate), ("max_grad_norm", cfg.max_grad_norm),
                                 ("seed", cfg.seed), ("data_seed", cfg.seed), ("max_length", cfg.max_length),
-                                ("beta", cfg.beta), ("desirable_weight", cfg.desirable_weight),
-                                ("undesirable_weight", cfg.undesirable_weight)):
+                                ("beta", cfg.beta), ("desirable_weight", self._kto_weights["desirable_weight"]),
+                                ("undesirable_weight", self._kto_weights["undesirable_weight"])):
                 if hasattr(args, name):
                     setattr(args, name, value)
                 if name in ("beta", "desirable_weight", "undesirable_weight") and hasattr(trainer, name):
@@ -394,6 +410,8 @@ class LoRAUpdater:
             raise UpdateError(f"no usable {objective} rows (sft needs at least one desirable response)")
         from datasets import Dataset
 
+        if objective == "kto":
+            self._balance(trl_rows)
         engine = self.engine
         with engine.weights_lock:
             before = engine.snapshot()

@@ -246,3 +246,13 @@ def test_failed_parses_are_not_counted_as_passing_traces():
     assert len(rows) == 1 and rows[0]["completion"] == "four" and rows[0]["label"] is True
     kto = traces_to_rows([item(-1), item(1.0)], adapter, objective="kto")
     assert [r["label"] for r in kto] == [False, True]
+
+
+def test_kto_weights_are_balanced_per_update(tiny_engine):
+    updater = LoRAUpdater(tiny_engine, fast(objective="kto", steps=1))
+    updater.update([kto_row(PROMPT, GOOD, True)] + [kto_row(PROMPT, f"wrong {i}", False) for i in range(3)])
+    trainer = updater._trainers["kto"]
+    assert trainer.desirable_weight == pytest.approx(3.0) and trainer.undesirable_weight == 1.0
+    updater.config = fast(objective="kto", steps=1, balance=False)
+    updater.update([kto_row(PROMPT, GOOD, True)] + [kto_row(PROMPT, "wrong", False)] * 3)
+    assert trainer.desirable_weight == 1.0
