@@ -69,8 +69,9 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) ->
                                        "(optimizers/rosa2.toml); default: one plain pass")
     p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
     p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
-    p.add_argument("--samples", type=int, default=4, help="replies sampled per weights step (default 4)")
-    p.add_argument("--update-steps", type=int, default=2, help="optimizer steps per weights step (default 2)")
+    p.add_argument("--samples", type=int, default=2, help="replies sampled per weights step (default 2)")
+    p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
+    p.add_argument("--update-batch", type=int, default=2, help="rows per optimizer step (default 2, the least KTO takes)")
     p.add_argument("--objective", default="kto", choices=["kto", "sft"], help="weights step objective")
     p.add_argument("--max-shift", type=float, default=None, help="trust region: max L2 shift per conversation")
 
@@ -256,7 +257,7 @@ def _apply_session_recipe(args) -> None:
         table = tomllib.loads(path.read_text()).get("session") or {}
     except tomllib.TOMLDecodeError as exc:
         raise CLIError(f"{path} is not valid TOML: {exc}") from None
-    known = {"method", "turns", "user", "samples", "update_steps", "objective", "max_shift"}
+    known = {"method", "turns", "user", "samples", "update_steps", "update_batch", "objective", "max_shift"}
     unknown = sorted(set(table) - known)
     if unknown or "method" not in table:
         raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
@@ -270,13 +271,14 @@ def _session_config(args) -> dict:
 
     if getattr(args, "method", None) and args.method not in POLICIES:
         raise CLIError(f"unknown method {args.method!r}; choose from: {', '.join(POLICIES)} or a recipe .toml")
-    if args.turns < 1 or args.samples < 0 or args.update_steps < 1:
-        raise CLIError("--turns >= 1, --samples >= 0 and --update-steps >= 1 are needed")
+    if args.turns < 1 or args.samples < 0 or args.update_steps < 1 or args.update_batch < 2:
+        raise CLIError("--turns >= 1, --samples >= 0, --update-steps >= 1 and --update-batch >= 2 are needed")
     from rosa2_dspy.math.users import USERS
 
     if args.user not in USERS:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
     return {"turns": args.turns, "user": args.user, "samples": args.samples, "update_steps": args.update_steps,
+            "update_batch": args.update_batch,
             "objective": args.objective, "max_shift": args.max_shift}
 
 
@@ -299,8 +301,8 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     lm = engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0)
     dspy.configure(lm=lm)
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
-    update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=4, max_length=768,
-                              learning_rate=1e-4, max_shift_per_session=args.max_shift)
+    update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=args.update_batch,
+                              max_length=640, learning_rate=2e-4, max_shift_per_session=args.max_shift)
     for method in methods:
         policy = get_policy(method)
         session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, update_cfg)

@@ -70,7 +70,7 @@ def get_policy(name: str) -> Policy:
 @dataclass
 class SessionConfig:
     turns: int = 3
-    samples: int = 4  # replies sampled under the refined prompt, as candidate desirable responses
+    samples: int = 2  # replies sampled under the refined prompt, as candidate desirable responses
     sample_temperature: float = 0.8
     max_tokens: int = 384
     keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
@@ -101,8 +101,8 @@ class Session:
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.user = user
         self.config = config or SessionConfig()
-        self.updater = LoRAUpdater(engine, update or UpdateConfig(objective="kto", steps=2, batch_size=4,
-                                                                  max_length=768, max_shift_per_update=None))
+        self.updater = LoRAUpdater(engine, update or UpdateConfig(objective="kto", steps=1, batch_size=2,
+                                                                  learning_rate=2e-4, max_length=640))
         self.critic_lm = critic_lm
         self.adapter = getattr(program, "adapter", None) or dspy.settings.adapter or dspy.ChatAdapter()
         self.answer_name, self.answer_predictor = _answer_predictor(program)
