@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session_args(bc, method_default="all")
     bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
     bc.add_argument("--program", default="programs/math_solver.py")
+    bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--max-tokens", type=int, default=384, help="generation budget per call (default 384)")
     bc.add_argument("--threads", type=int, default=8, help="problems in flight for methods without weights steps")
     bc.add_argument("--out", required=True)
@@ -577,11 +578,17 @@ def _bench_compare(args) -> int:
                              ids=args.ids, limit=args.limit, seed=None if args.no_shuffle else args.seed)
     if not examples:
         raise CLIError("no problems match the given split and filters")
+    program_spec, kwargs = args.program, {}
+    if args.compiled:
+        from rosa2_dspy.artifacts import read_meta
+
+        meta = read_meta(args.compiled)
+        program_spec, kwargs = meta.get("program", program_spec), meta.get("program_kwargs") or {}
     config = {"command": "bench compare", "split": args.split, "level": args.level, "subject": args.subject,
-              "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens,
-              **_session_config(args)}
+              "seed": args.seed, "model": args.model, "program": program_spec, "max_tokens": args.max_tokens,
+              "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_session_config(args)}
     out = prepare_run_dir(args.out, config, resume_keys=tuple(config))
-    return _run_methods(args, methods, examples, load_program(args.program), out)
+    return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled)
 
 
 COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench}

@@ -81,6 +81,7 @@ def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
     ax.set_xlabel("turn")
     ax.set_ylabel("solved within turn (%)")
     ax.set_xticks(xs)
+    ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
