@@ -471,8 +471,10 @@ class TextualGradientOptimizer(Teleprompter):
 
     def __init__(self, metric: Callable = math_feedback_metric, critic_lm: Any = None, rounds: int = 2,
                  minibatch_size: int = 4, val_size: int = 8, max_instruction_chars: int = 1200,
-                 num_threads: int = 4, seed: int = 0):
+                 num_threads: int = 4, seed: int = 0, format_credit: float = 0.0):
         super().__init__()
+        if not 0.0 <= format_credit < 1.0:
+            raise ValueError(f"format_credit must be in [0, 1), got {format_credit}")
         for name, value in (("rounds", rounds), ("minibatch_size", minibatch_size), ("val_size", val_size),
                             ("max_instruction_chars", max_instruction_chars), ("num_threads", num_threads)):
             if int(value) < 1:
@@ -485,6 +487,9 @@ class TextualGradientOptimizer(Teleprompter):
         self.max_instruction_chars = int(max_instruction_chars)
         self.num_threads = int(num_threads)
         self.seed = seed
+        # validation score = mean metric + format_credit * (share of replies with a boxed answer): a tie-breaker
+        # that lets words which fix the answer format win while a small model still solves nothing
+        self.format_credit = float(format_credit)
         self.history: list[dict] = []
         self.compiles = 0
 
@@ -526,7 +531,13 @@ class TextualGradientOptimizer(Teleprompter):
     def score(self, program: dspy.Module, examples: list) -> float:
         """Mean metric score of ``program`` on ``examples`` (0..1; a failed run scores 0)."""
         results = self.rollouts(program, examples)
-        return sum(r.score for r in results) / len(results) if results else 0.0
+        if not results:
+            return 0.0
+        score = sum(r.score for r in results) / len(results)
+        if self.format_credit:
+            boxed = sum(1 for r in results if last_boxed(str(_field(r.prediction, "answer") or "")) is not None)
+            score += self.format_credit * boxed / len(results)
+        return score
 
     def records_for(self, name: str, predictor: dspy.Predict, rollouts: list[Rollout]) -> list[dict]:
         """The calls of one predictor in the rollouts, as critic records (inputs, output, score, feedback)."""

@@ -13,7 +13,7 @@ from dspy.teleprompt.bootstrap_trace import FailedPrediction
 from math_solver import MathSolver
 from rosa2_dspy.engine import request_messages
 from rosa2_dspy.signatures import Answer, Clarify
-from rosa2_dspy.words import (Refinement, TextualGradientOptimizer, apply_gradient, math_feedback,
+from rosa2_dspy.words import (Refinement, Rollout, TextualGradientOptimizer, apply_gradient, math_feedback,
                               math_feedback_metric, math_score, plain_text_gepa_proposer, refine, textual_gradient,
                               validate_instruction)
 
@@ -451,3 +451,17 @@ def test_the_recipe_files_build_their_optimizers():
     for name in ("words.toml", "gepa.toml"):
         assert "rosa2 compile --program programs/math_solver.py --optimizer optimizers/words.toml" \
             in (ROOT / "optimizers" / name).read_text()
+
+
+def test_format_credit_breaks_ties_in_favour_of_boxed_answers():
+    boxed = [Rollout(None, dspy.Prediction(answer="\\boxed{3}"), [], 0.0, "")]
+    bare = [Rollout(None, dspy.Prediction(answer="3"), [], 0.0, "")]
+    with_credit = TextualGradientOptimizer(format_credit=0.1)
+    plain = TextualGradientOptimizer()
+    with_credit.rollouts = lambda program, examples: boxed
+    plain.rollouts = lambda program, examples: boxed
+    assert with_credit.score(None, [1]) == pytest.approx(0.1) and plain.score(None, [1]) == 0.0
+    with_credit.rollouts = lambda program, examples: bare
+    assert with_credit.score(None, [1]) == 0.0
+    with pytest.raises(ValueError, match="format_credit"):
+        TextualGradientOptimizer(format_credit=1.5)
