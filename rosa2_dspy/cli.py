@@ -440,7 +440,12 @@ def _bench_compile(args) -> int:
             artifact = folder / "artifact"
             if not (artifact / "compile.json").exists():
                 print(f"{name}: compiling on {len(trainset)} problems")
-                compile_to_artifact(args, recipe, trainset, valset, artifact)
+                try:
+                    compile_to_artifact(args, recipe, trainset, valset, artifact)
+                except Exception as exc:  # noqa: BLE001 - one method failing is a result; the others still run
+                    print(f"{name}: compile failed: {type(exc).__name__}: {exc}")
+                    summaries[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    continue
             meta = read_meta(artifact)
         program = load_program(args.program, **_program_kwargs(args))
         if engine.has_adapter:

@@ -105,11 +105,14 @@ def build_compile_report(out: str | Path, summaries: dict[str, dict]) -> Path:
              "held-out problems. 95% Wilson intervals.", "",
              "| method | problems | accuracy (95% CI) | boxed rate | parse fail | L2 shift | compile s "
              "| instructions changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    failed = {name: s for name, s in summaries.items() if "error" in s}
+    summaries = {name: s for name, s in summaries.items() if "error" not in s}
     for name, s in summaries.items():
         low, high = s["accuracy_ci95"]
         lines.append(f"| {name} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) | {s['boxed_rate']:.1%} "
                      f"| {s['parse_failure_rate']:.1%} | {s.get('adapter_l2_shift') or 0:.4f} "
                      f"| {s.get('compile_seconds') or '-'} | {', '.join(s.get('instructions_changed') or []) or '-'} |")
+    lines += [f"| {name} | - | compile failed: {s['error']} | | | | | |" for name, s in failed.items()]
     lines += ["", "![accuracy and boxed rate](compile_methods.png)", ""]
     _bar_plot(out / "compile_methods.png", summaries)
     report = out / "report.md"

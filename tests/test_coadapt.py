@@ -206,12 +206,14 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     recipe = tmp_path / "lora.toml"
     recipe.write_text("[optimizer]\nkind = 'lora'\nsources = ['solutions']\n[update]\nobjective = 'sft'\nsteps = 2\n"
                       "batch_size = 2\nlearning_rate = 0.01\nmax_length = 128\n")
+    broken = tmp_path / "broken.toml"  # compiles and then fails: a result, not the end of the run
+    broken.write_text("[optimizer]\nkind = 'lora'\nsources = ['bootstrap']\nkeep = 'nonsense'\n")
     out = tmp_path / "cmp"
-    args = ["bench", "compile", "--recipes", str(recipe), "--limit", "2", "--eval-limit", "2", "--model", str(model),
+    args = ["bench", "compile", "--recipes", f"{recipe},{broken}", "--limit", "2", "--eval-limit", "2", "--model", str(model),
             "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["baseline", "lora"]
+    assert list(summary) == ["baseline", "lora", "broken"] and "keep" in summary["broken"]["error"]
     assert summary["baseline"]["adapter_l2_shift"] == 0.0 and summary["lora"]["adapter_l2_shift"] > 0
     assert summary["lora"]["problems"] == 2
     assert "| lora |" in (out / "report.md").read_text() and (out / "compile_methods.png").exists()
