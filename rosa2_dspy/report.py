@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rosa2_dspy.evaluation import ResultsFile, wilson_interval, write_json_atomic, write_text_atomic
@@ -85,15 +84,21 @@ def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to a temporary file and rename it over ``path``; close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def load_summary(out: str | Path) -> dict:
-    return json.loads((Path(out) / "summary.json").read_text())
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def build_compile_report(out: str | Path, summaries: dict[str, dict]) -> Path:
@@ -136,8 +141,4 @@ def _bar_plot(path: Path, summaries: dict) -> None:
     ax.set_ylabel("%")
     ax.set_title("compile-time methods on held-out problems")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
