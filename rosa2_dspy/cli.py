@@ -292,7 +292,7 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     from rosa2_dspy.evaluation import ResultsFile, run_items
     from rosa2_dspy.math.users import make_user
     from rosa2_dspy.report import build_report
-    from rosa2_dspy.weights import UpdateConfig
+    from rosa2_dspy.weights import LoRAUpdater, UpdateConfig
 
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
     if compiled:
@@ -304,9 +304,10 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
     update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=args.update_batch,
                               max_length=640, learning_rate=2e-4, max_shift_per_session=args.max_shift)
+    updater = LoRAUpdater(engine, update_cfg)
     for method in methods:
         policy = get_policy(method)
-        session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, update_cfg)
+        session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, updater=updater)
         (out / method).mkdir(parents=True, exist_ok=True)
         results = ResultsFile(out / method / "results.jsonl")
         # sessions with weights steps own the adapter: one conversation at a time

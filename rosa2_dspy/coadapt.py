@@ -95,14 +95,16 @@ class Session:
     """Runs conversations for one method on one engine; the adapter is per conversation."""
 
     def __init__(self, program: dspy.Module, engine: LocalEngine, policy: Policy | str, user,
-                 config: SessionConfig | None = None, update: UpdateConfig | None = None, critic_lm=None):
+                 config: SessionConfig | None = None, update: UpdateConfig | None = None, critic_lm=None,
+                 updater: LoRAUpdater | None = None):
         self.program = program
         self.engine = engine
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.user = user
         self.config = config or SessionConfig()
-        self.updater = LoRAUpdater(engine, update or UpdateConfig(objective="kto", steps=1, batch_size=2,
-                                                                  learning_rate=2e-4, max_length=640))
+        # one updater (and so one TRL trainer per objective) can serve every method run on the engine
+        self.updater = updater or LoRAUpdater(engine, update or UpdateConfig(
+            objective="kto", steps=1, batch_size=2, learning_rate=2e-4, max_length=640))
         self.critic_lm = critic_lm
         self.adapter = getattr(program, "adapter", None) or dspy.settings.adapter or dspy.ChatAdapter()
         self.answer_name, self.answer_predictor = _answer_predictor(program)
