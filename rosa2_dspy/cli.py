@@ -188,10 +188,7 @@ def cmd_eval(args) -> int:
         kwargs.update(compiled_meta.get("program_kwargs") or {})
         if args.model == "default":
             args.model = compiled_meta.get("model", args.model)
-    if args.clarify:
-        kwargs["clarify"] = True
-    if args.adapter:
-        kwargs["adapter"] = args.adapter
+    kwargs.update(_program_kwargs(args))
     program = load_program(args.program, **kwargs)
     config = {
         "command": "eval", "program": args.program, "program_kwargs": kwargs, "split": args.split,

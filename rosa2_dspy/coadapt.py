@@ -139,7 +139,7 @@ class Session:
                                top_p=0.95, top_k=None, seed=cfg.seed * 1000 + turn)
         ids = self.engine.encode_chat(messages)
         replies = [c.text for c in self.engine.generate_batch([ids] * cfg.samples, settings)]
-        answers = [_normalized(last_boxed(r) and f"\\boxed{{{last_boxed(r)}}}") for r in replies]
+        answers = [_normalized(boxed) if (boxed := last_boxed(r)) else None for r in replies]
         counts = collections.Counter(a for a in answers if a)
         majority, votes = counts.most_common(1)[0] if counts else (None, 0)
         kept, checks = [], []
