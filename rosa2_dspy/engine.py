@@ -15,7 +15,9 @@ DSPy 3.4 calls a custom engine with one canonical ``dspy.lm15.Request`` and expe
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import hashlib
 import os
 import queue
@@ -23,7 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,12 @@ class GenSettings:
     seed: int | None
     weights: str | None = None  # a pinned weights id (see LocalEngine.pin), else the weights in use
 
+    def batch_key(self) -> GenSettings:
+        """What rows of one batch must share: the seed and the weights are per row (each row samples
+        from its own generator; rows with different pinned weights run through PEFT's mixed-adapter
+        batches)."""
+        return replace(self, seed=None, weights=None)
+
 
 @dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
 class _Job:
@@ -101,16 +109,20 @@ class _TopKSampler:
     among them, and returns scores where only that token is finite, so greedy search emits it.
 
     Equivalent to transformers' top-k -> top-p -> multinomial chain, at a fraction of the cost: it
-    never sorts the full vocabulary. A seed gives its own generator, so seeded requests repeat."""
+    never sorts the full vocabulary. Each row with a seed draws from its own generator, so a seeded
+    request repeats whatever batch it lands in; rows without one share torch's global generator."""
 
-    def __init__(self, temperature: float, top_p: float | None, top_k: int, seed: int | None):
+    def __init__(self, temperature: float, top_p: float | None, top_k: int, seeds: list[int | None]):
         self.temperature = max(float(temperature), 1e-5)
         self.top_p = top_p if top_p is not None and 0 < top_p < 1 else None
         self.top_k = int(top_k)
-        self.generator = None
-        if seed is not None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(int(seed))
+        self.generators: list[torch.Generator | None] = []
+        for seed in seeds:
+            generator = None
+            if seed is not None:
+                generator = torch.Generator()
+                generator.manual_seed(int(seed))
+            self.generators.append(generator)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         values, indices = torch.topk(scores.float(), min(self.top_k, scores.shape[-1]), dim=-1)
@@ -118,7 +130,13 @@ class _TopKSampler:
         if self.top_p is not None:  # keep the smallest prefix whose mass reaches top_p (the first always)
             cumulative = probs.cumsum(dim=-1)
             probs = probs.masked_fill(cumulative - probs >= self.top_p, 0.0)
-        choice = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(indices.device)
+        probs = probs.cpu()
+        if all(g is None for g in self.generators):
+            choice = torch.multinomial(probs, 1)
+        else:
+            choice = torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=self.generators[row])
+                                for row in range(probs.shape[0])])
+        choice = choice.to(indices.device)
         chosen = indices.gather(-1, choice)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, chosen, 0.0)
@@ -168,6 +186,8 @@ class LocalEngine:
         self.weights_lock = threading.RLock()  # held while generating and while weights change
         self.version = 0
         self._pins: dict[str, dict[str, torch.Tensor]] = {}
+        self._pin_counts: collections.Counter[str] = collections.Counter()
+        self._slots: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # serving slot -> pin
         self.peft_model = None
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
         self._weights_id_cache: tuple[int, str] | None = None
@@ -175,7 +195,7 @@ class LocalEngine:
         self._pending: list[_Job] = []
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
-        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0}
+        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -270,17 +290,27 @@ class LocalEngine:
 
     def generate_one(self, messages: list[dict], settings: GenSettings, stop: tuple[str, ...] = ()) -> Completion:
         """Queue one chat for generation and wait for it (batched with concurrent callers)."""
-        job = _Job(self.encode_chat(messages), settings, stop)
-        self._ensure_worker()
-        self._queue.put(job)
-        completion = job.future.result()
+        completion = self.submit(self.encode_chat(messages), settings, stop).result()
         _count_usage(completion)
         return completion
 
+    def submit(self, input_ids: list[int], settings: GenSettings, stop: tuple[str, ...] = ()) -> Future:
+        """Queue one prompt (token ids); the future gives its :class:`Completion`. Prompts queued
+        together (by one caller or by many threads) share batches where their settings allow."""
+        job = _Job(list(input_ids), settings, stop)
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.future
+
     def generate_batch(self, prompts: list[list[int]], settings: GenSettings,
-                       stops: list[tuple[str, ...]] | None = None) -> list[Completion]:
-        """Run prompts (token ids) as one left-padded batch under the same settings."""
+                       stops: list[tuple[str, ...]] | None = None, seeds: list[int | None] | None = None,
+                       adapter_names: list[str] | None = None) -> list[Completion]:
+        """Run prompts (token ids) as one left-padded batch under the same settings, now, in this thread.
+
+        ``seeds`` gives each sampled row its own seed (default: ``settings.seed`` for every row);
+        ``adapter_names`` gives each row its PEFT adapter (a mixed-adapter batch; see :meth:`pin`)."""
         stops = stops or [()] * len(prompts)
+        seeds = seeds if seeds is not None else [settings.seed] * len(prompts)
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad(prompts, pad)
         width = ids.shape[1]
@@ -293,14 +323,14 @@ class LocalEngine:
             from transformers import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList([_TopKSampler(
-                settings.temperature, settings.top_p, settings.top_k or SAMPLE_TOP_K, settings.seed)])
+                settings.temperature, settings.top_p, settings.top_k or SAMPLE_TOP_K, seeds)])
         if any(stops):
             from transformers import StoppingCriteriaList
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
+        if adapter_names is not None:
+            kwargs["adapter_names"] = adapter_names
         with self.weights_lock, torch.inference_mode():
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
             was_training = self.model.training
             self.model.eval()
             try:
@@ -343,8 +373,8 @@ class LocalEngine:
                                          else self._queue.get_nowait())
                 except queue.Empty:
                     break
-            head = self._pending[0].settings
-            batch = [job for job in self._pending if job.settings == head][: self.max_batch]
+            head = self._pending[0].settings.batch_key()
+            batch = [job for job in self._pending if job.settings.batch_key() == head][: self.max_batch]
             self._pending = [job for job in self._pending if job not in batch]
             self._run(batch)
 
@@ -353,9 +383,10 @@ class LocalEngine:
         if not live:
             return
         try:
-            if live[0].settings.weights is not None:
-                self.use_pinned(live[0].settings.weights)
-            results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live])
+            with self.weights_lock:  # no update may land between choosing the weights and generating
+                adapter_names = self._weights_for([j.settings.weights for j in live])
+                results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live],
+                                              [j.settings.seed for j in live], adapter_names)
         except BaseException as exc:  # noqa: BLE001 - a failed batch fails each of its callers, not the worker
             if len(live) > 1:  # retry one by one so that one bad request fails only itself
                 for job in live:
@@ -364,6 +395,7 @@ class LocalEngine:
             live[0].future.set_exception(exc)
             return
         self.stats["batches"] += 1
+        self.stats["mixed_weights_batches"] += adapter_names is not None
         self.stats["requests"] += len(live)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
         for job, result in zip(live, results):
@@ -371,7 +403,9 @@ class LocalEngine:
 
     def _run_single(self, job: _Job) -> None:
         try:
-            job.future.set_result(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
+            with self.weights_lock:
+                self._weights_for([job.settings.weights])
+                job.future.set_result(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
         except BaseException as exc:  # noqa: BLE001
             job.future.set_exception(exc)
 
@@ -406,29 +440,91 @@ class LocalEngine:
             self._weights_id_cache = (self.version, ident)
             return ident
 
-    def pin(self) -> str:
-        """Remember the weights now in use under their id, so an LM pinned to it keeps them.
+    def pin(self, ident: str | None = None) -> str:
+        """Remember the weights now in use under their id, so an LM pinned to it keeps them
+        (``ident``: take one more hold on weights pinned earlier). Returns the id.
 
         The adapter is changed in place, so two programs (say, BetterTogether's candidates before
-        and after a weights step) share one engine. A pinned ``LocalLM`` names its weights id in
-        every request; the engine switches to those weights (a copy of the small LoRA tensors)
-        before running the batch, so each program answers with the weights it was compiled with.
+        and after a weights step, or eight conversations adapting at once) share one engine. A
+        pinned ``LocalLM`` names its weights id in every request. A batch whose rows all name one
+        id runs after switching the adapter to it (a copy of the small LoRA tensors); a batch whose
+        rows name different ids runs as one PEFT mixed-adapter batch (``adapter_names``), each id
+        loaded into a serving slot. Holds are counted; :meth:`unpin` releases one.
         """
         with self.weights_lock:
-            ident = self.weights_id
-            self._pins.setdefault(ident, self.snapshot())
+            if ident is None:
+                ident = self.weights_id
+                self._pins.setdefault(ident, self.snapshot())
+            elif ident not in self._pins:
+                raise ValueError(f"weights {ident} were never pinned on this engine")
+            self._pin_counts[ident] += 1
             return ident
+
+    def unpin(self, ident: str) -> None:
+        """Release one hold on pinned weights; the last release forgets them."""
+        with self.weights_lock:
+            if self._pin_counts[ident] <= 1:
+                self._pins.pop(ident, None)
+                self._pin_counts.pop(ident, None)
+            else:
+                self._pin_counts[ident] -= 1
+
+    def pinned_state(self, ident: str) -> dict[str, torch.Tensor]:
+        """The adapter tensors of pinned weights (the zero-shift adapter for weights pinned before one)."""
+        with self.weights_lock:
+            if ident not in self._pins:
+                raise ValueError(f"weights {ident} were never pinned on this engine")
+            return self._pins[ident] or dict(self._pristine_adapter or {})
 
     def use_pinned(self, ident: str) -> None:
         """Switch the adapter to the pinned weights ``ident`` (no-op when already in use)."""
         with self.weights_lock:
             if ident != self.weights_id:
-                if ident not in self._pins:
-                    raise ValueError(f"weights {ident} were never pinned on this engine")
-                snapshot = self._pins[ident]
-                if not snapshot and self._pristine_adapter is not None:
-                    snapshot = self._pristine_adapter  # pinned before any adapter: the zero-shift adapter
-                self.restore(snapshot)
+                self.restore(self.pinned_state(ident))
+
+    def _weights_for(self, wanted: list[str | None]) -> list[str] | None:
+        """Make the weights that each row of a batch asks for servable (``None``: the weights in use).
+
+        Rows that agree: switch the adapter (if needed) and return None. Rows that differ: return
+        per-row PEFT adapter names: ``default`` for the weights in use, ``__base__`` for the base
+        model, a serving slot holding a copy of the pinned tensors for anything else."""
+        distinct = set(wanted)
+        if len(distinct) == 1 or self.peft_model is None:
+            ident = next(iter(distinct))
+            if ident is not None and self.peft_model is not None:
+                self.use_pinned(ident)
+            return None
+        current = self.weights_id
+        names = []
+        for ident in wanted:
+            if ident is None or ident == current:
+                names.append("default")
+            elif ident == self.base_fingerprint:
+                names.append("__base__")
+            else:
+                names.append(self._slot_holding(ident, distinct))
+        return names
+
+    def _slot_holding(self, ident: str, keep: set) -> str:
+        """A serving adapter holding the pinned weights ``ident`` (least recently used slot reloaded)."""
+        for slot, held in self._slots.items():
+            if held == ident:
+                self._slots.move_to_end(slot)
+                return slot
+        if len(self._slots) < self.max_batch:
+            slot = f"rosa2_slot{len(self._slots)}"
+            self.peft_model.add_adapter(slot, copy.deepcopy(self.peft_model.peft_config["default"]))
+            self.peft_model.set_requires_grad(slot, requires_grad=False)
+            self.peft_model.set_adapter("default")
+        else:
+            slot = next(s for s, held in self._slots.items() if held not in keep)
+        params = dict(self.peft_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.pinned_state(ident).items():
+                params[_rename_adapter(name, "default", slot)].copy_(tensor)
+        self._slots[slot] = ident
+        self._slots.move_to_end(slot)
+        return slot
 
     def mark_changed(self) -> None:
         """Record that weights changed (called by anything that updates the adapter)."""
@@ -460,7 +556,8 @@ class LocalEngine:
         """The adapter's trainable tensors (live references), empty when no adapter is attached."""
         if self.peft_model is None:
             return {}
-        return {name: param for name, param in self.peft_model.named_parameters() if "lora_" in name}
+        return {name: param for name, param in self.peft_model.named_parameters()
+                if "lora_" in name and "default" in name.split(".")}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A detached copy of the adapter tensors, for :meth:`restore`."""
@@ -488,7 +585,7 @@ class LocalEngine:
             raise ValueError("no adapter is attached; nothing to save")
         target = Path(path)
         with staged_dir(target) as staging, self.weights_lock:
-            self.peft_model.save_pretrained(staging)
+            self.peft_model.save_pretrained(staging, selected_adapters=["default"])
         return target
 
     def load_adapter(self, path: str | os.PathLike) -> None:
@@ -529,6 +626,11 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     return ids, mask
+
+
+def _rename_adapter(name: str, old: str, new: str) -> str:
+    """A PEFT parameter name with its adapter-name component swapped (``...lora_A.default.weight``)."""
+    return ".".join(new if part == old else part for part in name.split("."))
 
 
 def _hash_tensors(items) -> str:

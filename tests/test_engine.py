@@ -221,3 +221,60 @@ def test_sampled_n_candidates_run_in_one_batch(tiny_engine):
     assert tiny_engine.stats["batches"] - before["batches"] < 4  # not one generate per candidate
     assert len(set(map(str, outputs))) > 1  # distinct samples, not one answer repeated
     assert len(lm(messages=[{"role": "user", "content": "Say something."}], n=1)) == 1
+
+
+def _pin_random_adapter(engine, seed: int) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in engine.adapter_state().items():
+            if "lora_B" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 2.0)
+    engine.mark_changed()
+    return engine.pin()
+
+
+def test_rows_with_different_weights_share_a_batch_and_match_unbatched(tiny_engine):
+    from concurrent.futures import wait
+
+    from rosa2_dspy.engine import GenSettings
+
+    tiny_engine.attach_adapter()
+    base = tiny_engine.pin()  # zero-shift adapter = the base model
+    pins = [base, _pin_random_adapter(tiny_engine, 1), _pin_random_adapter(tiny_engine, 2)]
+    current = _pin_random_adapter(tiny_engine, 3)  # the weights in use while the others are served
+    prompt = tiny_engine.encode_chat([{"role": "user", "content": "Count to five."}])
+    greedy = GenSettings(max_tokens=8, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    alone = {}
+    for ident in pins + [current]:
+        tiny_engine.use_pinned(ident)
+        alone[ident] = tiny_engine.generate_batch([prompt], greedy)[0].text
+    assert len(set(alone.values())) > 1  # the adapters really answer differently
+    tiny_engine.use_pinned(current)
+    state_before = tiny_engine.snapshot()
+    tiny_engine.batch_window = 0.25
+    before = dict(tiny_engine.stats)
+    futures = {ident: tiny_engine.submit(prompt, GenSettings(**{**greedy.__dict__, "weights": ident}))
+               for ident in pins + [current]}
+    wait(list(futures.values()), timeout=60)
+    assert {ident: f.result().text for ident, f in futures.items()} == alone
+    assert tiny_engine.stats["batches"] - before["batches"] == 1
+    assert tiny_engine.stats["mixed_weights_batches"] - before["mixed_weights_batches"] == 1
+    # serving slots hold copies: the trainable adapter, its id and what gets saved are untouched
+    assert tiny_engine.weights_id == current
+    assert all(torch.equal(t, state_before[k]) for k, t in tiny_engine.adapter_state().items())
+    slot_params = [p for n, p in tiny_engine.peft_model.named_parameters() if "rosa2_slot" in n]
+    assert slot_params and not any(p.requires_grad for p in slot_params)
+    tiny_engine.unpin(pins[1])
+    with pytest.raises(ValueError, match="never pinned"):
+        tiny_engine.use_pinned(pins[1])
+
+
+def test_a_seeded_sample_repeats_whatever_batch_it_lands_in(tiny_engine):
+    from rosa2_dspy.engine import GenSettings
+
+    prompt = tiny_engine.encode_chat([{"role": "user", "content": "Say something."}])
+    other = tiny_engine.encode_chat([{"role": "user", "content": "Something else, longer than that."}])
+    sampled = GenSettings(max_tokens=8, do_sample=True, temperature=1.0, top_p=0.95, top_k=None, seed=None)
+    alone = tiny_engine.generate_batch([prompt], sampled, seeds=[7])[0].text
+    mixed = tiny_engine.generate_batch([other, prompt, prompt], sampled, seeds=[1, 7, 8])
+    assert mixed[1].text == alone and mixed[2].text != alone
