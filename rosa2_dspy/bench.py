@@ -65,7 +65,8 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
     return total
 
 
-def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8) -> dict:
+def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
+                 cache_variants: bool = False) -> dict:
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
     engine = LocalEngine.shared(spec)
@@ -145,7 +146,82 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
         "targets": {"b_ge_0.95a": b >= 0.95 * a, "c_ge_2.5a": c >= 2.5 * a},
         "peak_rss_mib": round(peak_rss_mib(), 1),
     })
+    if cache_variants:
+        results["cache_variants"] = bench_cache_variants(engine, prompts, max_tokens)
+        results["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return results
+
+
+def _variant_kwargs(variant: str) -> dict:
+    """generate() keyword arguments for a KV-cache / compilation variant of the raw loop."""
+    if variant == "dynamic":
+        return {}
+    if variant == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    if variant == "static+compile":
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default", dynamic=False)
+        config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+        return {"cache_implementation": "static", "compile_config": config}
+    raise ValueError(f"unknown cache variant {variant!r}")
+
+
+CACHE_VARIANTS = ("dynamic", "static", "static+compile")
+
+
+def bench_cache_variants(engine, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> dict:
+    """Raw greedy generate at batch 1 and batch len(prompts) under each KV-cache variant, interleaved
+    round by round; the first call of each variant (compilation, cache allocation) is timed apart."""
+    from rosa2_dspy.engine import left_pad
+
+    tok = engine.tokenizer
+    out: dict = {}
+
+    def run(batch: list[list[int]], variant: str) -> tuple[int, float, list]:
+        ids, mask = left_pad(batch, tok.pad_token_id)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            gen = engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                        min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                        temperature=None, top_p=None, top_k=None, **_variant_kwargs(variant))
+        seconds = time.perf_counter() - started
+        new = gen[:, ids.shape[1]:]
+        return new.numel(), seconds, new.tolist()
+
+    groups = {"batch1": [prompts[:1]], f"batch{len(prompts)}": [prompts]}
+    for variant in CACHE_VARIANTS:
+        for group, batches in groups.items():
+            try:
+                _, seconds, _ = run(batches[0], variant)
+                out.setdefault(variant, {})[f"{group}_first_call_seconds"] = round(seconds, 2)
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
+                out[variant] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                break
+    totals = {v: {g: [0, 0.0] for g in groups} for v in CACHE_VARIANTS if "error" not in out.get(v, {})}
+    reference: dict = {}
+    same = {v: True for v in totals}
+    for _ in range(rounds):
+        for group, batches in groups.items():
+            for variant in totals:
+                tokens, seconds, texts = run(batches[0], variant)
+                totals[variant][group][0] += tokens
+                totals[variant][group][1] += seconds
+                reference.setdefault(group, texts)
+                same[variant] &= texts == reference[group]
+    for variant in totals:  # a prompt of another length: a new cache shape (recompiles where compiled)
+        _, seconds, _ = run(prompts[1:2], variant)
+        out[variant]["batch1_new_prompt_length_first_call_seconds"] = round(seconds, 2)
+    for variant, by_group in totals.items():
+        for group, (tokens, seconds) in by_group.items():
+            out[variant][f"{group}_tokens_per_s"] = round(tokens / seconds, 2)
+        out[variant]["greedy_identical_to_dynamic"] = same[variant]
+    for variant in totals:
+        if variant != "dynamic":
+            for group in groups:
+                out[variant][f"{group}_speedup_vs_dynamic"] = round(
+                    out[variant][f"{group}_tokens_per_s"] / out["dynamic"][f"{group}_tokens_per_s"], 3)
+    return out
 
 
 # ----------------------------------------------------------------------------- rosa2 bench update

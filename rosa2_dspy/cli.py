@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", default="default")
     be.add_argument("--max-tokens", type=int, default=96)
     be.add_argument("--concurrency", type=int, default=8)
+    be.add_argument("--cache-variants", action="store_true",
+                    help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default")
     bu.add_argument("--objective", default="sft", choices=["sft", "kto"])
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--max-tokens", type=int, default=384, help="generation budget per call (default 384)")
-    bc.add_argument("--threads", type=int, default=8, help="problems in flight for methods without weights steps")
+    bc.add_argument("--threads", type=int, default=8, help="conversations in flight, every method (default 8)")
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 
@@ -296,7 +298,10 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(compiled, program, engine)
-    lm = engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0)
+    # DSPy's cache, in memory for this run only: a request repeated under the same weights (turn 1 is
+    # the same for every method) is answered once; a rerun measures afresh. Weights are in the key.
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
+    lm = engine.lm(cache=True, max_tokens=args.max_tokens, temperature=0.0)
     dspy.configure(lm=lm)
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
     update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=args.update_batch,
@@ -307,8 +312,8 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
         session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, updater=updater)
         (out / method).mkdir(parents=True, exist_ok=True)
         results = ResultsFile(out / method / "results.jsonl")
-        # sessions with weights steps own the adapter: one conversation at a time
-        threads = 1 if policy.weights != "never" else args.threads
+        # conversations run side by side, weights methods too: each asks for its own pinned weights
+        threads = 1 if session_cfg.keep_adapter else args.threads
         done = sum(1 for e in examples if e.unique_id in results.records)
         if done:
             print(f"{method}: resuming, {done} of {len(examples)} problems already done")
@@ -551,7 +556,8 @@ def cmd_bench(args) -> int:
     if args.bench == "engine":
         if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
             raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
-        result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency)
+        result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
+                                    cache_variants=args.cache_variants)
     elif args.bench == "compare":
         return _bench_compare(args)
     elif args.bench == "compile":

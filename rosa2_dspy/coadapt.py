@@ -11,6 +11,11 @@ A session is one conversation about one problem (:func:`run_session`, the whole 
    agreeing with the majority of the samples, not an answer the user already rejected);
 5. next turn, until accepted or the budget T ends. The adapter is restored after the session.
 
+Conversations run concurrently (``run`` is thread-safe): each conversation's weights are a
+pinned id on the engine (:meth:`~rosa2_dspy.engine.LocalEngine.pin`) and its program copy asks
+for them by name, so eight conversations with eight different adapters still share batched
+generation (PEFT mixed-adapter batches); updates take the engine's weights lock one at a time.
+
 The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
 turn), ``pe`` (words only), ``ttt`` (weights only; the raw feedback is appended to the original
 prompt), ``pe-then-ttt`` (words for the first half of the budget, weights after) and ``rosa2``
@@ -23,15 +28,16 @@ import collections
 import logging
 import time
 import traceback
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from rosa2_dspy.engine import GenSettings, LocalEngine
+from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, usage_scope
 from rosa2_dspy.math.grading import last_boxed, strict_normalize
-from rosa2_dspy.weights import LoRAFinetune, LoRAUpdater, UpdateConfig, kto_row
+from rosa2_dspy.weights import LoRAFinetune, LoRAUpdater, UpdateConfig, adapter_shift, kto_row
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +97,35 @@ def _normalized(answer: str | None) -> str | None:
     return strict_normalize(inner) if inner else None
 
 
+@dataclass
+class Conversation:
+    """One conversation's own state: a copy of the program whose LM asks for this conversation's
+    weights (a pinned id), and the adapter tensors it started from (for its shift and trust region)."""
+
+    example: Any
+    program: dspy.Module
+    lm: LocalLM
+    weights: str
+    start_state: dict
+
+    def move_to(self, engine: LocalEngine, weights: str) -> None:
+        """Answer with ``weights`` (already pinned by the caller) from now on; release the old ones."""
+        old, self.weights = self.weights, weights
+        self.lm.model = f"{self.lm.model.partition('@')[0]}@{weights}"
+        engine.unpin(old)
+
+
+def _sample_seed(seed: int, unique_id: str, turn: int, index: int) -> int:
+    """A sampling seed per (run seed, problem, turn, sample): runs repeat, problems differ."""
+    return zlib.crc32(f"{seed}/{unique_id}/{turn}/{index}".encode())
+
+
 class Session:
-    """Runs conversations for one method on one engine; the adapter is per conversation."""
+    """Runs conversations for one method on one engine; the adapter is per conversation.
+
+    ``run`` may be called from many threads at once (see the module docstring); with
+    ``keep_adapter`` (continual use) each conversation starts from the last one's weights, so run
+    those one at a time."""
 
     def __init__(self, program: dspy.Module, engine: LocalEngine, policy: Policy | str, user,
                  config: SessionConfig | None = None, update: UpdateConfig | None = None, critic_lm=None,
@@ -108,13 +141,53 @@ class Session:
         self.critic_lm = critic_lm
         self.adapter = getattr(program, "adapter", None) or dspy.settings.adapter or dspy.ChatAdapter()
         self.answer_name, self.answer_predictor = _answer_predictor(program)
+        self.base_lm = self._base_lm()
+        # every conversation starts from these weights: the program's pinned ones, else those in use now
+        self.start_weights = engine.pin(self.base_lm.pinned_weights) if self.base_lm.pinned_weights else engine.pin()
+
+    def _on_engine(self, lm) -> bool:
+        return isinstance(lm, LocalLM) and lm.engine_ref is self.engine
+
+    def _base_lm(self) -> LocalLM:
+        """The program's LM on this engine (its predictors', else DSPy's configured one, else a new one)."""
+        for _, predictor in self.program.named_predictors():
+            if self._on_engine(predictor.lm):
+                return predictor.lm
+        if self._on_engine(dspy.settings.lm):
+            return dspy.settings.lm
+        return self.engine.lm(cache=False, max_tokens=self.config.max_tokens, temperature=0.0)
+
+    def begin(self, example) -> Conversation:
+        """A conversation about ``example`` at the session's starting weights."""
+        engine = self.engine
+        weights = engine.pin(self.start_weights)
+        lm = self.base_lm.copy()
+        lm.model = f"{lm.model.partition('@')[0]}@{weights}"
+        program = self.program.deepcopy()
+        for _, predictor in program.named_predictors():
+            if predictor.lm is None or self._on_engine(predictor.lm):
+                predictor.lm = lm
+        return Conversation(example, program, lm, weights, engine.pinned_state(weights))
+
+    def end(self, conv: Conversation) -> float:
+        """Close a conversation; returns its L2 shift. The engine goes back to the starting weights,
+        or, with ``keep_adapter``, keeps the conversation's weights as the next starting point."""
+        engine = self.engine
+        with engine.weights_lock:
+            shift = adapter_shift(engine, conv.start_state, engine.pinned_state(conv.weights)).total
+            if self.config.keep_adapter:
+                engine.unpin(self.start_weights)
+                self.start_weights = engine.pin(conv.weights)
+            engine.use_pinned(self.start_weights)
+            engine.unpin(conv.weights)
+        return shift
 
     # -- the pieces a turn is made of -------------------------------------------------------
 
-    def answer(self, statement: str) -> tuple[Any, str]:
+    def answer(self, conv: Conversation, statement: str) -> tuple[Any, str]:
         """The program's answer to ``statement``: (prediction or None, the full reply text)."""
         try:
-            prediction = self.program(problem=statement)
+            prediction = conv.program(problem=statement)
             return prediction, str(prediction.get("reasoning") or prediction.get("answer") or "")
         except AdapterParseError as exc:
             return None, exc.lm_response or ""
@@ -124,21 +197,27 @@ class Session:
         predictor = self.answer_predictor
         return self.adapter.format(predictor.signature, list(predictor.demos), {"problem": statement})
 
-    def words_step(self, problem: str, history: list[dict], feedback: str):
+    def words_step(self, conv: Conversation, problem: str, history: list[dict], feedback: str):
         from rosa2_dspy.words import refine
 
-        return refine(self.program.clarify, problem, history, feedback, critic_lm=self.critic_lm,
+        return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm,
                       adapter=self.adapter)
 
-    def sample_desirable(self, messages: list[dict], rejected: set[str], turn: int) -> tuple[list[str], list[dict]]:
-        """Sample replies in one batch; keep those that pass the self-checks. Returns (kept, all checks)."""
+    def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],
+                         turn: int) -> tuple[list[str], list[dict]]:
+        """Sample replies under the conversation's weights (queued together, so they batch with each
+        other and with other conversations); keep those that pass the self-checks.
+        Returns (kept, all checks)."""
         cfg = self.config
         if cfg.samples < 1:
             return [], []
         settings = GenSettings(max_tokens=cfg.max_tokens, do_sample=True, temperature=cfg.sample_temperature,
-                               top_p=0.95, top_k=None, seed=cfg.seed * 1000 + turn)
+                               top_p=0.95, top_k=None, seed=None, weights=conv.weights)
         ids = self.engine.encode_chat(messages)
-        replies = [c.text for c in self.engine.generate_batch([ids] * cfg.samples, settings)]
+        uid = str(conv.example.get("unique_id", ""))
+        futures = [self.engine.submit(ids, replace(settings, seed=_sample_seed(cfg.seed, uid, turn, i)))
+                   for i in range(cfg.samples)]
+        replies = [future.result().text for future in futures]
         answers = [_normalized(boxed) if (boxed := last_boxed(r)) else None for r in replies]
         counts = collections.Counter(a for a in answers if a)
         majority, votes = counts.most_common(1)[0] if counts else (None, 0)
@@ -152,11 +231,15 @@ class Session:
                 kept.append(reply)
         return kept, checks
 
-    def weights_step(self, messages: list[dict], rejected_replies: list[str], rejected: set[str], turn: int) -> dict:
-        desirable, checks = self.sample_desirable(messages, rejected, turn)
+    def weights_step(self, conv: Conversation, messages: list[dict], rejected_replies: list[str],
+                     rejected: set[str], turn: int) -> dict:
+        started = time.perf_counter()
+        desirable, checks = self.sample_desirable(conv, messages, rejected, turn)
+        sampling_seconds = round(time.perf_counter() - started, 3)
         rows = [kto_row(messages, reply, False) for reply in rejected_replies if reply.strip()]
         rows += [kto_row(messages, reply, True) for reply in desirable]
-        info = {"desirable": len(desirable), "undesirable": len(rows) - len(desirable), "sample_checks": checks}
+        info = {"desirable": len(desirable), "undesirable": len(rows) - len(desirable), "sample_checks": checks,
+                "sampling_seconds": sampling_seconds}
         if not rows:
             info["skipped"] = "no training rows"
             return info
@@ -164,7 +247,11 @@ class Session:
         if objective == "sft" and not desirable:
             info["skipped"] = "sft needs a desirable sample; none passed the self-checks"
             return info
-        result = self.updater.update(rows)
+        engine = self.engine
+        with engine.weights_lock:  # one update at a time, from this conversation's weights
+            engine.use_pinned(conv.weights)
+            result = self.updater.update(rows, session_start=conv.start_state)
+            conv.move_to(engine, engine.pin())
         info.update(result.to_dict())
         return info
 
@@ -173,31 +260,29 @@ class Session:
     def run(self, example) -> dict:
         """One conversation about ``example``; returns its record (never raises on model errors)."""
         started = time.perf_counter()
-        engine, cfg = self.engine, self.config
-        start_state = engine.snapshot() if engine.has_adapter else None
-        self.updater.begin_session()
+        conv = self.begin(example)
         record = {"unique_id": example.unique_id, "subject": example.get("subject"), "level": example.get("level"),
                   "gold": example.answer, "method": self.policy.name, "turns": [], "error": None}
-        timing = {"generation": 0.0, "words": 0.0, "weights": 0.0}
         try:
-            record.update(self._converse(example, record["turns"], timing))
+            record.update(self._converse(conv, record["turns"]))
         except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded; the run goes on
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc(limit=5)
             record.setdefault("solved", False)
             record.setdefault("turns_used", len(record["turns"]))
         finally:
-            record["l2_shift"] = round(self.updater.session_shift(), 6)
-            if start_state is not None and not cfg.keep_adapter:
-                engine.restore(start_state)
+            record["l2_shift"] = round(self.end(conv), 6)
         record["seconds"] = round(time.perf_counter() - started, 3)
-        record["seconds_split"] = {k: round(v, 3) for k, v in timing.items()}
+        for turn in record["turns"]:
+            turn["seconds"] = {k: round(v, 3) for k, v in turn["seconds"].items()}
+        record["seconds_split"] = {k: round(sum(t["seconds"][k] for t in record["turns"]), 3)
+                                   for k in ("generation", "words", "weights")}
         record["boxed_rate"] = (sum(t["boxed"] for t in record["turns"]) / len(record["turns"])
                                 if record["turns"] else 0.0)
         return record
 
-    def _converse(self, example, turns: list[dict], timing: dict) -> dict:
-        cfg, policy = self.config, self.policy
+    def _converse(self, conv: Conversation, turns: list[dict]) -> dict:
+        cfg, policy, example = self.config, self.policy, conv.example
         budget = 1 if policy.single_turn else cfg.turns
         problem = statement = example.problem
         history: list[dict] = []
@@ -205,13 +290,15 @@ class Session:
         rejected_replies: list[str] = []
         for turn in range(1, budget + 1):
             t0 = time.perf_counter()
-            prediction, reply = self.answer(statement)
-            timing["generation"] += time.perf_counter() - t0
+            with usage_scope() as usage:  # no tokens: DSPy's cache answered (say, a turn 1 shared by methods)
+                prediction, reply = self.answer(conv, statement)
+            seconds = {"generation": time.perf_counter() - t0, "words": 0.0, "weights": 0.0}
             verdict = self.user.judge(example, prediction, turn)
             answer = getattr(prediction, "answer", None) if prediction is not None else None
-            entry = {"turn": turn, "statement": statement, "answer": answer, "boxed": verdict.boxed,
-                     "correct": verdict.correct, "accepted": verdict.accepted, "feedback": verdict.feedback,
-                     "words": None, "weights": None}
+            entry = {"turn": turn, "statement": statement, "reply": reply, "answer": answer,
+                     "boxed": verdict.boxed, "correct": verdict.correct, "accepted": verdict.accepted,
+                     "feedback": verdict.feedback, "words": None, "weights": None,
+                     "generated_tokens": usage["output_tokens"], "seconds": seconds}
             turns.append(entry)
             if verdict.accepted:
                 return {"solved": True, "turns_used": turn}
@@ -224,18 +311,18 @@ class Session:
             do_words, do_weights = policy.steps(turn, budget)
             if do_words:  # 3. words step
                 t0 = time.perf_counter()
-                refinement = self.words_step(problem, history, verdict.feedback)
+                refinement = self.words_step(conv, problem, history, verdict.feedback)
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()
-                timing["words"] += time.perf_counter() - t0
+                seconds["words"] = time.perf_counter() - t0
             elif policy.words == "never":  # weights only: the raw feedback goes into the prompt
                 statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
                             " ".join(h["feedback"] for h in history)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt
                 t0 = time.perf_counter()
-                entry["weights"] = self.weights_step(self.prompt_messages(statement), rejected_replies,
+                entry["weights"] = self.weights_step(conv, self.prompt_messages(statement), rejected_replies,
                                                      rejected_answers, turn)
-                timing["weights"] += time.perf_counter() - t0
+                seconds["weights"] = time.perf_counter() - t0
         return {"solved": False, "turns_used": budget}
 
 

@@ -16,7 +16,10 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
              for key in ("generation", "words", "weights")}
     adapted_turns = sum(1 for t in all_turns if t.get("words") or t.get("weights"))
     adapt = split["words"] + split["weights"]
-    generation_per_turn = split["generation"] / len(all_turns) if all_turns else 0.0
+    # a turn's generation cost, from the turns that generated (not those DSPy's cache answered)
+    generated = [t for t in all_turns if t.get("generated_tokens", 1) and "seconds" in t]
+    generation_per_turn = (sum(t["seconds"]["generation"] for t in generated) / len(generated) if generated
+                           else split["generation"] / len(all_turns) if all_turns else 0.0)
     by_turn = []
     for k in range(1, turns + 1):
         by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)

@@ -399,7 +399,10 @@ class LoRAUpdater:
 
     # -- the update -----------------------------------------------------------------------
 
-    def update(self, rows: list[dict], objective: str | None = None) -> UpdateResult:
+    def update(self, rows: list[dict], objective: str | None = None,
+               session_start: dict[str, torch.Tensor] | None = None) -> UpdateResult:
+        """One update of the engine's adapter on ``rows``. ``session_start``: the adapter tensors the
+        per-session trust region is measured from (default: those at :meth:`begin_session`)."""
         objective = objective or self.config.objective
         if objective not in OBJECTIVES:
             raise UpdateError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -433,7 +436,7 @@ class LoRAUpdater:
                     result = self._result(objective, rows, trainer, losses, started, prepared, shift_before,
                                           shift_before, 0.0, 1.0, True, f"rolled back: {bad}")
                 else:
-                    scaled_by = self._trust_region(before)
+                    scaled_by = self._trust_region(before, session_start)
                     engine.mark_changed()
                     result = self._result(objective, rows, trainer, losses, started, prepared, shift_before,
                                           self.shift().total, self.shift(before).total, scaled_by, False,
@@ -454,12 +457,13 @@ class LoRAUpdater:
                             shift_after=shift_after, update_shift=update_shift, scaled_by=scaled_by,
                             rolled_back=rolled_back, reason=reason)
 
-    def _trust_region(self, before: dict[str, torch.Tensor]) -> float:
+    def _trust_region(self, before: dict[str, torch.Tensor], session_start: dict | None = None) -> float:
         """Pull the update back along the line before -> after until both bounds hold; returns the factor."""
         cfg = self.config
         if cfg.max_shift_per_update is None and cfg.max_shift_per_session is None:
             return 1.0
         engine = self.engine
+        session_start = session_start if session_start is not None else self.session_start
         after = {name: t.detach().clone() for name, t in engine.adapter_state().items()}
 
         def at(t: float) -> dict[str, torch.Tensor]:
@@ -471,7 +475,7 @@ class LoRAUpdater:
             if cfg.max_shift_per_update is not None:
                 ratios.append(adapter_shift(engine, before, state).total / cfg.max_shift_per_update)
             if cfg.max_shift_per_session is not None:
-                ratios.append(adapter_shift(engine, self.session_start, state).total / cfg.max_shift_per_session)
+                ratios.append(adapter_shift(engine, session_start, state).total / cfg.max_shift_per_session)
             return max(ratios)
 
         if excess(1.0) <= 1.0:

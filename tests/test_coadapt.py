@@ -35,15 +35,15 @@ class SpySession(Session):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def answer(self, statement):
+    def answer(self, conv, statement):
         self.calls.append("answer")
         return dspy.Prediction(answer="\\boxed{7}", reasoning="so \\boxed{7}"), "so \\boxed{7}"
 
-    def words_step(self, problem, history, feedback):
+    def words_step(self, conv, problem, history, feedback):
         self.calls.append("words")
         return Refinement(clarified_problem=f"{problem} (clarified {len(history)})", critique="unclear")
 
-    def weights_step(self, messages, rejected_replies, rejected, turn):
+    def weights_step(self, conv, messages, rejected_replies, rejected, turn):
         self.calls.append("weights")
         return {"scripted": True}
 
@@ -76,7 +76,7 @@ def test_turns_stop_at_acceptance_and_ttt_appends_raw_feedback(tiny_engine):
 
 def test_a_raising_step_is_recorded_and_the_next_problem_runs(tiny_engine):
     class Broken(SpySession):
-        def words_step(self, problem, history, feedback):
+        def words_step(self, conv, problem, history, feedback):
             raise RuntimeError("critic down")
 
     session = Broken(MathSolver(), tiny_engine, "pe", ScriptedUser(), SessionConfig(turns=3))
@@ -86,7 +86,7 @@ def test_a_raising_step_is_recorded_and_the_next_problem_runs(tiny_engine):
 
 
 class ReplySession(Session):
-    def answer(self, statement):
+    def answer(self, conv, statement):
         return dspy.Prediction(answer="\\boxed{7}", reasoning="I add them: \\boxed{7}"), "I add them: \\boxed{7}"
 
 
@@ -107,18 +107,26 @@ def test_weights_step_updates_then_the_adapter_is_back_at_zero(tiny_engine):
 def test_desirable_samples_never_repeat_a_rejected_answer(tiny_engine, monkeypatch):
     from rosa2_dspy.engine import Completion
 
+    from concurrent.futures import Future
+
     session = Session(MathSolver(), tiny_engine, "rosa2", ScriptedUser(), SessionConfig(samples=4))
-    scripts = [["\\boxed{7}", "so \\boxed{7}", "\\boxed{7}.", "\\boxed{5}"],
-               ["\\boxed{5}", "it is \\boxed{5}", "\\boxed{7}", "no box here"]]
+    conv = session.begin(EXAMPLE)
+    replies = iter(["\\boxed{7}", "so \\boxed{7}", "\\boxed{7}.", "\\boxed{5}",
+                    "\\boxed{5}", "it is \\boxed{5}", "\\boxed{7}", "no box here"])
+    asked = []
 
-    def scripted(prompts, settings, stops=None):
-        replies = scripts.pop(0)
-        return [Completion(text, 1, 1, "stop") for text in replies]
+    def scripted(input_ids, settings, stop=()):
+        asked.append(settings)
+        future = Future()
+        future.set_result(Completion(next(replies), 1, 1, "stop"))
+        return future
 
-    monkeypatch.setattr(tiny_engine, "generate_batch", scripted)
-    kept, checks = session.sample_desirable([{"role": "user", "content": "x"}], {"7"}, turn=1)
+    monkeypatch.setattr(tiny_engine, "submit", scripted)
+    kept, checks = session.sample_desirable(conv, [{"role": "user", "content": "x"}], {"7"}, turn=1)
     assert kept == [] and all(not c["not_rejected"] for c in checks[:3])  # the majority was rejected
-    kept, checks = session.sample_desirable([{"role": "user", "content": "x"}], {"7"}, turn=2)
+    # each sample has its own seed and asks for the conversation's weights
+    assert len({s.seed for s in asked}) == 4 and {s.weights for s in asked} == {conv.weights}
+    kept, checks = session.sample_desirable(conv, [{"role": "user", "content": "x"}], {"7"}, turn=2)
     assert kept == ["\\boxed{5}", "it is \\boxed{5}"]
     assert checks[3] == {"boxed": False, "parseable": False, "majority": False, "not_rejected": False}
 
@@ -220,3 +228,35 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
     assert main(args) == 0  # resume: the artifact is reused, not recompiled
     assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+
+
+def test_concurrent_conversations_match_sequential_ones(tiny_engine):
+    """Each conversation adapts its own weights; run side by side they give the records they give alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dspy.configure(lm=tiny_engine.lm(max_tokens=8, cache=False))
+    update = UpdateConfig(objective="kto", steps=1, batch_size=2, learning_rate=5e-2, max_length=128)
+    class RawSession(Session):  # the tiny model's reply, unparsed: the rejected reply to train on
+        def answer(self, conv, statement):
+            text = f"My answer: {conv.lm(statement)[0]}"
+            return dspy.Prediction(answer=None, reasoning=text), text
+
+    session = RawSession(MathSolver(), tiny_engine, "ttt", OracleUser(),
+                         SessionConfig(turns=3, samples=2, max_tokens=8), update)
+    examples = [dspy.Example(problem=f"What is {i}+{i}?", answer=str(2 * i), unique_id=f"t/{i}").with_inputs("problem")
+                for i in range(1, 4)]
+    pins_before = set(tiny_engine._pins)
+
+    def essentials(record):
+        return ([(t["statement"], t["reply"], (t["weights"] or {}).get("update_shift")) for t in record["turns"]],
+                record["l2_shift"], record["error"])
+
+    alone = [essentials(session.run(ex)) for ex in examples]
+    assert all(shift > 0 for _, shift, _ in alone) and all(error is None for *_, error in alone)
+    tiny_engine.batch_window = 0.1
+    mixed_before = tiny_engine.stats["mixed_weights_batches"]
+    with ThreadPoolExecutor(3) as pool:
+        together = [essentials(r) for r in pool.map(session.run, examples)]
+    assert together == alone
+    assert tiny_engine.stats["mixed_weights_batches"] > mixed_before  # conversations shared batches
+    assert session.updater.shift().total == 0.0 and set(tiny_engine._pins) == pins_before
