@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     ev.add_argument("--max-tokens", type=int, default=512, help="generation budget per call (default 512)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ev.add_argument("--threads", type=int, default=8, help="problems in flight; the engine batches them (default 8)")
+    ev.add_argument("--threads", type=int, default=16, help="problems in flight; the engine batches them (default 16)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
     ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
     _add_session_args(ev, method_default=None)
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
-    bc.add_argument("--max-tokens", type=int, default=384, help="generation budget per call (default 384)")
-    bc.add_argument("--threads", type=int, default=8, help="conversations in flight, every method (default 8)")
+    bc.add_argument("--max-tokens", type=int, default=256, help="generation budget per call (default 256)")
+    bc.add_argument("--threads", type=int, default=16, help="conversations in flight, every method (default 16)")
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 
@@ -305,7 +305,7 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     dspy.configure(lm=lm)
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
     update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=args.update_batch,
-                              max_length=640, learning_rate=2e-4, max_shift_per_session=args.max_shift)
+                              max_length=512, learning_rate=2e-4, max_shift_per_session=args.max_shift)
     updater = LoRAUpdater(engine, update_cfg)
     for method in methods:
         policy = get_policy(method)

@@ -79,6 +79,7 @@ class SessionConfig:
     samples: int = 2  # replies sampled under the refined prompt, as candidate desirable responses
     sample_temperature: float = 0.8
     max_tokens: int = 384
+    words_max_tokens: int = 128  # per words-step call (critique, clarified problem)
     keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
     seed: int = 0
 
@@ -137,7 +138,7 @@ class Session:
         self.config = config or SessionConfig()
         # one updater (and so one TRL trainer per objective) can serve every method run on the engine
         self.updater = updater or LoRAUpdater(engine, update or UpdateConfig(
-            objective="kto", steps=1, batch_size=2, learning_rate=2e-4, max_length=640))
+            objective="kto", steps=1, batch_size=2, learning_rate=2e-4, max_length=512))
         self.critic_lm = critic_lm
         self.adapter = getattr(program, "adapter", None) or dspy.settings.adapter or dspy.ChatAdapter()
         self.answer_name, self.answer_predictor = _answer_predictor(program)
@@ -201,7 +202,7 @@ class Session:
         from rosa2_dspy.words import refine
 
         return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm,
-                      adapter=self.adapter)
+                      adapter=self.adapter, max_tokens=self.config.words_max_tokens)
 
     def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],
                          turn: int) -> tuple[list[str], list[dict]]:

@@ -168,7 +168,7 @@ class LocalEngine:
     _registry_lock = threading.Lock()
 
     def __init__(self, model, tokenizer, *, name: str = "model", fingerprint: str | None = None,
-                 spec: str | None = None, max_batch: int = 8, batch_window: float = 0.02,
+                 spec: str | None = None, max_batch: int = 32, batch_window: float = 0.02,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, info: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -615,6 +615,29 @@ class LocalEngine:
                 return
             with self.peft_model.disable_adapter():
                 yield self.peft_model
+
+
+def _load_malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside glibc's heaps back to the OS.
+
+    Each thread that runs a forward/backward pass gets its own malloc arena, and glibc keeps the
+    freed temporaries there: eight conversations updating from eight threads held 15 GB of RSS,
+    1.9 GB after one ``malloc_trim`` (BENCHMARKS.md). Cheap (well under a millisecond here)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

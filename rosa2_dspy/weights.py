@@ -35,7 +35,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from rosa2_dspy import models
-from rosa2_dspy.engine import LocalEngine, LocalLM
+from rosa2_dspy.engine import LocalEngine, LocalLM, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +446,7 @@ class LoRAUpdater:
                 raise
             finally:
                 peft_model.eval()
+                release_free_memory()
         self.history.append(result)
         return result
 

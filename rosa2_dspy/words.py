@@ -296,12 +296,14 @@ def clean_reply(text: str | None, field: str | None = None) -> str:
     return text
 
 
-def _call_critic(signature: type[dspy.Signature], critic_lm: Any, output: str, **inputs: str) -> str:
-    """Run one critic signature as plain text; a reply that does not parse is taken as raw text."""
+def _call_critic(signature: type[dspy.Signature], critic_lm: Any, output: str, config: dict | None = None,
+                 **inputs: str) -> str:
+    """Run one critic signature as plain text; a reply that does not parse is taken as raw text.
+    ``config``: per-call LM settings (say, a ``max_tokens`` cap)."""
     predictor = dspy.Predict(signature)
     with dspy.context(lm=critic_lm, adapter=BoxedAdapter(), trace=None):
         try:
-            text = predictor(**inputs).get(output)
+            text = predictor(**inputs, config=dict(config or {})).get(output)
         except AdapterParseError as exc:  # an empty reply: the raw text (if any) is all there is
             text = exc.lm_response
     return clean_reply(text, output)
@@ -688,20 +690,22 @@ def _lost_problem(problem: str, clarified: str) -> bool:
 
 
 def refine(clarify: Any, problem: str, history: list | None, feedback: str, critic_lm: Any = None,
-           adapter: dspy.Adapter | None = None) -> Refinement:
+           adapter: dspy.Adapter | None = None, max_tokens: int | None = None) -> Refinement:
     """Turn the user's feedback on the last turn into a clarified problem for the next turn.
 
     The critic (``critic_lm``, else the clarify predictor's LM, else DSPy's) first says what was
     unclear (the critique: the semantic gradient, for the turn's trace); the ``Clarify`` module
     then rewrites the problem with the history, the feedback and the critique as its ``feedback``
     input. An empty or garbled clarification, or one that drops all of the problem's numbers,
-    falls back to the original problem with the feedback appended as a note.
+    falls back to the original problem with the feedback appended as a note. ``max_tokens`` caps
+    each of the two calls (a critique and a restated problem are short; a small model rambles).
     """
     predictor = _clarify_predictor(clarify)
+    config = {"max_tokens": max_tokens} if max_tokens else {}
     history_text = format_history(history)
     try:
         critic = _resolve_lm(critic_lm or getattr(predictor, "lm", None))
-        critique = _call_critic(TurnCritique, critic, "critique", problem=problem,
+        critique = _call_critic(TurnCritique, critic, "critique", config, problem=problem,
                                 history=history_text or "(none)", feedback=feedback)
     except Exception as exc:  # noqa: BLE001 - the turn goes on without a model-written critique
         logger.warning("refine: the critic failed (%s: %s)", type(exc).__name__, exc)
@@ -718,7 +722,8 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
     fallback = None
     try:
         with dspy.context(adapter=adapter or BoxedAdapter()):
-            clarified = clean_reply(predictor(problem=problem, feedback=note).get("clarified_problem"))
+            clarified = clean_reply(predictor(problem=problem, feedback=note, config=dict(config))
+                                    .get("clarified_problem"))
     except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
         clarified, fallback = "", f"the clarify call failed: {type(exc).__name__}"
     if not fallback:

@@ -40,8 +40,10 @@ class ScriptEngine:
     def __init__(self, reply):
         self.reply = reply
         self.calls: list[tuple[str, str]] = []
+        self.max_tokens: list[int | None] = []
 
     def complete(self, request):
+        self.max_tokens.append(request.config.max_tokens)
         messages = request_messages(request)
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         user = messages[-1]["content"]
@@ -406,6 +408,14 @@ def test_refine_puts_the_feedback_into_the_clarify_prompt(as_program):
     assert system == CLARIFY_WORDS
     assert FEEDBACK in user and TURN_CRITIQUE in user and PROBLEM in user and "\\boxed{0.5}" in user
     assert FEEDBACK in engine.calls[0][1]  # the critic read the feedback too
+
+
+def test_refine_caps_both_of_its_calls_at_max_tokens():
+    lm, engine = script_lm(refine_reply())
+    dspy.configure(lm=lm)
+    result = refine(dspy.Predict(Clarify), PROBLEM, [], FEEDBACK, max_tokens=64)
+    assert result.clarified_problem == CLARIFIED
+    assert engine.max_tokens == [64, 64]  # the critique and the clarified problem
 
 
 @pytest.mark.parametrize("reply", ["", "#### $$$$ %%%% ^^^^", "Sure, here you go: the rewritten problem."])
