@@ -66,7 +66,7 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
 
 
 def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
-                 cache_variants: bool = False) -> dict:
+                 cache_variants: bool = False, batch_sizes: list[int] | None = None) -> dict:
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
     engine = LocalEngine.shared(spec)
@@ -148,6 +148,8 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
     })
     if cache_variants:
         results["cache_variants"] = bench_cache_variants(engine, prompts, max_tokens)
+    if batch_sizes:
+        results["batch_sizes"] = bench_batch_sizes(engine, prompts, batch_sizes, max_tokens)
         results["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return results
 
@@ -168,6 +170,29 @@ def _variant_kwargs(variant: str) -> dict:
 
 
 CACHE_VARIANTS = ("dynamic", "static", "static+compile")
+
+
+def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
+    """Raw greedy generate tokens/s at each batch size (the bench prompts cycled to fill the batch), with
+    exactly ``max_tokens`` new tokens per row: how far batching pays on this machine."""
+    from rosa2_dspy.engine import left_pad
+
+    tok = engine.tokenizer
+    out = {}
+    for size in sizes:
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        ids, mask = left_pad(batch, tok.pad_token_id)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                  min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  temperature=None, top_p=None, top_k=None)
+        seconds = time.perf_counter() - started
+        out[str(size)] = {"seconds": round(seconds, 2), "tokens_per_s": round(size * max_tokens / seconds, 1)}
+    base = out[str(sizes[0])]["tokens_per_s"]
+    for size in sizes:
+        out[str(size)]["vs_first"] = round(out[str(size)]["tokens_per_s"] / base, 2)
+    return out
 
 
 def bench_cache_variants(engine, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> dict:

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--concurrency", type=int, default=8)
     be.add_argument("--cache-variants", action="store_true",
                     help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
+    be.add_argument("--batch-sizes", help="also time raw generate at these batch sizes, e.g. 8,16,32")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default")
     bu.add_argument("--objective", default="sft", choices=["sft", "kto"])
@@ -556,8 +557,14 @@ def cmd_bench(args) -> int:
     if args.bench == "engine":
         if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
             raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
+        try:
+            sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None
+        except ValueError:
+            raise CLIError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+        if sizes and min(sizes) < 1:
+            raise CLIError("--batch-sizes must be >= 1")
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
-                                    cache_variants=args.cache_variants)
+                                    cache_variants=args.cache_variants, batch_sizes=sizes)
     elif args.bench == "compare":
         return _bench_compare(args)
     elif args.bench == "compile":

@@ -86,6 +86,15 @@ def test_bench_engine_prints_json_with_every_measurement(tiny_model_dir, capsys)
     assert set(report["targets"]) == {"b_ge_0.95a", "c_ge_2.5a"}
 
 
+def test_bench_engine_batch_sizes(tiny_model_dir, capsys):
+    assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "3", "--concurrency", "2",
+               "--batch-sizes", "1,3") == 0
+    sizes = json.loads(capsys.readouterr().out)["batch_sizes"]
+    assert set(sizes) == {"1", "3"} and sizes["1"]["vs_first"] == 1.0 and sizes["3"]["tokens_per_s"] > 0
+    assert run("bench", "engine", "--batch-sizes", "8,many") == 2
+    assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
+
+
 def _tiny_recipe(tmp_path, text: str):
     path = tmp_path / "recipe.toml"
     path.write_text(text)

@@ -136,6 +136,20 @@ def test_interrupt_mid_update_restores_the_weights(tiny_engine, monkeypatch):
     assert same_state(before, tiny_engine.snapshot())
 
 
+def test_freed_training_memory_is_handed_back_after_every_update(tiny_engine, monkeypatch):
+    from rosa2_dspy import weights
+
+    trims = []
+    monkeypatch.setattr(weights, "release_free_memory", lambda: trims.append(1))
+    updater = LoRAUpdater(tiny_engine, fast(steps=1))
+    updater.update([sft_row(PROMPT, GOOD)])
+    monkeypatch.setattr(updater._trainers["sft"], "training_step", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        updater.update([sft_row(PROMPT, GOOD)])
+    assert len(trims) == 2  # after a finished update and after an interrupted one
+
+
 def test_bad_rows_and_settings_are_refused(tiny_engine):
     updater = LoRAUpdater(tiny_engine, fast())
     with pytest.raises(UpdateError, match="desirable"):
