@@ -35,7 +35,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, usage_scope
+from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, count_usage, usage_scope
 from rosa2_dspy.math.grading import last_boxed, strict_normalize
 from rosa2_dspy.weights import LoRAFinetune, LoRAUpdater, UpdateConfig, adapter_shift, kto_row
 
@@ -218,7 +218,10 @@ class Session:
         uid = str(conv.example.get("unique_id", ""))
         futures = [self.engine.submit(ids, replace(settings, seed=_sample_seed(cfg.seed, uid, turn, i)))
                    for i in range(cfg.samples)]
-        replies = [future.result().text for future in futures]
+        completions = [future.result() for future in futures]
+        for completion in completions:
+            count_usage(completion)
+        replies = [c.text for c in completions]
         answers = [_normalized(boxed) if (boxed := last_boxed(r)) else None for r in replies]
         counts = collections.Counter(a for a in answers if a)
         majority, votes = counts.most_common(1)[0] if counts else (None, 0)
@@ -235,12 +238,13 @@ class Session:
     def weights_step(self, conv: Conversation, messages: list[dict], rejected_replies: list[str],
                      rejected: set[str], turn: int) -> dict:
         started = time.perf_counter()
-        desirable, checks = self.sample_desirable(conv, messages, rejected, turn)
+        with usage_scope() as usage:
+            desirable, checks = self.sample_desirable(conv, messages, rejected, turn)
         sampling_seconds = round(time.perf_counter() - started, 3)
         rows = [kto_row(messages, reply, False) for reply in rejected_replies if reply.strip()]
         rows += [kto_row(messages, reply, True) for reply in desirable]
         info = {"desirable": len(desirable), "undesirable": len(rows) - len(desirable), "sample_checks": checks,
-                "sampling_seconds": sampling_seconds}
+                "sampling_seconds": sampling_seconds, "compute_seconds": usage["compute_seconds"]}
         if not rows:
             info["skipped"] = "no training rows"
             return info
@@ -254,6 +258,7 @@ class Session:
             result = self.updater.update(rows, session_start=conv.start_state)
             conv.move_to(engine, engine.pin())
         info.update(result.to_dict())
+        info["compute_seconds"] += result.seconds  # the update holds the machine alone
         return info
 
     # -- the turn loop ----------------------------------------------------------------------
@@ -276,6 +281,7 @@ class Session:
         record["seconds"] = round(time.perf_counter() - started, 3)
         for turn in record["turns"]:
             turn["seconds"] = {k: round(v, 3) for k, v in turn["seconds"].items()}
+            turn["compute_seconds"] = {k: round(v, 3) for k, v in turn["compute_seconds"].items()}
         record["seconds_split"] = {k: round(sum(t["seconds"][k] for t in record["turns"]), 3)
                                    for k in ("generation", "words", "weights")}
         record["boxed_rate"] = (sum(t["boxed"] for t in record["turns"]) / len(record["turns"])
@@ -293,13 +299,15 @@ class Session:
             t0 = time.perf_counter()
             with usage_scope() as usage:  # no tokens: DSPy's cache answered (say, a turn 1 shared by methods)
                 prediction, reply = self.answer(conv, statement)
+            # wall seconds (waits for other conversations included) and machine seconds (this turn's share)
             seconds = {"generation": time.perf_counter() - t0, "words": 0.0, "weights": 0.0}
+            compute = {"generation": usage["compute_seconds"], "words": 0.0, "weights": 0.0}
             verdict = self.user.judge(example, prediction, turn)
             answer = getattr(prediction, "answer", None) if prediction is not None else None
             entry = {"turn": turn, "statement": statement, "reply": reply, "answer": answer,
                      "boxed": verdict.boxed, "correct": verdict.correct, "accepted": verdict.accepted,
                      "feedback": verdict.feedback, "words": None, "weights": None,
-                     "generated_tokens": usage["output_tokens"], "seconds": seconds}
+                     "generated_tokens": usage["output_tokens"], "seconds": seconds, "compute_seconds": compute}
             turns.append(entry)
             if verdict.accepted:
                 return {"solved": True, "turns_used": turn}
@@ -312,7 +320,9 @@ class Session:
             do_words, do_weights = policy.steps(turn, budget)
             if do_words:  # 3. words step
                 t0 = time.perf_counter()
-                refinement = self.words_step(conv, problem, history, verdict.feedback)
+                with usage_scope() as usage:
+                    refinement = self.words_step(conv, problem, history, verdict.feedback)
+                compute["words"] = usage["compute_seconds"]
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()
                 seconds["words"] = time.perf_counter() - t0
@@ -324,6 +334,7 @@ class Session:
                 entry["weights"] = self.weights_step(conv, self.prompt_messages(statement), rejected_replies,
                                                      rejected_answers, turn)
                 seconds["weights"] = time.perf_counter() - t0
+                compute["weights"] = entry["weights"].get("compute_seconds", 0.0)
         return {"solved": False, "turns_used": budget}
 
 

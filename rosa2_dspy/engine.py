@@ -43,9 +43,10 @@ _usage = threading.local()
 
 @contextlib.contextmanager
 def usage_scope():
-    """Count the tokens that local engines spend on behalf of this thread inside the block."""
+    """Count the tokens that local engines spend on behalf of this thread inside the block, and the
+    machine time they take (``compute_seconds``: each batch's time shared among its rows)."""
     outer = getattr(_usage, "counter", None)
-    counter = {"input_tokens": 0, "output_tokens": 0, "calls": 0}
+    counter = {"input_tokens": 0, "output_tokens": 0, "calls": 0, "compute_seconds": 0.0}
     _usage.counter = counter
     try:
         yield counter
@@ -56,12 +57,14 @@ def usage_scope():
                 outer[key] += value
 
 
-def _count_usage(completion: "Completion") -> None:
+def count_usage(completion: "Completion") -> None:
+    """Add a completion to the thread's :func:`usage_scope` (done for you by ``generate_one``)."""
     counter = getattr(_usage, "counter", None)
     if counter is not None:
         counter["input_tokens"] += completion.input_tokens
         counter["output_tokens"] += completion.output_tokens
         counter["calls"] += 1
+        counter["compute_seconds"] += completion.compute_seconds
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Completion:
     input_tokens: int
     output_tokens: int
     finish_reason: str
+    compute_seconds: float = 0.0  # this row's share of its batch's generate time
 
 
 SAMPLE_TOP_K = 64  # candidates a sampled token is drawn from when the request sets no top_k
@@ -291,7 +295,7 @@ class LocalEngine:
     def generate_one(self, messages: list[dict], settings: GenSettings, stop: tuple[str, ...] = ()) -> Completion:
         """Queue one chat for generation and wait for it (batched with concurrent callers)."""
         completion = self.submit(self.encode_chat(messages), settings, stop).result()
-        _count_usage(completion)
+        count_usage(completion)
         return completion
 
     def submit(self, input_ids: list[int], settings: GenSettings, stop: tuple[str, ...] = ()) -> Future:
@@ -333,11 +337,13 @@ class LocalEngine:
         with self.weights_lock, torch.inference_mode():
             was_training = self.model.training
             self.model.eval()
+            started = time.perf_counter()
             try:
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           **kwargs)
             finally:
                 self.model.train(was_training)
+            share = (time.perf_counter() - started) / len(prompts)
         results = []
         for row, prompt in enumerate(prompts):
             new = out[row, width:].tolist()
@@ -351,7 +357,7 @@ class LocalEngine:
                 cut = text.find(s)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
-            results.append(Completion(text, len(prompt), len(new), finish))
+            results.append(Completion(text, len(prompt), len(new), finish, share))
         return results
 
     def _ensure_worker(self) -> None:

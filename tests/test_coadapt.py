@@ -163,6 +163,7 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert set(summary["methods"]) == {"single", "ttt"}
     assert summary["methods"]["single"]["problems"] == 2
     assert len(summary["methods"]["ttt"]["cumulative_accuracy_by_turn"]) == 2
+    assert summary["methods"]["ttt"]["adaptation_over_generation_per_turn_machine"] > 0
     report = (cmp / "report.md").read_text()
     assert "| single |" in report and "| ttt |" in report
     assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
@@ -260,3 +261,21 @@ def test_concurrent_conversations_match_sequential_ones(tiny_engine):
     assert together == alone
     assert tiny_engine.stats["mixed_weights_batches"] > mixed_before  # conversations shared batches
     assert session.updater.shift().total == 0.0 and set(tiny_engine._pins) == pins_before
+
+
+def test_the_report_reads_adaptation_cost_per_turn_in_wall_and_machine_time():
+    from rosa2_dspy.report import summarize_sessions
+
+    def turn(gen_tokens, wall, machine, adapted):
+        return {"boxed": False, "generated_tokens": gen_tokens, "words": {"x": 1} if adapted else None,
+                "weights": None, "seconds": dict(zip(("generation", "words", "weights"), wall)),
+                "compute_seconds": dict(zip(("generation", "words", "weights"), machine))}
+
+    record = {"solved": False, "turns_used": 3, "seconds": 30.0, "l2_shift": 0.0,
+              "seconds_split": {"generation": 14.0, "words": 12.0, "weights": 0.0},
+              "turns": [turn(0, (0.0, 4.0, 0.0), (0.0, 1.0, 0.0), True),  # turn 1 came from the cache
+                        turn(100, (6.0, 8.0, 0.0), (2.0, 3.0, 0.0), True),
+                        turn(100, (8.0, 0.0, 0.0), (2.0, 0.0, 0.0), False)]}
+    summary = summarize_sessions([record], turns=3)
+    assert summary["adaptation_over_generation_per_turn"] == pytest.approx((12.0 / 2) / 7.0)
+    assert summary["adaptation_over_generation_per_turn_machine"] == pytest.approx((4.0 / 2) / 2.0)
