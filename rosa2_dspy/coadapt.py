@@ -1,6 +1,6 @@
 """Co-adaptation: ROSA2 multi-turn sessions at test time, and the ROSA2 compile-time optimizer.
 
-A session is one conversation about one problem (:func:`run_session`, the whole turn loop):
+A session is one conversation about one problem (:meth:`Session.run`, the whole turn loop):
 
 1. the program answers (turn 1 with the frozen or compiled adapter);
 2. the user judges the shown answer; accepted: stop;
@@ -13,7 +13,7 @@ A session is one conversation about one problem (:func:`run_session`, the whole 
 
 Conversations run concurrently (``run`` is thread-safe): each conversation's weights are a
 pinned id on the engine (:meth:`~rosa2_dspy.engine.LocalEngine.pin`) and its program copy asks
-for them by name, so eight conversations with eight different adapters still share batched
+for them by name, so conversations with different adapters still share batched
 generation (PEFT mixed-adapter batches); updates take the engine's weights lock one at a time.
 
 The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
