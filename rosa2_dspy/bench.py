@@ -172,22 +172,26 @@ def _variant_kwargs(variant: str) -> dict:
 CACHE_VARIANTS = ("dynamic", "static", "static+compile")
 
 
-def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
-    """Raw greedy generate tokens/s at each batch size (the bench prompts cycled to fill the batch), with
-    exactly ``max_tokens`` new tokens per row: how far batching pays on this machine."""
+def _generate_exactly(engine, batch: list[list[int]], max_tokens: int, **extra) -> tuple[torch.Tensor, float]:
+    """Raw greedy generate of exactly ``max_tokens`` new tokens per row; returns (new tokens, seconds)."""
     from rosa2_dspy.engine import left_pad
 
     tok = engine.tokenizer
+    ids, mask = left_pad(batch, tok.pad_token_id)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                    min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                    temperature=None, top_p=None, top_k=None, **extra)
+    return out[:, ids.shape[1]:], time.perf_counter() - started
+
+
+def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
+    """Raw greedy generate tokens/s at each batch size (the bench prompts cycled to fill the batch), with
+    exactly ``max_tokens`` new tokens per row: how far batching pays on this machine."""
     out = {}
     for size in sizes:
-        batch = [prompts[i % len(prompts)] for i in range(size)]
-        ids, mask = left_pad(batch, tok.pad_token_id)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                  min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                  temperature=None, top_p=None, top_k=None)
-        seconds = time.perf_counter() - started
+        _, seconds = _generate_exactly(engine, [prompts[i % len(prompts)] for i in range(size)], max_tokens)
         out[str(size)] = {"seconds": round(seconds, 2), "tokens_per_s": round(size * max_tokens / seconds, 1)}
     base = out[str(sizes[0])]["tokens_per_s"]
     for size in sizes:
@@ -198,20 +202,10 @@ def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_to
 def bench_cache_variants(engine, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> dict:
     """Raw greedy generate at batch 1 and batch len(prompts) under each KV-cache variant, interleaved
     round by round; the first call of each variant (compilation, cache allocation) is timed apart."""
-    from rosa2_dspy.engine import left_pad
-
-    tok = engine.tokenizer
     out: dict = {}
 
     def run(batch: list[list[int]], variant: str) -> tuple[int, float, list]:
-        ids, mask = left_pad(batch, tok.pad_token_id)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            gen = engine.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                        min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                        temperature=None, top_p=None, top_k=None, **_variant_kwargs(variant))
-        seconds = time.perf_counter() - started
-        new = gen[:, ids.shape[1]:]
+        new, seconds = _generate_exactly(engine, batch, max_tokens, **_variant_kwargs(variant))
         return new.numel(), seconds, new.tolist()
 
     groups = {"batch1": [prompts[:1]], f"batch{len(prompts)}": [prompts]}
