@@ -253,7 +253,7 @@ class Session:
             info["skipped"] = "sft needs a desirable sample; none passed the self-checks"
             return info
         engine = self.engine
-        with engine.weights_lock:  # one update at a time, from this conversation's weights
+        with engine.updating():  # one update at a time, from this conversation's weights, ahead of generation
             engine.use_pinned(conv.weights)
             result = self.updater.update(rows, session_start=conv.start_state)
             conv.move_to(engine, engine.pin())

@@ -35,7 +35,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from rosa2_dspy import models
-from rosa2_dspy.engine import LocalEngine, LocalLM, release_free_memory
+from rosa2_dspy.engine import LocalEngine, LocalLM, lora_layers, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +180,6 @@ def _to_trl(rows: list[dict], objective: str) -> list[dict]:
 # ----------------------------------------------------------------------------- shift
 
 
-def _lora_modules(peft_model) -> dict[str, Any]:
-    from peft.tuners.lora import LoraLayer
-
-    return {name: module for name, module in peft_model.named_modules()
-            if isinstance(module, LoraLayer) and "default" in module.lora_A}
-
-
 def _factors(modules: dict, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """module name -> (A, B, scaling) taken from an adapter state dict (live or snapshot)."""
     out = {}
@@ -214,7 +207,7 @@ def adapter_shift(engine: LocalEngine, since: dict[str, torch.Tensor] | None = N
     (default: the base model, i.e. ``sqrt(sum ||scaling B A||^2)``)."""
     if engine.peft_model is None:
         return Shift(0.0, {})
-    modules = _lora_modules(engine.peft_model)
+    modules = lora_layers(engine.peft_model)
     with engine.weights_lock, torch.no_grad():
         now = _factors(modules, state if state is not None else engine.adapter_state())
         ref = _factors(modules, since) if since is not None else None
@@ -416,7 +409,7 @@ class LoRAUpdater:
         if objective == "kto":
             self._balance(trl_rows)
         engine = self.engine
-        with engine.weights_lock:
+        with engine.updating():
             before = engine.snapshot()
             shift_before = self.shift().total
             started = time.perf_counter()

@@ -259,11 +259,16 @@ def test_rows_with_different_weights_share_a_batch_and_match_unbatched(tiny_engi
     assert {ident: f.result().text for ident, f in futures.items()} == alone
     assert tiny_engine.stats["batches"] - before["batches"] == 1
     assert tiny_engine.stats["mixed_weights_batches"] - before["mixed_weights_batches"] == 1
-    # serving slots hold copies: the trainable adapter, its id and what gets saved are untouched
+    # rows were served from the pinned tensors: the trainable adapter, its id and what gets saved are
+    # untouched, it is switched back on and trainable, and no serving hook is left behind
+    from rosa2_dspy.engine import lora_layers
+
     assert tiny_engine.weights_id == current
     assert all(torch.equal(t, state_before[k]) for k, t in tiny_engine.adapter_state().items())
-    slot_params = [p for n, p in tiny_engine.peft_model.named_parameters() if "rosa2_slot" in n]
-    assert slot_params and not any(p.requires_grad for p in slot_params)
+    assert list(tiny_engine.peft_model.peft_config) == ["default"]
+    layers = lora_layers(tiny_engine.peft_model).values()
+    assert not any(layer._forward_hooks or layer.disable_adapters for layer in layers)
+    assert all(p.requires_grad for p in tiny_engine.adapter_state().values())
     tiny_engine.unpin(pins[1])
     with pytest.raises(ValueError, match="never pinned"):
         tiny_engine.use_pinned(pins[1])
@@ -278,3 +283,39 @@ def test_a_seeded_sample_repeats_whatever_batch_it_lands_in(tiny_engine):
     alone = tiny_engine.generate_batch([prompt], sampled, seeds=[7])[0].text
     mixed = tiny_engine.generate_batch([other, prompt, prompt], sampled, seeds=[1, 7, 8])
     assert mixed[1].text == alone and mixed[2].text != alone
+
+
+def test_announced_updates_go_first_and_the_requests_behind_them_run_as_one_batch(tiny_engine):
+    """Plain weights_lock alternates update / tiny batch / update; announced updates land back to back."""
+    import time
+
+    prompt = chat(tiny_engine, "Count to five.")
+    order, holding, release = [], {1: threading.Event(), 2: threading.Event()}, {1: threading.Event(),
+                                                                                  2: threading.Event()}
+
+    def update(n):
+        with tiny_engine.updating():
+            order.append(f"update {n}")
+            holding[n].set()
+            release[n].wait(30)
+
+    before = dict(tiny_engine.stats)
+    first = threading.Thread(target=update, args=(1,), daemon=True)
+    first.start()
+    assert holding[1].wait(10)
+    early = tiny_engine.submit(prompt, GREEDY)  # queued while update 1 runs
+    early.add_done_callback(lambda _: order.append("early"))
+    second = threading.Thread(target=update, args=(2,), daemon=True)
+    second.start()  # announced; waits for the lock behind update 1
+    time.sleep(0.2)
+    release[1].set()
+    assert holding[2].wait(10)
+    late = tiny_engine.submit(prompt, GREEDY)  # queued while update 2 runs
+    time.sleep(0.2)
+    assert not early.done()
+    release[2].set()
+    assert early.result(timeout=60).text == late.result(timeout=60).text
+    first.join(10), second.join(10)
+    assert order == ["update 1", "update 2", "early"]
+    assert tiny_engine.stats["batches"] - before["batches"] == 1
+    assert tiny_engine.stats["waits_for_updates"] > before["waits_for_updates"]
