@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--max-tokens", type=int, default=256, help="generation budget per call (default 256)")
-    bc.add_argument("--threads", type=int, default=16, help="conversations in flight, every method (default 16)")
+    bc.add_argument("--threads", type=int, default=32,
+                    help="conversations in flight, every method (default 32, the engine's largest batch)")
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 

@@ -29,6 +29,16 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
     if machine and adapted and sum(m["generation"] for m in machine) > 0:
         machine_ratio = (sum(a["words"] + a["weights"] for a in adapted) / len(adapted)) / \
             (sum(m["generation"] for m in machine) / len(machine))
+    # where an adapted turn's machine time goes: the weights step is sampling plus the update itself
+    steps = [t for t in all_turns if "compute_seconds" in t and (t.get("words") or t.get("weights"))]
+    update = [(t.get("weights") or {}).get("seconds", 0.0) for t in steps]
+    machine_split = None
+    if machine and steps:
+        machine_split = {
+            "generation": sum(m["generation"] for m in machine) / len(machine),
+            "words": sum(t["compute_seconds"]["words"] for t in steps) / len(steps),
+            "sampling": sum(t["compute_seconds"]["weights"] - u for t, u in zip(steps, update)) / len(steps),
+            "update": sum(update) / len(steps)}
     by_turn = []
     for k in range(1, turns + 1):
         by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)
@@ -42,6 +52,7 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         "adaptation_over_generation_per_turn": (
             (adapt / adapted_turns) / generation_per_turn if adapted_turns and generation_per_turn else None),
         "adaptation_over_generation_per_turn_machine": machine_ratio,
+        "machine_seconds_per_turn": machine_split,
         "errors": sum(1 for r in records if r.get("error")),
         "cumulative_accuracy_by_turn": by_turn,
     }
@@ -76,6 +87,18 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
             f"| {s['mean_l2_shift']:.4f} | {s['boxed_rate']:.1%} | {s['seconds_per_problem']:.1f} "
             f"| {split['generation']:.1f} / {split['words']:.1f} / {split['weights']:.1f} "
             f"| {ratios} | {s['errors']} |")
+    split_rows = [(m, s["machine_seconds_per_turn"]) for m, s in summaries.items() if s.get("machine_seconds_per_turn")]
+    if split_rows:
+        lines += ["", "Machine seconds per turn: each batch's time shared among its rows, an update counted whole. "
+                  "Generation: a turn that generated; the rest: a turn that adapted (the weights step is "
+                  "sampling candidates plus the update).", "",
+                  "| method | generation | words step | weights: sampling | weights: update | adapt÷gen |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for method, m in split_rows:
+            adapt = m["words"] + m["sampling"] + m["update"]
+            ratio = f"{adapt / m['generation']:.2f}" if m["generation"] else "-"
+            lines.append(f"| {method} | {m['generation']:.2f} | {m['words']:.2f} | {m['sampling']:.2f} "
+                         f"| {m['update']:.2f} | {ratio} |")
     lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))

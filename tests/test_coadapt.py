@@ -279,3 +279,29 @@ def test_the_report_reads_adaptation_cost_per_turn_in_wall_and_machine_time():
     summary = summarize_sessions([record], turns=3)
     assert summary["adaptation_over_generation_per_turn"] == pytest.approx((12.0 / 2) / 7.0)
     assert summary["adaptation_over_generation_per_turn_machine"] == pytest.approx((4.0 / 2) / 2.0)
+    assert summary["machine_seconds_per_turn"] == pytest.approx(
+        {"generation": 2.0, "words": 2.0, "sampling": 0.0, "update": 0.0})
+
+
+def test_the_report_splits_a_weights_step_into_sampling_and_update(tmp_path):
+    from rosa2_dspy.evaluation import ResultsFile
+    from rosa2_dspy.report import build_report
+
+    def turn(n, gen, weights):
+        return {"turn": n, "boxed": False, "generated_tokens": 50, "words": None, "weights": weights,
+                "seconds": {"generation": gen, "words": 0.0, "weights": 0.0},
+                "compute_seconds": {"generation": gen, "words": 0.0,
+                                    "weights": (weights or {}).get("compute_seconds", 0.0)}}
+
+    record = {"unique_id": "p1", "solved": False, "turns_used": 3, "seconds": 30.0, "l2_shift": 0.1,
+              "seconds_split": {"generation": 6.0, "words": 0.0, "weights": 20.0},
+              "turns": [turn(1, 2.0, {"compute_seconds": 9.0, "seconds": 5.0}),  # 4 s sampling, 5 s update
+                        turn(2, 2.0, {"compute_seconds": 4.0, "skipped": "no training rows"}),  # sampling only
+                        turn(3, 2.0, None)]}
+    (tmp_path / "ttt").mkdir()
+    ResultsFile(tmp_path / "ttt" / "results.jsonl").append(record)
+    report = build_report(tmp_path, ["ttt"], turns=3).read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())["methods"]["ttt"]
+    assert summary["machine_seconds_per_turn"] == pytest.approx(
+        {"generation": 2.0, "words": 0.0, "sampling": 4.0, "update": 2.5})
+    assert "| ttt | 2.00 | 0.00 | 4.00 | 2.50 | 3.25 |" in report
