@@ -66,7 +66,7 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
 
 
 def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
-                 cache_variants: bool = False, batch_sizes: list[int] | None = None) -> dict:
+                 cache_variants: bool = False, batch_sizes: list[int] | None = None, mixed_weights: int = 0) -> dict:
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
     engine = LocalEngine.shared(spec)
@@ -151,6 +151,8 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
     if batch_sizes:
         results["batch_sizes"] = bench_batch_sizes(engine, prompts, batch_sizes, max_tokens)
         results["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    if mixed_weights:
+        results["mixed_weights"] = bench_mixed_weights(engine, prompts, mixed_weights, max_tokens)
     return results
 
 
@@ -196,6 +198,62 @@ def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_to
     base = out[str(sizes[0])]["tokens_per_s"]
     for size in sizes:
         out[str(size)]["vs_first"] = round(out[str(size)]["tokens_per_s"] / base, 2)
+    return out
+
+
+def bench_mixed_weights(engine, prompts: list[list[int]], adapters: int, max_tokens: int, rounds: int = 2) -> dict:
+    """A batch whose rows carry different LoRA weights (2 rows per adapter, ``adapters`` random adapters):
+    raw greedy generate on one adapter (every row the same weights), through PEFT's ``adapter_names``,
+    and through the engine's per-row path, interleaved round by round; exactly ``max_tokens`` per row."""
+    import copy
+
+    engine.attach_adapter()
+    peft_model = engine.peft_model
+    start = engine.snapshot()
+    generator = torch.Generator().manual_seed(0)
+    pins = []
+    for _ in range(adapters):
+        with torch.no_grad():
+            for name, tensor in engine.adapter_state().items():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (0.01 if "lora_B" in name else 0.05))
+        engine.mark_changed()
+        pins.append(engine.pin())
+    names = [f"bench_mixed{i}" for i in range(adapters)]
+    for name, ident in zip(names, pins):  # PEFT's way: one named adapter per weights
+        peft_model.add_adapter(name, copy.deepcopy(peft_model.peft_config["default"]))
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for key, tensor in engine.pinned_state(ident).items():
+                params[key.replace(".default.", f".{name}.")].copy_(tensor)
+    peft_model.set_adapter("default")
+    peft_model.eval()
+    rows = [prompts[i % len(prompts)] for i in range(2 * adapters)]
+    row_pins = [pins[i % adapters] for i in range(len(rows))]
+    seconds = {"one_adapter": 0.0, "peft_adapter_names": 0.0, "engine_per_row": 0.0}
+    try:
+        for _ in range(rounds):
+            engine.use_pinned(pins[0])
+            _, took = _generate_exactly(engine, rows, max_tokens)
+            seconds["one_adapter"] += took
+            peft_out, took = _generate_exactly(engine, rows, max_tokens,
+                                               adapter_names=[names[i % adapters] for i in range(len(rows))])
+            seconds["peft_adapter_names"] += took
+            with engine._per_row_adapters(engine._weights_for(row_pins)):
+                ours, took = _generate_exactly(engine, rows, max_tokens)
+            seconds["engine_per_row"] += took
+    finally:
+        for name in names:
+            peft_model.delete_adapter(name)
+        peft_model.set_adapter("default")
+        for ident in pins:
+            engine.unpin(ident)
+        engine.restore(start)
+    tokens = rounds * len(rows) * max_tokens
+    out = {"adapters": adapters, "rows": len(rows), "rounds": rounds}
+    out.update({f"{k}_tokens_per_s": round(tokens / v, 1) for k, v in seconds.items()})
+    out["engine_per_row_vs_one_adapter"] = round(seconds["one_adapter"] / seconds["engine_per_row"], 3)
+    out["engine_per_row_vs_peft"] = round(seconds["peft_adapter_names"] / seconds["engine_per_row"], 3)
+    out["same_tokens_as_peft"] = bool(torch.equal(peft_out, ours))
     return out
 
 

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--cache-variants", action="store_true",
                     help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
     be.add_argument("--batch-sizes", help="also time raw generate at these batch sizes, e.g. 8,16,32")
+    be.add_argument("--mixed-weights", type=int, default=0, metavar="K",
+                    help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default")
     bu.add_argument("--objective", default="sft", choices=["sft", "kto"])
@@ -564,8 +566,11 @@ def cmd_bench(args) -> int:
             raise CLIError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
         if sizes and min(sizes) < 1:
             raise CLIError("--batch-sizes must be >= 1")
+        if not 0 <= args.mixed_weights <= 16:
+            raise CLIError(f"--mixed-weights must be 0..16, got {args.mixed_weights}")
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
-                                    cache_variants=args.cache_variants, batch_sizes=sizes)
+                                    cache_variants=args.cache_variants, batch_sizes=sizes,
+                                    mixed_weights=args.mixed_weights)
     elif args.bench == "compare":
         return _bench_compare(args)
     elif args.bench == "compile":

@@ -95,6 +95,20 @@ def test_bench_engine_batch_sizes(tiny_model_dir, capsys):
     assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
 
 
+def test_bench_engine_mixed_weights_matches_peft_and_leaves_the_engine_clean(tiny_model_dir, capsys):
+    from rosa2_dspy.engine import LocalEngine
+
+    assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "3", "--concurrency", "2",
+               "--mixed-weights", "3") == 0
+    mixed = json.loads(capsys.readouterr().out)["mixed_weights"]
+    assert mixed["adapters"] == 3 and mixed["rows"] == 6 and mixed["same_tokens_as_peft"] is True
+    assert mixed["engine_per_row_tokens_per_s"] > 0 and mixed["peft_adapter_names_tokens_per_s"] > 0
+    engine = LocalEngine.shared(str(tiny_model_dir))
+    assert list(engine.peft_model.peft_config) == ["default"] and not engine._pins
+    assert run("bench", "engine", "--mixed-weights", "40") == 2
+    assert "--mixed-weights must be 0..16" in capsys.readouterr().err
+
+
 def _tiny_recipe(tmp_path, text: str):
     path = tmp_path / "recipe.toml"
     path.write_text(text)
