@@ -201,7 +201,9 @@ class Session:
     def words_step(self, conv: Conversation, problem: str, history: list[dict], feedback: str):
         from rosa2_dspy.words import refine
 
-        return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm,
+        # the critic is the conversation's own model (its pinned weights), unless the session names one:
+        # DSPy's configured LM follows whatever weights the engine holds, which other conversations change
+        return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm or conv.lm,
                       adapter=self.adapter, max_tokens=self.config.words_max_tokens)
 
     def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],

@@ -192,6 +192,9 @@ class LocalEngine:
         self._updates_waiting = 0
         self.version = 0
         self._pins: dict[str, dict[str, torch.Tensor]] = {}
+        # the pin registry has its own lock: holds on pinned weights are taken and released (a conversation
+        # starting or ending) without waiting for the generation batch that holds weights_lock
+        self._pins_lock = threading.Lock()
         self._pin_counts: collections.Counter[str] = collections.Counter()
         self.peft_model = None
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
@@ -490,18 +493,22 @@ class LocalEngine:
         rows name different ids runs as one batch, each row with its own low-rank update
         (:meth:`_per_row_adapters`). Holds are counted; :meth:`unpin` releases one.
         """
-        with self.weights_lock:
-            if ident is None:
+        if ident is None:  # the weights in use, read while no update can change them
+            with self.weights_lock, self._pins_lock:  # (always in this order)
                 ident = self.weights_id
-                self._pins.setdefault(ident, self.snapshot())
-            elif ident not in self._pins:
+                if ident not in self._pins:
+                    self._pins[ident] = self.snapshot()
+                self._pin_counts[ident] += 1
+                return ident
+        with self._pins_lock:
+            if ident not in self._pins:
                 raise ValueError(f"weights {ident} were never pinned on this engine")
             self._pin_counts[ident] += 1
             return ident
 
     def unpin(self, ident: str) -> None:
         """Release one hold on pinned weights; the last release forgets them."""
-        with self.weights_lock:
+        with self._pins_lock:
             if self._pin_counts[ident] <= 1:
                 self._pins.pop(ident, None)
                 self._pin_counts.pop(ident, None)
@@ -510,7 +517,7 @@ class LocalEngine:
 
     def pinned_state(self, ident: str) -> dict[str, torch.Tensor]:
         """The adapter tensors of pinned weights (the zero-shift adapter for weights pinned before one)."""
-        with self.weights_lock:
+        with self._pins_lock:
             if ident not in self._pins:
                 raise ValueError(f"weights {ident} were never pinned on this engine")
             return self._pins[ident] or dict(self._pristine_adapter or {})

@@ -263,6 +263,28 @@ def test_concurrent_conversations_match_sequential_ones(tiny_engine):
     assert session.updater.shift().total == 0.0 and set(tiny_engine._pins) == pins_before
 
 
+def test_the_words_step_critiques_with_the_conversations_own_weights(tiny_engine, monkeypatch):
+    """Not DSPy's configured LM, which follows whatever weights the engine holds while other
+    conversations update theirs."""
+    import rosa2_dspy.words as words
+
+    dspy.configure(lm=tiny_engine.lm(max_tokens=8, cache=False))
+    critics = []
+
+    def spy(module, problem, history, feedback, critic_lm=None, **kwargs):
+        critics.append(critic_lm.model)
+        return Refinement(clarified_problem=problem, critique="")
+
+    monkeypatch.setattr(words, "refine", spy)
+    session = Session(MathSolver(), tiny_engine, "pe", OracleUser(), SessionConfig(turns=2, samples=0, max_tokens=4))
+    conv = session.begin(dspy.Example(problem="What is 1+1?", answer="2", unique_id="t/1").with_inputs("problem"))
+    try:
+        session.words_step(conv, "What is 1+1?", [], "no")
+        assert critics == [conv.lm.model] and conv.lm.pinned_weights == conv.weights
+    finally:
+        session.end(conv)
+
+
 def test_the_report_reads_adaptation_cost_per_turn_in_wall_and_machine_time():
     from rosa2_dspy.report import summarize_sessions
 

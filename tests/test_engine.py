@@ -319,3 +319,34 @@ def test_announced_updates_go_first_and_the_requests_behind_them_run_as_one_batc
     assert order == ["update 1", "update 2", "early"]
     assert tiny_engine.stats["batches"] - before["batches"] == 1
     assert tiny_engine.stats["waits_for_updates"] > before["waits_for_updates"]
+
+
+def test_holds_on_pinned_weights_do_not_wait_for_a_running_batch(tiny_engine):
+    """A conversation starting or ending takes or releases a hold while a batch holds weights_lock."""
+    tiny_engine.attach_adapter()
+    ident = tiny_engine.pin()
+    held, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def generating():  # stands for the batching worker in the middle of a batch
+        with tiny_engine.weights_lock:
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=generating, daemon=True)
+    worker.start()
+    assert held.wait(10)
+
+    def conversation():
+        tiny_engine.pin(ident)
+        tiny_engine.pinned_state(ident)
+        tiny_engine.unpin(ident)
+        done.set()
+
+    threading.Thread(target=conversation, daemon=True).start()
+    try:
+        assert done.wait(5)
+    finally:
+        release.set()
+        worker.join(10)
+    tiny_engine.unpin(ident)
+    assert ident not in tiny_engine._pins
