@@ -414,6 +414,7 @@ class LocalEngine:
             self._updates_waiting += 1
         try:
             with self.weights_lock:
+                self._weights_id_cache = None  # the weights are about to change
                 yield
         finally:
             with self._updates:
@@ -471,7 +472,14 @@ class LocalEngine:
 
     @property
     def weights_id(self) -> str:
-        """Content-derived name of the weights now in use: base fingerprint, plus the adapter's hash."""
+        """Content-derived name of the weights now in use: base fingerprint, plus the adapter's hash.
+
+        A valid cached id is read without the lock (a batch in progress holds it for minutes, and
+        every unpinned LM reads this id to name its requests); whatever changes the weights drops
+        the cached id first, so a reader during a change waits for the lock and the new id."""
+        cached = self._weights_id_cache
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
         with self.weights_lock:
             if self._weights_id_cache and self._weights_id_cache[0] == self.version:
                 return self._weights_id_cache[1]
@@ -622,6 +630,7 @@ class LocalEngine:
             state = self.adapter_state()
             if set(state) != set(snapshot):
                 raise ValueError("snapshot does not match the attached adapter's tensors")
+            self._weights_id_cache = None  # the weights are about to change
             for name, tensor in state.items():
                 tensor.copy_(snapshot[name])
             self.mark_changed()
@@ -653,6 +662,7 @@ class LocalEngine:
         with self.weights_lock:
             if self.peft_model is None:
                 self.attach_adapter(LoraConfig.from_pretrained(str(path)))
+            self._weights_id_cache = None  # the weights are about to change
             result = set_peft_model_state_dict(self.peft_model, load_file(str(weights)))
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter at {path} does not fit this model: {result.unexpected_keys[:3]}")

@@ -350,3 +350,47 @@ def test_holds_on_pinned_weights_do_not_wait_for_a_running_batch(tiny_engine):
         worker.join(10)
     tiny_engine.unpin(ident)
     assert ident not in tiny_engine._pins
+
+
+def test_the_weights_id_is_read_during_a_batch_and_never_stale_during_a_change(tiny_engine):
+    tiny_engine.attach_adapter()
+    before = tiny_engine.weights_id
+    held, release, read = threading.Event(), threading.Event(), []
+
+    def hold(change):
+        with (tiny_engine.updating() if change else tiny_engine.weights_lock):
+            if change:
+                _randomize(tiny_engine, 5, mark=False)  # changed, not yet marked: mid-update
+            held.set()
+            release.wait(30)
+            if change:
+                tiny_engine.mark_changed()
+
+    def reader():
+        read.append(tiny_engine.weights_id)
+
+    for change in (False, True):  # a batch in progress, then an update in progress
+        held.clear(), release.clear(), read.clear()
+        holder = threading.Thread(target=hold, args=(change,), daemon=True)
+        holder.start()
+        assert held.wait(10)
+        other = threading.Thread(target=reader, daemon=True)
+        other.start()
+        other.join(2)
+        if change:
+            assert not read  # no stale id while the weights change: the reader waits for the update
+        else:
+            assert read == [before]  # a valid cached id needs no lock
+        release.set()
+        holder.join(10), other.join(10)
+    assert read and read[0] != before and read[0] == tiny_engine.weights_id
+
+
+def _randomize(engine, seed: int, mark: bool = True) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in engine.adapter_state().items():
+            if "lora_B" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    if mark:
+        engine.mark_changed()
