@@ -182,6 +182,7 @@ class LocalEngine:
         self.base_fingerprint = fingerprint or self._hash_parameters(model)
         self.max_batch = max_batch
         self.batch_window = batch_window
+        self.batch_window_max = 0.25  # a window stays open while requests keep arriving, up to this long
         self.default_max_tokens = default_max_tokens
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -372,13 +373,15 @@ class LocalEngine:
                 self._worker.start()
 
     def _serve(self) -> None:
-        """Collect concurrent requests for a short window and run compatible ones together.
+        """Collect concurrent requests for a short window (kept open while they keep arriving) and run
+        compatible ones together.
         While weight updates are announced (:meth:`updating`), no batch starts: requests keep
         arriving meanwhile, and run together once the updates have landed."""
         while True:
             if not self._pending:
                 self._pending.append(self._queue.get())
-            deadline = time.monotonic() + self.batch_window
+            opened = time.monotonic()
+            deadline = opened + self.batch_window
             while len(self._pending) < self.max_batch * 4:
                 remaining = deadline - time.monotonic()
                 try:
@@ -386,6 +389,9 @@ class LocalEngine:
                                          else self._queue.get_nowait())
                 except queue.Empty:
                     break
+                # callers still arriving (threads starting up, conversations leaving an update): wait for them
+                deadline = min(time.monotonic() + self.batch_window,
+                               opened + max(self.batch_window, self.batch_window_max))
             if self._wait_for_updates():
                 continue  # collect what arrived while the updates ran (their callers' next requests)
             head = self._pending[0].settings.batch_key()

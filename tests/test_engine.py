@@ -394,3 +394,18 @@ def _randomize(engine, seed: int, mark: bool = True) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator))
     if mark:
         engine.mark_changed()
+
+
+def test_the_batch_window_stays_open_while_requests_keep_arriving(tiny_engine):
+    import time
+
+    tiny_engine.batch_window, tiny_engine.batch_window_max = 0.1, 2.0
+    prompt = chat(tiny_engine, "Count to five.")
+    before = dict(tiny_engine.stats)
+    futures = []
+    for _ in range(4):  # 4 callers 50 ms apart: 150 ms in all, past the first 100 ms window
+        futures.append(tiny_engine.submit(prompt, GREEDY))
+        time.sleep(0.05)
+    assert len({f.result(timeout=60).text for f in futures}) == 1
+    assert tiny_engine.stats["batches"] - before["batches"] == 1
+    assert tiny_engine.stats["max_batch_seen"] >= 4
