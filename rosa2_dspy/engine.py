@@ -375,6 +375,7 @@ class LocalEngine:
     def _serve(self) -> None:
         """Collect concurrent requests for a short window (kept open while they keep arriving) and run
         compatible ones together.
+
         While weight updates are announced (:meth:`updating`), no batch starts: requests keep
         arriving meanwhile, and run together once the updates have landed."""
         while True:
