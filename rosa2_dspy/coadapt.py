@@ -13,8 +13,9 @@ A session is one conversation about one problem (:meth:`Session.run`, the whole 
 
 Conversations run concurrently (``run`` is thread-safe): each conversation's weights are a
 pinned id on the engine (:meth:`~rosa2_dspy.engine.LocalEngine.pin`) and its program copy asks
-for them by name, so conversations with different adapters still share batched
-generation (PEFT mixed-adapter batches); updates take the engine's weights lock one at a time.
+for them by name, so conversations with different adapters still share batched generation
+(each row's own LoRA update added in the batch); updates take the engine's weights one at a time,
+announced (:meth:`~rosa2_dspy.engine.LocalEngine.updating`) so they land back to back ahead of generation.
 
 The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
 turn), ``pe`` (words only), ``ttt`` (weights only; the raw feedback is appended to the original

@@ -20,25 +20,21 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
     generated = [t for t in all_turns if t.get("generated_tokens", 1) and "seconds" in t]
     generation_per_turn = (sum(t["seconds"]["generation"] for t in generated) / len(generated) if generated
                            else split["generation"] / len(all_turns) if all_turns else 0.0)
-    # the same ratio in machine time (each batch's time shared among its rows; an update counts whole),
-    # free of the waits for other conversations that wall time includes
+    # the same in machine time (each batch's time shared among its rows; an update counts whole), free of
+    # the waits for other conversations that wall time includes; the weights step is sampling plus the update
     machine = [t["compute_seconds"] for t in generated if "compute_seconds" in t]
-    adapted = [t["compute_seconds"] for t in all_turns
-               if "compute_seconds" in t and (t.get("words") or t.get("weights"))]
-    machine_ratio = None
-    if machine and adapted and sum(m["generation"] for m in machine) > 0:
-        machine_ratio = (sum(a["words"] + a["weights"] for a in adapted) / len(adapted)) / \
-            (sum(m["generation"] for m in machine) / len(machine))
-    # where an adapted turn's machine time goes: the weights step is sampling plus the update itself
     steps = [t for t in all_turns if "compute_seconds" in t and (t.get("words") or t.get("weights"))]
     update = [(t.get("weights") or {}).get("seconds", 0.0) for t in steps]
-    machine_split = None
+    machine_split = machine_ratio = None
     if machine and steps:
         machine_split = {
             "generation": sum(m["generation"] for m in machine) / len(machine),
             "words": sum(t["compute_seconds"]["words"] for t in steps) / len(steps),
             "sampling": sum(t["compute_seconds"]["weights"] - u for t, u in zip(steps, update)) / len(steps),
             "update": sum(update) / len(steps)}
+        if machine_split["generation"] > 0:
+            machine_ratio = (machine_split["words"] + machine_split["sampling"] + machine_split["update"]) / \
+                machine_split["generation"]
     by_turn = []
     for k in range(1, turns + 1):
         by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)
@@ -95,8 +91,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                   "| method | generation | words step | weights: sampling | weights: update | adapt÷gen |",
                   "|---|---:|---:|---:|---:|---:|"]
         for method, m in split_rows:
-            adapt = m["words"] + m["sampling"] + m["update"]
-            ratio = f"{adapt / m['generation']:.2f}" if m["generation"] else "-"
+            machine = summaries[method]["adaptation_over_generation_per_turn_machine"]
+            ratio = "-" if machine is None else f"{machine:.2f}"
             lines.append(f"| {method} | {m['generation']:.2f} | {m['words']:.2f} | {m['sampling']:.2f} "
                          f"| {m['update']:.2f} | {ratio} |")
     lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", ""]
