@@ -356,15 +356,16 @@ def raw_lora_update(engine, rows: list[dict], *, steps: int, batch_size: int, le
 
 
 def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
-                 updates: int = 3, learning_rate: float = 1e-4) -> dict:
+                 updates: int = 3, learning_rate: float = 1e-4, rows: int = 8) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved."""
     from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
+    from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
     engine = LocalEngine.from_pretrained(spec)
-    rows = _update_rows()
-    if objective == "kto":  # half desirable (reference solutions), half undesirable (a truncated guess)
-        rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else r["completion"][:40], i % 2 == 0)
+    rows = _update_rows(limit=rows)
+    if objective in UNPAIRED:  # desirable: the reference solution; undesirable (odd rows): another problem's
+        n = len(rows)          # solution, a wrong reply of realistic length
+        rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
                 for i, r in enumerate(rows)]
     config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate)
     updater = LoRAUpdater(engine, config)
@@ -387,7 +388,8 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
     engine.restore(start_state)
     out = {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
-        "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size, "updates": updates,
+        "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
+        "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),
         "construction_seconds_first_update": round(first_update.prepare_seconds, 3),
         "prepare_seconds_per_update": round(sum(prepare) / len(prepare), 3),

@@ -71,8 +71,11 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) ->
     p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
     p.add_argument("--samples", type=int, default=2, help="replies sampled per weights step (default 2)")
     p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
-    p.add_argument("--update-batch", type=int, default=2, help="rows per optimizer step (default 2, the least KTO takes)")
-    p.add_argument("--objective", default="kto", choices=["kto", "sft"], help="weights step objective")
+    p.add_argument("--update-batch", type=int, default=2,
+                   help="rows per optimizer step, at most the rows there are (default 2, the least KTO takes)")
+    p.add_argument("--objective", choices=["apo_zero_unpaired", "kto", "sft"],
+                   help="weights step objective (default apo_zero_unpaired; TRL's KTOTrainer runs it and kto, "
+                        "SFTTrainer sft; see rosa2_dspy.coadapt.session_update_config)")
     p.add_argument("--max-shift", type=float, default=None, help="trust region: max L2 shift per conversation")
 
 
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default")
-    bu.add_argument("--objective", default="sft", choices=["sft", "kto"])
+    bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"])
+    bu.add_argument("--rows", type=int, default=8, help="training rows (fewer than --batch-size: a smaller batch, "
+                    "except for kto, which repeats rows to fill its batch)")
     bu.add_argument("--steps", type=int, default=4)
     bu.add_argument("--batch-size", type=int, default=4)
     bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
@@ -271,8 +276,9 @@ def _apply_session_recipe(args) -> None:
 
 
 def _session_config(args) -> dict:
-    from rosa2_dspy.coadapt import POLICIES
+    from rosa2_dspy.coadapt import POLICIES, SESSION_OBJECTIVE
 
+    args.objective = args.objective or SESSION_OBJECTIVE
     if getattr(args, "method", None) and args.method not in POLICIES:
         raise CLIError(f"unknown method {args.method!r}; choose from: {', '.join(POLICIES)} or a recipe .toml")
     if args.turns < 1 or args.samples < 0 or args.update_steps < 1 or args.update_batch < 2:
@@ -290,12 +296,12 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     """Run each method's sessions on the same problems; results per method, then the report."""
     import dspy
 
-    from rosa2_dspy.coadapt import Session, SessionConfig, get_policy
+    from rosa2_dspy.coadapt import Session, SessionConfig, get_policy, session_update_config
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.evaluation import ResultsFile, run_items
     from rosa2_dspy.math.users import make_user
     from rosa2_dspy.report import build_report
-    from rosa2_dspy.weights import LoRAUpdater, UpdateConfig
+    from rosa2_dspy.weights import LoRAUpdater
 
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
     if compiled:
@@ -308,12 +314,11 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     lm = engine.lm(cache=True, max_tokens=args.max_tokens, temperature=0.0)
     dspy.configure(lm=lm)
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
-    update_cfg = UpdateConfig(objective=args.objective, steps=args.update_steps, batch_size=args.update_batch,
-                              max_length=512, learning_rate=2e-4, max_shift_per_session=args.max_shift)
+    update_cfg = session_update_config(objective=args.objective, steps=args.update_steps,
+                                       batch_size=args.update_batch, max_shift_per_session=args.max_shift)
     updater = LoRAUpdater(engine, update_cfg)
     for method in methods:
         policy = get_policy(method)
-        session = Session(program, engine, policy, make_user(args.user, args.seed), session_cfg, updater=updater)
         (out / method).mkdir(parents=True, exist_ok=True)
         results = ResultsFile(out / method / "results.jsonl")
         # conversations run side by side, weights methods too: each asks for its own pinned weights
@@ -321,8 +326,10 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
         done = sum(1 for e in examples if e.unique_id in results.records)
         if done:
             print(f"{method}: resuming, {done} of {len(examples)} problems already done")
-        run_items(examples, session.run, results, threads=threads, description=method,
-                  progress=not args.no_progress)
+        with Session(program, engine, policy, make_user(args.user, args.seed), session_cfg,
+                     updater=updater) as session:
+            run_items(examples, session.run, results, threads=threads, description=method,
+                      progress=not args.no_progress)
     report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}")
     print(report.read_text())
     return 0
@@ -576,10 +583,10 @@ def cmd_bench(args) -> int:
     elif args.bench == "compile":
         return _bench_compile(args)
     elif args.bench == "update":
-        if args.steps < 1 or args.batch_size < 2 or args.updates < 2:
-            raise CLIError("--steps >= 1, --batch-size >= 2 and --updates >= 2 are needed")
+        if args.steps < 1 or args.batch_size < 2 or args.updates < 2 or not 1 <= args.rows <= 8:
+            raise CLIError("--steps >= 1, --batch-size >= 2, --updates >= 2 and --rows 1..8 are needed")
         result = bench.bench_update(args.model, objective=args.objective, steps=args.steps,
-                                    batch_size=args.batch_size, updates=args.updates)
+                                    batch_size=args.batch_size, updates=args.updates, rows=args.rows)
     print(json.dumps(result, indent=2))
     return 0
 

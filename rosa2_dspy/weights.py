@@ -39,7 +39,10 @@ from rosa2_dspy.engine import LocalEngine, LocalLM, lora_layers, release_free_me
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("sft", "kto", "dpo")
+OBJECTIVES = ("sft", "kto", "apo_zero_unpaired", "dpo")
+# unpaired objectives: rows of (prompt, completion, label); both run on TRL's KTOTrainer, apo_zero_unpaired as its
+# loss_type, which drops KTO's KL reference point and with it the two KL forwards per step (and batch >= 2)
+UNPAIRED = ("kto", "apo_zero_unpaired")
 
 
 class UpdateError(ValueError):
@@ -171,7 +174,7 @@ def _to_trl(rows: list[dict], objective: str) -> list[dict]:
         if objective == "sft" and not row.get("label", True):
             continue  # SFT learns from desirable responses only
         item = {"prompt": prompt, "completion": [{"role": "assistant", "content": row["completion"]}]}
-        if objective == "kto":
+        if objective in UNPAIRED:
             item["label"] = bool(row.get("label", True))
         out.append(item)
     return out
@@ -320,13 +323,13 @@ class LoRAUpdater:
 
     # -- TRL plumbing ---------------------------------------------------------------------
 
-    def _training_args(self, objective: str):
+    def _training_args(self, objective: str, batch_size: int):
         from trl import DPOConfig, KTOConfig, SFTConfig
 
         cfg = self.config
         device = str(self.engine.device)
         common = dict(
-            output_dir=self._output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            output_dir=self._output_dir, max_steps=cfg.steps, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
             warmup_steps=0, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, logging_steps=1,
             report_to="none", save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
@@ -337,11 +340,11 @@ class LoRAUpdater:
         )
         if objective == "sft":
             return SFTConfig(**common, completion_only_loss=True, packing=False)
-        if objective == "kto":
-            return KTOConfig(**common, beta=cfg.beta, **self._kto_weights)
+        if objective in UNPAIRED:
+            return KTOConfig(**common, beta=cfg.beta, loss_type=objective, **self._kto_weights)
         return DPOConfig(**common, beta=cfg.beta)
 
-    def _trainer(self, objective: str, dataset):
+    def _trainer(self, objective: str, dataset, batch_size: int):
         """The objective's trainer, built once; later updates only swap in their prepared dataset."""
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from trl import DPOTrainer, KTOTrainer, SFTTrainer
@@ -351,7 +354,7 @@ class LoRAUpdater:
             # the config may have changed since the trainer was built: hand it the new settings
             # (in place: building new TrainingArguments would reset the accelerator state it uses)
             args, cfg = trainer.args, self.config
-            for name, value in (("max_steps", cfg.steps), ("per_device_train_batch_size", cfg.batch_size),
+            for name, value in (("max_steps", cfg.steps), ("per_device_train_batch_size", batch_size),
                                 ("learning_rate", cfg.learning_rate), ("max_grad_norm", cfg.max_grad_norm),
                                 ("seed", cfg.seed), ("data_seed", cfg.seed), ("max_length", cfg.max_length),
                                 ("beta", cfg.beta), ("desirable_weight", self._kto_weights["desirable_weight"]),
@@ -369,9 +372,9 @@ class LoRAUpdater:
             trainer.train_dataset = prepared
             trainer.optimizer, trainer.lr_scheduler = None, None  # each update starts a fresh optimizer
             return trainer
-        cls = {"sft": SFTTrainer, "kto": KTOTrainer, "dpo": DPOTrainer}[objective]
+        cls = {"sft": SFTTrainer, "kto": KTOTrainer, "apo_zero_unpaired": KTOTrainer, "dpo": DPOTrainer}[objective]
         peft_model = self.engine.peft_model
-        trainer = cls(model=peft_model, args=self._training_args(objective), train_dataset=dataset,
+        trainer = cls(model=peft_model, args=self._training_args(objective, batch_size), train_dataset=dataset,
                       processing_class=self.engine.tokenizer)
         if "ref" in peft_model.peft_config:
             # KTO/DPO copy the adapter into a "ref" adapter when handed a PeftModel; drop it, so the
@@ -384,9 +387,14 @@ class LoRAUpdater:
         self._trainers[objective] = trainer
         return trainer
 
-    def _fill_batches(self, rows: list[dict]) -> list[dict]:
+    def _batch_size(self, objective: str, rows: int) -> int:
+        """The configured batch size, or fewer when there are fewer rows: a batch that repeats a row costs
+        compute and changes no gradient. KTO keeps its size, as its KL estimate pairs completions across rows."""
+        return self.config.batch_size if objective == "kto" else min(self.config.batch_size, rows)
+
+    @staticmethod
+    def _fill_batches(rows: list[dict], size: int) -> list[dict]:
         """Cycle the rows up to a whole number of batches (TRL's batch size is fixed per trainer)."""
-        size = self.config.batch_size
         target = max(size, math.ceil(len(rows) / size) * size)
         return [rows[i % len(rows)] for i in range(target)]
 
@@ -406,7 +414,7 @@ class LoRAUpdater:
             raise UpdateError(f"no usable {objective} rows (sft needs at least one desirable response)")
         from datasets import Dataset
 
-        if objective == "kto":
+        if objective in UNPAIRED:
             self._balance(trl_rows)
         engine = self.engine
         with engine.updating():
@@ -416,7 +424,8 @@ class LoRAUpdater:
             peft_model = engine.peft_model
             try:
                 with _quiet_datasets():
-                    trainer = self._trainer(objective, Dataset.from_list(self._fill_batches(trl_rows)))
+                    size = self._batch_size(objective, len(trl_rows))
+                    trainer = self._trainer(objective, Dataset.from_list(self._fill_batches(trl_rows, size)), size)
                 prepared = time.perf_counter()
                 self._guard.bad = ""
                 trainer.train()
@@ -584,8 +593,8 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
     """Bootstrapped traces (``dspy.teleprompt.bootstrap_trace.bootstrap_trace_data``) to training rows.
 
     Every predictor call of a kept trace becomes one row: the adapter's prompt messages and the
-    reply it produced. ``keep="passed"`` keeps traces whose score is truthy; with ``kto`` the
-    others become undesirable rows.
+    reply it produced. ``keep="passed"`` keeps traces whose score is truthy; with ``kto`` or
+    ``apo_zero_unpaired`` the others become undesirable rows.
     """
     from dspy.teleprompt.bootstrap_finetune import build_call_data_from_trace
 
@@ -594,7 +603,7 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
     for item in trace_data:
         score = item.get("score")
         passed = score is not None and float(score) > 0  # DSPy scores a failed parse -1: that is not a pass
-        if not passed and not (objective == "kto" and keep == "passed"):
+        if not passed and not (objective in UNPAIRED and keep == "passed"):
             continue
         for index in range(len(item.get("trace") or [])):
             try:

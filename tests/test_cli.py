@@ -180,3 +180,13 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     assert report["trl_total_seconds_per_update"] > 0 and report["raw_seconds_per_update"] > 0
     assert report["l2_shift_per_update"] > 0 and report["trl_over_raw"] > 0
     assert report["construction_seconds_first_update"] > 0 and report["prepare_seconds_per_update"] > 0
+
+
+def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_dir, capsys):
+    for objective, batch in (("apo_zero_unpaired", 1), ("kto", 2)):
+        assert run("bench", "update", "--model", str(tiny_model_dir), "--objective", objective, "--rows", "1",
+                   "--steps", "1", "--batch-size", "2", "--updates", "2") == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["rows"] == 1 and report["trainer_batch_size"] == batch and report["l2_shift_per_update"] > 0
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--rows", "0") == 2
+    assert "--rows 1..8" in capsys.readouterr().err

@@ -90,14 +90,18 @@ class ReplySession(Session):
         return dspy.Prediction(answer="\\boxed{7}", reasoning="I add them: \\boxed{7}"), "I add them: \\boxed{7}"
 
 
-def test_weights_step_updates_then_the_adapter_is_back_at_zero(tiny_engine):
+@pytest.mark.parametrize("objective", [None, "kto"])
+def test_weights_step_updates_then_the_adapter_is_back_at_zero(tiny_engine, objective):
+    from rosa2_dspy.coadapt import session_update_config
+
     dspy.configure(lm=tiny_engine.lm(max_tokens=8, cache=False))
-    update = UpdateConfig(objective="kto", steps=2, batch_size=2, learning_rate=1e-2, max_length=128)
+    update = session_update_config(objective=objective, steps=2, learning_rate=1e-2, max_length=128)
     session = ReplySession(MathSolver(), tiny_engine, "ttt", ScriptedUser(), SessionConfig(turns=2, samples=2,
                                                                                           max_tokens=8), update)
     first = session.run(EXAMPLE)
     weights = first["turns"][0]["weights"]
     assert weights["undesirable"] == 1 and weights["steps"] == 2
+    assert weights["objective"] == (objective or "apo_zero_unpaired")
     assert first["l2_shift"] > 0
     assert session.updater.shift().total == 0.0  # restored after the conversation
     second = session.run(EXAMPLE)
@@ -164,6 +168,7 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert summary["methods"]["single"]["problems"] == 2
     assert len(summary["methods"]["ttt"]["cumulative_accuracy_by_turn"]) == 2
     assert summary["methods"]["ttt"]["adaptation_over_generation_per_turn_machine"] > 0
+    assert json.loads((cmp / "config.json").read_text())["objective"] == "apo_zero_unpaired"  # the session default
     report = (cmp / "report.md").read_text()
     assert "| single |" in report and "| ttt |" in report
     assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
@@ -261,6 +266,9 @@ def test_concurrent_conversations_match_sequential_ones(tiny_engine):
     assert together == alone
     assert tiny_engine.stats["mixed_weights_batches"] > mixed_before  # conversations shared batches
     assert session.updater.shift().total == 0.0 and set(tiny_engine._pins) == pins_before
+    session.close()
+    session.close()  # idempotent
+    assert not tiny_engine._pins  # the session's hold on its starting weights is released
 
 
 def test_the_words_step_critiques_with_the_conversations_own_weights(tiny_engine, monkeypatch):

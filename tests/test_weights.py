@@ -50,6 +50,27 @@ def test_kto_lowers_undesirable_relative_to_desirable(tiny_engine):
     assert list(tiny_engine.peft_model.peft_config) == ["default"]
 
 
+def test_apo_zero_unpaired_lowers_a_lone_rejected_reply_without_repeating_it(tiny_engine, monkeypatch):
+    """ROSA's failure-only update: one rejected reply, no desirable one. apo_zero_unpaired runs on TRL's
+    KTOTrainer without the KL reference point, so the lone row trains once per step, not twice."""
+    updater = LoRAUpdater(tiny_engine, fast(objective="apo_zero_unpaired", beta=0.5, steps=3, batch_size=2))
+    seen = []
+    original = updater._trainer
+    monkeypatch.setattr(updater, "_trainer", lambda objective, dataset, size: (
+        seen.append((len(dataset), size)), original(objective, dataset, size))[1])
+    before = sequence_logprob(tiny_engine, PROMPT, BAD)
+    result = updater.update([kto_row(PROMPT, BAD, False)])
+    after = sequence_logprob(tiny_engine, PROMPT, BAD)
+    trainer = updater._trainers["apo_zero_unpaired"]
+    assert seen == [(1, 1)] and trainer.args.per_device_train_batch_size == 1
+    assert trainer.calculate_KL is False and trainer.loss_type == "apo_zero_unpaired"
+    assert result.losses[0] == pytest.approx(0.5, abs=1e-4)  # sigmoid(beta * 0): the policy starts at the reference
+    assert after < before - 0.5 and not result.rolled_back
+    # KTO keeps its batch of 2 (its KL estimate pairs completions across rows), so the lone row is repeated
+    updater.update([kto_row(PROMPT, BAD, False)], objective="kto")
+    assert seen[-1] == (2, 2)
+
+
 def test_dpo_prefers_chosen(tiny_engine):
     from rosa2_dspy.weights import dpo_row
 
@@ -92,7 +113,7 @@ def test_trust_region_bounds_each_update_and_the_session(tiny_engine):
     assert updater.session_shift() <= 0.08 * (1 + 1e-3) and third.update_shift < 1e-3
 
 
-@pytest.mark.parametrize("objective", ["sft", "kto"])
+@pytest.mark.parametrize("objective", ["sft", "kto", "apo_zero_unpaired"])
 def test_nan_loss_rolls_back_bit_identical(tiny_engine, monkeypatch, objective):
     updater = LoRAUpdater(tiny_engine, fast(objective=objective, steps=2))
     rows = [kto_row(PROMPT, GOOD, True), kto_row(PROMPT, BAD, False)]
@@ -162,7 +183,7 @@ def test_bad_rows_and_settings_are_refused(tiny_engine):
 
 def test_precision_follows_the_device(tiny_engine):
     updater = LoRAUpdater(tiny_engine, fast())
-    args = updater._training_args("kto")
+    args = updater._training_args("kto", 2)
     assert args.bf16 is False and args.fp16 is False  # fp32 on this CPU, never TRL's bf16 default
     assert args.gradient_checkpointing is False
 
