@@ -61,7 +61,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
 
 
-def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) -> None:
+def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, samples: int = 2) -> None:
     from rosa2_dspy.coadapt import POLICIES
 
     if method_default is None:
@@ -69,7 +69,7 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None) ->
                                        "(optimizers/rosa2.toml); default: one plain pass")
     p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
     p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
-    p.add_argument("--samples", type=int, default=2, help="replies sampled per weights step (default 2)")
+    p.add_argument("--samples", type=int, default=samples, help=f"replies sampled per weights step (default {samples})")
     p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
     p.add_argument("--update-batch", type=int, default=2,
                    help="rows per optimizer step, at most the rows there are (default 2, the least KTO takes)")
@@ -136,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(bc)
     bc.set_defaults(split="test", level="1")
     _add_model_args(bc)
-    _add_session_args(bc, method_default="all")
+    # defaults sized so that --limit 30 (five methods, T = 3) finishes within an hour on a 2-core CPU (BENCHMARKS.md)
+    _add_session_args(bc, method_default="all", samples=1)
     bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
-    bc.add_argument("--max-tokens", type=int, default=256, help="generation budget per call (default 256)")
+    bc.add_argument("--max-tokens", type=int, default=192,
+                    help="generation budget per call (default 192: the embedded model's replies that box an "
+                         "answer are short, the rest ramble to any cap)")
     bc.add_argument("--threads", type=int, default=32,
                     help="conversations in flight, every method (default 32, the engine's largest batch)")
     bc.add_argument("--out", required=True)
