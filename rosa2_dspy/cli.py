@@ -71,8 +71,9 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, sa
     p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
     p.add_argument("--samples", type=int, default=samples, help=f"replies sampled per weights step (default {samples})")
     p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
-    p.add_argument("--update-batch", type=int, default=2,
-                   help="rows per optimizer step, at most the rows there are (default 2, the least KTO takes)")
+    p.add_argument("--update-batch", type=int, default=4,
+                   help="rows per optimizer step, at most the rows there are (default 4: a turn's rows fit one "
+                        "step; KTO takes at least 2)")
     p.add_argument("--objective", choices=["apo_zero_unpaired", "kto", "sft"],
                    help="weights step objective (default apo_zero_unpaired; TRL's KTOTrainer runs it and kto, "
                         "SFTTrainer sft; see rosa2_dspy.coadapt.session_update_config)")

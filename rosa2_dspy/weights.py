@@ -389,8 +389,8 @@ class LoRAUpdater:
 
     def _batch_size(self, objective: str, rows: int) -> int:
         """The configured batch size, or fewer when there are fewer rows: a batch that repeats a row costs
-        compute and changes no gradient. KTO keeps its size, as its KL estimate pairs completions across rows."""
-        return self.config.batch_size if objective == "kto" else min(self.config.batch_size, rows)
+        compute and changes no gradient. KTO takes at least 2, as its KL estimate pairs completions across rows."""
+        return min(self.config.batch_size, max(rows, 2 if objective == "kto" else 1))
 
     @staticmethod
     def _fill_batches(rows: list[dict], size: int) -> list[dict]:

@@ -66,7 +66,11 @@ def test_apo_zero_unpaired_lowers_a_lone_rejected_reply_without_repeating_it(tin
     assert trainer.calculate_KL is False and trainer.loss_type == "apo_zero_unpaired"
     assert result.losses[0] == pytest.approx(0.5, abs=1e-4)  # sigmoid(beta * 0): the policy starts at the reference
     assert after < before - 0.5 and not result.rolled_back
-    # KTO keeps its batch of 2 (its KL estimate pairs completions across rows), so the lone row is repeated
+    # a batch holds up to batch_size rows, never more than there are: a turn's rows share one step
+    updater.config.batch_size = 4
+    updater.update([kto_row(PROMPT, BAD, False), kto_row(PROMPT, "no idea", False), kto_row(PROMPT, GOOD, True)])
+    assert seen[-1] == (3, 3)
+    # KTO takes at least 2 rows (its KL estimate pairs completions across rows), so a lone row is repeated once
     updater.update([kto_row(PROMPT, BAD, False)], objective="kto")
     assert seen[-1] == (2, 2)
 
