@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -348,6 +349,26 @@ def _program_kwargs(args) -> dict:
     return kwargs
 
 
+class _DSPyErrors:
+    """Collects the errors DSPy logs and carries on from while compiling (BetterTogether, for one, logs a
+    failed step and returns the best program so far); DSPy's log stream is off in this CLI."""
+
+    def __enter__(self):
+        import logging
+
+        self.messages: list[str] = []
+        handler = logging.Handler(level=logging.ERROR)
+        handler.emit = lambda record: self.messages.append(
+            re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).strip())
+        self._handler, self._logger = handler, logging.getLogger("dspy")
+        self._logger.addHandler(handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self._handler)
+        self.messages = [m for m in self.messages if m and m != "Traceback:"]
+
+
 def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, out: str | Path) -> tuple[dict, dict]:
     """Compile ``args.program`` with a recipe from the engine's base weights; save the artifact.
 
@@ -379,14 +400,20 @@ def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, ou
     if valset and "valset" in accepted:
         compile_kwargs["valset"] = valset
     started = time.perf_counter()
-    compiled = optimizer.compile(program, **compile_kwargs)
+    with _DSPyErrors() as dspy_errors:
+        compiled = optimizer.compile(program, **compile_kwargs)
     seconds = round(time.perf_counter() - started, 1)
     history = getattr(optimizer, "history", None) or getattr(compiled, "words_history", None)
+    if getattr(compiled, "candidate_programs", None):  # BetterTogether: each strategy's score
+        history = [{"strategy": c.get("strategy") or "original", "score": c.get("score")}
+                   for c in compiled.candidate_programs]
+    for message in dspy_errors.messages:
+        print(f"{Path(recipe_path).stem}: DSPy reported: {message}", file=sys.stderr)
     meta = {
         "command": "compile", "program": args.program, "program_kwargs": kwargs, "model": args.model,
         "recipe": recipe.to_dict(), "recipe_text": recipe.text, "split": args.split, "seed": args.seed,
         "train_ids": [e.unique_id for e in trainset], "val_ids": [e.unique_id for e in valset],
-        "instructions_before": before, "seconds": seconds, "history": history,
+        "instructions_before": before, "seconds": seconds, "history": history, "dspy_errors": dspy_errors.messages,
     }
     # the compiled program's LM is pinned to its weights; make them current before saving
     pinned = next((p.lm.pinned_weights for p in compiled.predictors() if getattr(p.lm, "pinned_weights", None)),

@@ -134,10 +134,12 @@ def _gepa(recipe: Recipe, engine, settings: dict, num_threads: int):
 
 
 def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
-    """DSPy's BetterTogether with p = GEPA (or our words optimizer) and w = BootstrapFinetune through our provider."""
+    """DSPy's BetterTogether with p = GEPA (or our words optimizer) and w = BootstrapFinetune (on passing traces
+    only) through our provider."""
     import dspy
 
     from rosa2_dspy.evaluation import math_metric
+    from rosa2_dspy.weights import BootstrapFinetune
     from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
 
     p_kind = settings.pop("p", "gepa")
@@ -149,7 +151,7 @@ def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
         p = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine), **p_settings)
     else:
         raise RecipeError(f"{recipe.path}: p must be 'gepa' or 'words', got {p_kind!r}")
-    w = dspy.BootstrapFinetune(metric=math_metric(keep), num_threads=num_threads)
+    w = BootstrapFinetune(metric=math_metric(keep), num_threads=num_threads)
     optimizer = dspy.BetterTogether(metric=math_metric("correct"), p=p, w=w)
     optimizer.compile_kwargs = settings  # strategy, valset_ratio ...: passed to compile()
     return optimizer

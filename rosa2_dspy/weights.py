@@ -601,8 +601,7 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
     adapter = adapter or dspy.settings.adapter or dspy.ChatAdapter()
     rows = []
     for item in trace_data:
-        score = item.get("score")
-        passed = score is not None and float(score) > 0  # DSPy scores a failed parse -1: that is not a pass
+        passed = trace_passed(item)
         if not passed and not (objective in UNPAIRED and keep == "passed"):
             continue
         for index in range(len(item.get("trace") or [])):
@@ -614,6 +613,23 @@ def traces_to_rows(trace_data: list[dict], adapter: dspy.Adapter | None = None, 
             messages = data["messages"]
             rows.append(kto_row(messages[:-1], messages[-1]["content"], passed))
     return rows
+
+
+def trace_passed(item: dict) -> bool:
+    """A bootstrapped trace passed its metric: a positive score (DSPy scores a failed parse -1, which is truthy)."""
+    score = item.get("score")
+    return score is not None and float(score) > 0
+
+
+class BootstrapFinetune(dspy.BootstrapFinetune):
+    """``dspy.BootstrapFinetune`` that trains only on traces that passed (:func:`trace_passed`).
+
+    DSPy keeps traces with a truthy score, so a failed parse (score -1) is kept, and formatting its
+    ``FailedPrediction`` then stops the whole step (``AttributeError: ... no attribute 'get'``). On a
+    small model that fails most parses, that is every BetterTogether ``w`` step."""
+
+    def _prepare_finetune_data(self, trace_data, lm, pred_ind=None):
+        return super()._prepare_finetune_data([d for d in trace_data if trace_passed(d)], lm, pred_ind)
 
 
 def solution_rows_for(program: dspy.Module, examples: list, adapter: dspy.Adapter | None = None) -> list[dict]:

@@ -153,6 +153,42 @@ def test_compile_lora_then_eval_compiled(tmp_path, tiny_model_dir, capsys):
     assert "rosa2 eval --compiled" in capsys.readouterr().out
 
 
+BT_RECIPE = """
+[optimizer]
+kind = "better-together"
+p = "words"
+keep = "boxed"
+strategy = "p -> w"
+valset_ratio = 0.0
+[optimizer.p_settings]
+rounds = 1
+[update]
+objective = "sft"
+steps = 1
+batch_size = 2
+[critic]
+model = "engine"
+"""
+
+
+def test_better_together_reports_the_step_dspy_gave_up_on(tmp_path, tiny_model_dir, capsys):
+    """DSPy's BetterTogether logs a failed step and returns the best program so far; the compile says so."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    artifact = tmp_path / "bt"
+    assert run("compile", "--program", PROGRAM, "--optimizer", _tiny_recipe(tmp_path, BT_RECIPE), "--split", "train",
+               "--level", "1", "--limit", "2", "--model", str(model), "--max-tokens", "8", "--threads", "2",
+               "--out", str(artifact)) == 0
+    meta = json.loads((artifact / "compile.json").read_text())
+    strategies = [h["strategy"] for h in meta["history"]]
+    assert "original" in strategies and "p" in strategies and "p -> w" not in strategies
+    # the random tiny model boxes nothing, so BootstrapFinetune has no trace to train on
+    assert any("no training data" in m for m in meta["dspy_errors"]) and meta["adapter_l2_shift"] == 0.0
+    assert "recipe: DSPy reported:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text,message", [
     ("[optimizer]\nkind = 'magic'\n", "kind must be one of"),
     ("[optimizer\nkind = 'lora'", "not valid TOML"),
