@@ -350,8 +350,9 @@ def _program_kwargs(args) -> dict:
 
 
 class _DSPyErrors:
-    """Collects the errors DSPy logs and carries on from while compiling (BetterTogether, for one, logs a
-    failed step and returns the best program so far); DSPy's log stream is off in this CLI."""
+    """Collects the errors DSPy's optimizers log and carry on from while compiling (BetterTogether, for one,
+    logs a failed step and returns the best program so far); DSPy's log stream is off in this CLI. First line
+    of each, without colour codes; the per-example parse failures of evaluation are not collected."""
 
     def __enter__(self):
         import logging
@@ -359,8 +360,8 @@ class _DSPyErrors:
         self.messages: list[str] = []
         handler = logging.Handler(level=logging.ERROR)
         handler.emit = lambda record: self.messages.append(
-            re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).strip())
-        self._handler, self._logger = handler, logging.getLogger("dspy")
+            re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).strip().split("\n")[0][:500])
+        self._handler, self._logger = handler, logging.getLogger("dspy.teleprompt")
         self._logger.addHandler(handler)
         return self
 
