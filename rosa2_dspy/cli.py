@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default")
     bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"])
-    bu.add_argument("--rows", type=int, default=8, help="training rows (fewer than --batch-size: a smaller batch, "
-                    "except for kto, which repeats rows to fill its batch)")
+    bu.add_argument("--rows", type=int, default=8, help="training rows, 1..8 (fewer than --batch-size: a smaller "
+                    "batch; kto takes at least 2, repeating a lone row)")
     bu.add_argument("--steps", type=int, default=4)
     bu.add_argument("--batch-size", type=int, default=4)
     bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
