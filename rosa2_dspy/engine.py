@@ -421,7 +421,7 @@ class LocalEngine:
             self._updates_waiting += 1
         try:
             with self.weights_lock:
-                self._weights_id_cache = None  # the weights are about to change
+                self._weights_changing()
                 yield
         finally:
             with self._updates:
@@ -593,6 +593,11 @@ class LocalEngine:
             for handle in handles:
                 handle.remove()
 
+    def _weights_changing(self) -> None:
+        """Called under ``weights_lock`` before the weights change: drops the cached id, so that the
+        lock-free read in :attr:`weights_id` cannot return it while the change is under way."""
+        self._weights_id_cache = None
+
     def mark_changed(self) -> None:
         """Record that weights changed (called by anything that updates the adapter)."""
         with self.weights_lock:
@@ -613,6 +618,7 @@ class LocalEngine:
                 return self.peft_model
             lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM")
+            self._weights_changing()
             self.peft_model = get_peft_model(self.model, lora_config)
             self.model = self.peft_model
             self._pristine_adapter = self.snapshot()
@@ -637,7 +643,7 @@ class LocalEngine:
             state = self.adapter_state()
             if set(state) != set(snapshot):
                 raise ValueError("snapshot does not match the attached adapter's tensors")
-            self._weights_id_cache = None  # the weights are about to change
+            self._weights_changing()
             for name, tensor in state.items():
                 tensor.copy_(snapshot[name])
             self.mark_changed()
@@ -669,7 +675,7 @@ class LocalEngine:
         with self.weights_lock:
             if self.peft_model is None:
                 self.attach_adapter(LoraConfig.from_pretrained(str(path)))
-            self._weights_id_cache = None  # the weights are about to change
+            self._weights_changing()
             result = set_peft_model_state_dict(self.peft_model, load_file(str(weights)))
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter at {path} does not fit this model: {result.unexpected_keys[:3]}")
