@@ -6,7 +6,9 @@ the shift produced, peak RSS.
 
 ``rosa2 bench engine``: tokens/s on the same prompts for (a) raw transformers ``generate``,
 batch 1; (b) the engine, one request at a time; (c) the engine under 8 concurrent DSPy calls;
-(d) raw ``generate``, batch 8; plus the memory-bandwidth bound for batch 1 and peak RSS.
+(d) raw ``generate``, batch 8; plus the memory-bandwidth bound for batch 1 and peak RSS; and per batch
+size (``--batch-sizes``, default 1,8,16,32) decode and prefill tokens/s against the roofline measured on
+this machine in the model's dtype (``roofline_fraction``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
 
 
 def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
-                 cache_variants: bool = False, batch_sizes: list[int] | None = None, mixed_weights: int = 0) -> dict:
+                 cache_variants: bool = False, batch_sizes: list[int] | None = (1, 8, 16, 32),
+                 mixed_weights: int = 0) -> dict:
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
     engine = LocalEngine.shared(spec)
@@ -149,7 +152,7 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
     if cache_variants:
         results["cache_variants"] = bench_cache_variants(engine, prompts, max_tokens)
     if batch_sizes:
-        results["batch_sizes"] = bench_batch_sizes(engine, prompts, batch_sizes, max_tokens)
+        results["roofline"] = bench_roofline(engine, prompts, batch_sizes, max_tokens)
         results["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if mixed_weights:
         results["mixed_weights"] = bench_mixed_weights(engine, prompts, mixed_weights, max_tokens)
@@ -188,16 +191,67 @@ def _generate_exactly(engine, batch: list[list[int]], max_tokens: int, **extra) 
     return out[:, ids.shape[1]:], time.perf_counter() - started
 
 
-def bench_batch_sizes(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
-    """Raw greedy generate tokens/s at each batch size (the bench prompts cycled to fill the batch), with
-    exactly ``max_tokens`` new tokens per row: how far batching pays on this machine."""
-    out = {}
+def matmul_gflops(dtype, size: int = 2048, repeats: int = 3) -> float:
+    """Measured matmul throughput in ``dtype`` (square ``size`` matrices, best of a few runs)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up (first-call set-up, thread pool)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best / 1e9
+
+
+def decode_cost(model) -> tuple[int, int]:
+    """(bytes of weights read, FLOPs) per generated token of a decode step, short context.
+
+    Every linear layer's weights are read once per step whatever the batch, and each row costs 2
+    FLOPs per weight; the input embedding only gathers a row per token (unless tied to the output
+    head, which reads it whole). Attention over the KV cache is left out: small at the context
+    lengths here, so the roofline is a slight overestimate of what is reachable."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
+    tied = output is not None and output.data_ptr() == embedding.data_ptr()
+    read, flops = 0, 0
+    for name, param in model.named_parameters():
+        if param.data_ptr() == embedding.data_ptr() and not tied:
+            continue
+        read += param.numel() * param.element_size()
+        if param.dim() == 2:
+            flops += 2 * param.numel()
+    return read, flops
+
+
+def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
+    """Decode and prefill tokens/s of raw greedy ``generate`` per batch size, against the roofline.
+
+    The roofline of a decode step at batch B is the larger of reading the weights once at the measured
+    copy bandwidth and B tokens' FLOPs at the measured matmul throughput in the model's dtype; its
+    tokens/s is B over that time. Decode time is the time for ``max_tokens`` new tokens minus the time
+    for one (the prefill), so prompt processing does not count against decoding."""
+    dtype = next(engine.model.parameters()).dtype
+    bandwidth, gflops = copy_bandwidth_gbs(), matmul_gflops(dtype)
+    read, flops = decode_cost(engine.model)
+    out = {"dtype": str(dtype).replace("torch.", ""), "copy_bandwidth_gb_s": round(bandwidth, 1),
+           "matmul_gflop_s": round(gflops, 1), "weight_bytes_per_step": read, "flop_per_token": flops,
+           "new_tokens": max_tokens, "batches": {}}
     for size in sizes:
-        _, seconds = _generate_exactly(engine, [prompts[i % len(prompts)] for i in range(size)], max_tokens)
-        out[str(size)] = {"seconds": round(seconds, 2), "tokens_per_s": round(size * max_tokens / seconds, 1)}
-    base = out[str(sizes[0])]["tokens_per_s"]
-    for size in sizes:
-        out[str(size)]["vs_first"] = round(out[str(size)]["tokens_per_s"] / base, 2)
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        _, prefill = _generate_exactly(engine, batch, 1)
+        _, whole = _generate_exactly(engine, batch, max_tokens)
+        decode = max(whole - prefill, 1e-9)
+        memory_s, compute_s = read / (bandwidth * 1e9), size * flops / (gflops * 1e9)
+        roofline = size / max(memory_s, compute_s)
+        measured = size * (max_tokens - 1) / decode
+        out["batches"][str(size)] = {
+            "decode_tokens_per_s": round(measured, 1), "roofline_tokens_per_s": round(roofline, 1),
+            "roofline_fraction": round(measured / roofline, 3),
+            "bound": "memory" if memory_s >= compute_s else "compute",
+            "step_ms": round(1000 * decode / (max_tokens - 1), 1),
+            "roofline_step_ms": round(1000 * max(memory_s, compute_s), 1),
+            "prefill_tokens_per_s": round(sum(len(p) for p in batch) / prefill, 1)}
     return out
 
 

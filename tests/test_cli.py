@@ -86,13 +86,36 @@ def test_bench_engine_prints_json_with_every_measurement(tiny_model_dir, capsys)
     assert set(report["targets"]) == {"b_ge_0.95a", "c_ge_2.5a"}
 
 
-def test_bench_engine_batch_sizes(tiny_model_dir, capsys):
-    assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "3", "--concurrency", "2",
+def test_bench_engine_reports_the_roofline_per_batch_size(tiny_model_dir, capsys):
+    assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "4", "--concurrency", "2",
                "--batch-sizes", "1,3") == 0
-    sizes = json.loads(capsys.readouterr().out)["batch_sizes"]
-    assert set(sizes) == {"1", "3"} and sizes["1"]["vs_first"] == 1.0 and sizes["3"]["tokens_per_s"] > 0
+    roof = json.loads(capsys.readouterr().out)["roofline"]
+    assert set(roof["batches"]) == {"1", "3"} and roof["copy_bandwidth_gb_s"] > 0 and roof["matmul_gflop_s"] > 0
+    for size, row in roof["batches"].items():
+        step = max(roof["weight_bytes_per_step"] / (roof["copy_bandwidth_gb_s"] * 1e9),
+                   int(size) * roof["flop_per_token"] / (roof["matmul_gflop_s"] * 1e9))
+        assert row["roofline_tokens_per_s"] == pytest.approx(int(size) / step, rel=0.02)
+        assert row["roofline_fraction"] == pytest.approx(row["decode_tokens_per_s"] / row["roofline_tokens_per_s"],
+                                                         rel=0.02)
+        assert row["prefill_tokens_per_s"] > 0 and row["bound"] in ("memory", "compute")
     assert run("bench", "engine", "--batch-sizes", "8,many") == 2
     assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
+
+
+def test_decode_cost_counts_each_weight_once_and_the_embedding_only_when_tied(tiny_engine):
+    import torch
+
+    from rosa2_dspy.bench import decode_cost
+
+    model = tiny_engine.model  # hidden 64, MLP 128, 2 layers, 2 KV heads of 16, tied embedding
+    vocab = model.config.vocab_size
+    per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * (64 * 128)
+    norms = 2 * 2 * 64 + 64
+    assert decode_cost(model) == (4 * (2 * per_layer + norms + vocab * 64), 2 * (2 * per_layer + vocab * 64))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    read, flops = decode_cost(model)
+    assert (read, flops) == (4 * (2 * per_layer + norms + vocab * 64), 2 * (2 * per_layer + vocab * 64))
 
 
 def test_bench_engine_mixed_weights_matches_peft_and_leaves_the_engine_clean(tiny_model_dir, capsys):
