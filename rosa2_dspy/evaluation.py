@@ -189,7 +189,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(records: list[dict], *, wall_seconds: float, new_items: int) -> dict:
+def summarize(records: list[dict], *, wall_seconds: float, new_items: int, max_tokens: int | None = None) -> dict:
     n = len(records)
     count = lambda key: sum(1 for r in records if r.get(key))  # noqa: E731
     correct = count("correct")
@@ -206,6 +206,9 @@ def summarize(records: list[dict], *, wall_seconds: float, new_items: int) -> di
         "output_tokens": out_tokens,
         "mean_output_tokens": out_tokens / n if n else 0.0,
     }
+    if max_tokens:  # replies cut by the budget: a sign that it is too small for the model
+        summary["hit_token_cap_rate"] = sum(1 for r in records if (r.get("output_tokens") or 0) >= max_tokens) / n \
+            if n else 0.0
     if new_items:
         new = records[-new_items:]
         new_tokens = sum(r.get("output_tokens") or 0 for r in new)

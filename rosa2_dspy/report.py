@@ -69,9 +69,9 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
              "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.", "",
-             "| method | problems | accuracy (95% CI) | mean turns | mean L2 shift | boxed rate | s/problem "
-             "| gen / words / weights s | adapt÷gen per turn (wall / machine) | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | problems | accuracy (95% CI) | solved by turn 1..T | mean turns | mean L2 shift | boxed rate "
+             "| s/problem | gen / words / weights s | adapt÷gen per turn (wall / machine) | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, s in summaries.items():
         low, high = s["accuracy_ci95"]
         split = s["seconds_split_per_problem"]
@@ -79,7 +79,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         machine = s.get("adaptation_over_generation_per_turn_machine")
         ratios = "-" if ratio is None else f"{ratio:.2f} / {'-' if machine is None else f'{machine:.2f}'}"
         lines.append(
-            f"| {method} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) | {s['mean_turns']:.2f} "
+            f"| {method} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) "
+            f"| {' / '.join(f'{v:.0%}' for v in s['cumulative_accuracy_by_turn'])} | {s['mean_turns']:.2f} "
             f"| {s['mean_l2_shift']:.4f} | {s['boxed_rate']:.1%} | {s['seconds_per_problem']:.1f} "
             f"| {split['generation']:.1f} / {split['words']:.1f} / {split['weights']:.1f} "
             f"| {ratios} | {s['errors']} |")
