@@ -80,11 +80,13 @@ def test_incompatible_settings_are_not_mixed(tiny_engine):
     seen = []
     original = tiny_engine.generate_batch
 
-    def spy(prompts, settings, stops=None):
-        seen.append((len(prompts), settings))
-        return original(prompts, settings, stops)
+    def spy(prompts, settings, *args, **kwargs):  # the engine's own call shape, whatever its extra arguments
+        texts = [tiny_engine.tokenizer.decode(p) for p in prompts]
+        seen.append((settings.do_sample, sorted(t for t in ("g0", "g1", "s0", "s1") if any(t in x for x in texts))))
+        return original(prompts, settings, *args, **kwargs)
 
     tiny_engine.generate_batch = spy
+    tiny_engine.batch_window = 0.3  # both pairs arrive inside one window
     greedy, hot = tiny_engine.lm(cache=False, max_tokens=6), tiny_engine.lm(cache=False, max_tokens=6, temperature=1.0)
     barrier = threading.Barrier(4)
 
@@ -92,23 +94,25 @@ def test_incompatible_settings_are_not_mixed(tiny_engine):
         barrier.wait()
         lm(text)
 
-    threads = [threading.Thread(target=run, args=(lm, f"t{i}")) for i, lm in enumerate([greedy, hot, greedy, hot])]
+    threads = [threading.Thread(target=run, args=args) for args in
+               [(greedy, "g0"), (hot, "s0"), (greedy, "g1"), (hot, "s1")]]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sum(n for n, _ in seen) == 4
-    assert all(n <= 2 for n, _ in seen)  # a greedy and a sampled request never share a batch
-    assert {s.do_sample for _, s in seen} == {True, False}
+    # each greedy pair and sampled pair ran as one batch of its own kind: none mixed, none split
+    assert sorted(seen) == [(False, ["g0", "g1"]), (True, ["s0", "s1"])]
 
 
 def test_one_failing_request_fails_only_itself(tiny_engine):
     original = tiny_engine.generate_batch
+    calls = []
 
-    def flaky(prompts, settings, stops=None):
+    def flaky(prompts, settings, *args, **kwargs):
+        calls.append(len(prompts))
         if any(p[-1] == -1 for p in prompts):
             raise RuntimeError("bad request")
-        return original(prompts, settings, stops)
+        return original(prompts, settings, *args, **kwargs)
 
     tiny_engine.generate_batch = flaky
     good, bad = chat(tiny_engine, "fine"), chat(tiny_engine, "broken") + [-1]
@@ -116,6 +120,7 @@ def test_one_failing_request_fails_only_itself(tiny_engine):
 
     jobs = [_Job(good, GREEDY, ()), _Job(bad, GREEDY, ()), _Job(good, GREEDY, ())]
     tiny_engine._run(jobs)
+    assert calls == [3, 1, 1, 1]  # the batch failed on the bad request, then each ran alone
     assert jobs[0].future.result().text == jobs[2].future.result().text
     with pytest.raises(RuntimeError, match="bad request"):
         jobs[1].future.result()
