@@ -143,14 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(bc)
     bc.set_defaults(split="test", level="1")
     _add_model_args(bc)
-    # defaults sized so that --limit 30 (five methods, T = 3) finishes within an hour on a 2-core CPU (BENCHMARKS.md)
     _add_session_args(bc, method_default="all", samples=1)
     bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
-    bc.add_argument("--max-tokens", type=int, default=192,
-                    help="generation budget per call (default 192: the embedded model's replies that box an "
-                         "answer are short, the rest ramble to any cap)")
+    bc.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
     bc.add_argument("--threads", type=int, default=32,
                     help="conversations in flight, every method (default 32, the engine's largest batch)")
     bc.add_argument("--out", required=True)
@@ -325,7 +323,8 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     dspy.configure(lm=lm)
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
     update_cfg = session_update_config(objective=args.objective, steps=args.update_steps,
-                                       batch_size=args.update_batch, max_shift_per_session=args.max_shift)
+                                       batch_size=args.update_batch, max_shift_per_session=args.max_shift,
+                                       max_length=args.max_tokens + 512)  # a whole reply and its prompt
     updater = LoRAUpdater(engine, update_cfg)
     for method in methods:
         policy = get_policy(method)

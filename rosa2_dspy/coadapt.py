@@ -131,8 +131,10 @@ def session_update_config(**overrides) -> UpdateConfig:
     at least 2, in which a turn's lone rejected reply would be repeated (BENCHMARKS.md: 2.6x faster on
     one row, 1.4x on two, the same L2 shift). ``objective="kto"`` restores KTO. A batch holds up to 4 rows
     (never more than there are), so a turn's rows, rejected and desirable, share its one step when
-    T <= 3 and samples <= 2. ``None`` overrides are ignored."""
-    values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=512)
+    T <= 3 and samples <= 2. ``max_length`` (prompt plus reply tokens; TRL cuts longer rows from the right)
+    must cover a whole reply, or the update never sees the final answer it is about: the default fits a
+    1024-token reply. ``None`` overrides are ignored."""
+    values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return UpdateConfig(**values)
 
