@@ -665,6 +665,16 @@ def _bench_compare(args) -> int:
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled)
 
 
+def _check_ranges(args) -> None:
+    """Flags shared by several commands, refused before anything loads or is written."""
+    for flag, low in (("max_tokens", 1), ("threads", 1), ("turns", 1), ("samples", 0), ("temperature", 0.0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    if getattr(args, "max_shift", None) is not None and args.max_shift <= 0:
+        raise CLIError(f"--max-shift must be > 0, got {args.max_shift}")
+
+
 COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench}
 
 
@@ -678,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     from rosa2_dspy.program_loader import ProgramError
 
     try:
+        _check_ranges(args)
         return COMMANDS[args.command](args)
     except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
         print(f"rosa2: error: {exc}", file=sys.stderr)

@@ -19,6 +19,12 @@ def run(*args):
     (["--program", f"{PROGRAM}:Nope"], "defines no 'Nope'"),
     (["--model", "/no/such/model", "--limit", "1"], "not found"),
     (["--limit", "-1"], "--limit must be >= 0"),
+    (["--max-tokens", "-3"], "--max-tokens must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--method", "rosa2", "--turns", "0"], "--turns must be >= 1"),
+    (["--method", "ttt", "--max-shift", "0"], "--max-shift must be > 0"),
+    (["--model", "no-such-model"], "not an embedded model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = run("eval", "--out", str(tmp_path / "run"), *args)
@@ -32,6 +38,15 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("x")
     assert run("eval", "--limit", "1", "--out", str(blocker / "run")) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_empty_data_file_is_refused_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run("eval", "--data", str(empty), "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rosa2: error: data file") and "is empty" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_malformed_data_file_is_refused(tmp_path, capsys):

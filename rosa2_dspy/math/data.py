@@ -53,13 +53,15 @@ def _read_json(path: Path):
     import datasets
 
     datasets.disable_progress_bars()
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty: give one JSON object per line")
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad file
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise DataError(f"cannot read data file {path}: {type(cause).__name__}: {str(cause).splitlines()[0][:160]}") \
+        raise DataError(f"cannot read data file {path}: {type(cause).__name__}: {(str(cause).splitlines() or ['-'])[0][:160]}") \
             from None
 
 
