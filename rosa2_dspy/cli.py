@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=1024,
                     help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ev.add_argument("--threads", type=int, default=16, help="problems in flight; the engine batches them (default 16)")
+    ev.add_argument("--threads", type=int, default=32,
+                    help="problems in flight; the engine batches them (default 32, its largest batch: on 2 cores "
+                         "the 1.5B model gives 1.4x the problems per minute of 16)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
     ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
     _add_session_args(ev, method_default=None)
