@@ -25,14 +25,16 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_tiny_model(tokenizer, seed: int = 0):
+def make_tiny_model(tokenizer, seed: int = 0, init: float = 0.02):
+    """A 2-layer Llama. At the usual init (0.02) it greedily repeats one token; ``init=0.2`` makes its
+    greedy replies vary token by token, which tests of token-exact equality need to mean anything."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True, initializer_range=init, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config).eval()
 
@@ -42,6 +44,14 @@ def tiny_engine(tokenizer):
     from rosa2_dspy.engine import LocalEngine
 
     return LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+
+
+@pytest.fixture()
+def lively_engine(tokenizer):
+    """A tiny engine whose greedy replies differ token by token (see make_tiny_model)."""
+    from rosa2_dspy.engine import LocalEngine
+
+    return LocalEngine(make_tiny_model(tokenizer, init=0.2), tokenizer, name="lively")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,84 @@
+"""Continuous batching (rosa2_dspy.decode): rows joining and leaving a running batch between steps."""
+
+import torch
+
+from rosa2_dspy.decode import ContinuousDecoder, Row
+
+
+def _prompts(engine, n):
+    texts = ["What is 2+2?", "Name a prime.", "Say hello in French, please, and then count to five.",
+             "x", "Write a haiku about the sea and the moon and the stars.", "1, 2, 3,"]
+    return [engine.encode_chat([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(n)]
+
+
+def _alone(engine, ids, max_tokens):
+    """Greedy tokens of one prompt through plain transformers generate, no batch, no padding."""
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=max_tokens, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id,
+                                    eos_token_id=engine.eos_token_ids, temperature=None, top_p=None, top_k=None)
+    new = out[0, len(ids):].tolist()
+    for i, token in enumerate(new):
+        if token in engine.eos_token_ids:
+            return new[:i]
+    return new
+
+
+def _decoder(engine, max_rows):
+    return ContinuousDecoder(engine.model, engine.tokenizer, engine.eos_token_ids, engine.tokenizer.pad_token_id,
+                             max_rows=max_rows)
+
+
+def test_greedy_rows_equal_their_unbatched_generate_while_rows_join_and_leave(lively_engine):
+    prompts = _prompts(lively_engine, 6)
+    budgets = [3, 17, 9, 25, 5, 12]  # rows end at different steps, so slots free up and refill mid-run
+    rows = [Row(ids, budget) for ids, budget in zip(prompts, budgets)]
+    decoder = _decoder(lively_engine, max_rows=3)
+    joined_late = []
+    waiting = list(rows)
+    while waiting or decoder.rows:
+        joining, waiting = waiting[: decoder.free], waiting[decoder.free:]
+        if joining and decoder.rows:
+            joined_late.append(len(joining))
+        decoder.step(joining)
+    assert joined_late, "no row ever joined a running batch: the test would not exercise the merge"
+    assert len({tuple(r.generated[:3]) for r in rows}) > 1  # replies differ, so equality below means something
+    for row, ids, budget in zip(rows, prompts, budgets):
+        assert row.generated == _alone(lively_engine, ids, budget)
+        assert row.finish == ("length" if len(row.generated) == budget else "stop")
+    assert decoder.rows == [] and decoder.cache is None
+
+
+def test_a_seeded_sampled_row_repeats_whichever_rows_run_beside_it(lively_engine):
+    prompts = _prompts(lively_engine, 5)
+
+    def sampled(ids):
+        return Row(ids, 12, temperature=1.0, top_p=0.9, seed=1234)
+
+    alone = _decoder(lively_engine, 4).run([sampled(prompts[0])])[0].generated
+    crowd = [Row(p, n) for p, n in zip(prompts[1:], (4, 20, 7))] + [sampled(prompts[0])]
+    beside = _decoder(lively_engine, 2).run(crowd)[-1].generated  # joins late, into a batch of others
+    assert alone == beside and len(alone) > 0
+    other_seed = Row(prompts[0], 12, temperature=1.0, top_p=0.9, seed=99)
+    assert _decoder(lively_engine, 1).run([other_seed])[0].generated != alone
+
+
+def test_stop_strings_cut_a_row_and_free_its_slot(lively_engine):
+    ids = _prompts(lively_engine, 1)[0]
+    free_run = _decoder(lively_engine, 2).run([Row(ids, 20)])[0]
+    decoder = _decoder(lively_engine, 2)
+    text = decoder.text_of(free_run)
+    cut = next(i for i in range(len(text) // 2, len(text)) if text[i].strip())  # a visible character past the middle
+    stop = text[cut]
+    assert 0 < text.find(stop) < len(text) - 1, text
+    row = decoder.run([Row(ids, 20, stop=(stop,))])[0]
+    assert row.finish == "stop" and decoder.text_of(row) == text[: text.find(stop)]
+    assert len(row.generated) < len(free_run.generated)
+
+
+def test_more_joiners_than_free_slots_is_refused(lively_engine):
+    import pytest
+
+    decoder = _decoder(lively_engine, 1)
+    with pytest.raises(ValueError, match="cannot join"):
+        decoder.step([Row([1, 2], 3), Row([1, 2], 3)])
