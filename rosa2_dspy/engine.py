@@ -174,7 +174,8 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer, *, name: str = "model", fingerprint: str | None = None,
                  spec: str | None = None, max_batch: int = 32, batch_window: float = 0.02,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, info: dict | None = None):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, info: dict | None = None,
+                 continuous: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -182,6 +183,7 @@ class LocalEngine:
         self.info = dict(info or {})
         self.base_fingerprint = fingerprint or self._hash_parameters(model)
         self.max_batch = max_batch
+        self.continuous = continuous  # serve with continuous batching (rosa2_dspy.decode)
         self.batch_window = batch_window
         self.batch_window_max = 0.25  # a window stays open while requests keep arriving, up to this long
         self.default_max_tokens = default_max_tokens
@@ -371,7 +373,8 @@ class LocalEngine:
     def _ensure_worker(self) -> None:
         with self._worker_lock:
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._serve, name=f"LocalEngine[{self.name}]", daemon=True)
+                serve = self._serve_continuous if self.continuous else self._serve
+                self._worker = threading.Thread(target=serve, name=f"LocalEngine[{self.name}]", daemon=True)
                 self._worker.start()
 
     def _serve(self) -> None:
@@ -401,6 +404,64 @@ class LocalEngine:
             batch = [job for job in self._pending if job.settings.batch_key() == head][: self.max_batch]
             self._pending = [job for job in self._pending if job not in batch]
             self._run(batch)
+
+    def _serve_continuous(self) -> None:
+        """Continuous batching: one running batch that requests join as slots free up and leave as they end
+        (:class:`~rosa2_dspy.decode.ContinuousDecoder`). Greedy and sampled requests, budgets and stop
+        strings mix freely; rows asking for different pinned weights get their own LoRA update per row.
+
+        Weight updates: while one is announced no request joins; the running rows finish under the
+        weights they started with, then the updates land, then joining resumes (as a batch in
+        :meth:`_serve` finishes before an update)."""
+        from rosa2_dspy.decode import ContinuousDecoder, Row
+
+        decoder = ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids, self.tokenizer.pad_token_id,
+                                    max_rows=self.max_batch, forward_context=self._rows_context)
+        while True:
+            if not decoder.rows:
+                if not self._pending:
+                    self._pending.append(self._queue.get())
+                if self._wait_for_updates():
+                    continue
+            while True:  # whatever else has arrived
+                try:
+                    self._pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            joining = []
+            if not self._updates_waiting:
+                live = [job for job in self._pending[: decoder.free] if job.future.set_running_or_notify_cancel()]
+                self._pending = self._pending[decoder.free:]
+                joining = [Row(job.input_ids, job.settings.max_tokens,
+                               temperature=job.settings.temperature if job.settings.do_sample else 0.0,
+                               top_p=job.settings.top_p, top_k=job.settings.top_k, seed=job.settings.seed,
+                               stop=job.stop, tag=job) for job in live]
+            if not joining and not decoder.rows:
+                continue
+            try:
+                with self.weights_lock:
+                    finished = decoder.step(joining)
+            except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
+                for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
+                    if not row.tag.future.done():
+                        row.tag.future.set_exception(exc)
+                decoder = ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids,
+                                            self.tokenizer.pad_token_id, max_rows=self.max_batch,
+                                            forward_context=self._rows_context)
+                continue
+            self.stats["requests"] += len(finished)
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(decoder.rows) + len(finished))
+            for row in finished:
+                row.tag.future.set_result(Completion(decoder.text_of(row), len(row.input_ids), len(row.generated),
+                                                     row.finish, row.seconds))
+
+    def _rows_context(self, rows) -> contextlib.AbstractContextManager:
+        """The weights each row of a continuous batch asks for, around one forward (see :meth:`_weights_for`)."""
+        row_weights = self._weights_for([row.tag.settings.weights for row in rows])
+        if row_weights is None:
+            return contextlib.nullcontext()
+        self.stats["mixed_weights_batches"] += 1
+        return self._per_row_adapters(row_weights)
 
     def _wait_for_updates(self) -> bool:
         """Block while weight updates are announced; True if it waited."""

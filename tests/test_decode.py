@@ -82,3 +82,84 @@ def test_more_joiners_than_free_slots_is_refused(lively_engine):
     decoder = _decoder(lively_engine, 1)
     with pytest.raises(ValueError, match="cannot join"):
         decoder.step([Row([1, 2], 3), Row([1, 2], 3)])
+
+
+def _continuous(engine):
+    from rosa2_dspy.engine import LocalEngine
+
+    return LocalEngine(engine.model, engine.tokenizer, name="continuous", continuous=True)
+
+
+def test_the_engine_serves_mixed_requests_continuously_with_the_answers_of_unbatched_runs(lively_engine):
+    from concurrent.futures import wait
+
+    from rosa2_dspy.engine import GenSettings
+
+    prompts = _prompts(lively_engine, 6)
+    greedy = GenSettings(max_tokens=10, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    sampled = GenSettings(max_tokens=7, do_sample=True, temperature=1.0, top_p=0.9, top_k=None, seed=5)
+    requests = [(prompts[0], greedy), (prompts[1], sampled), (prompts[2], GenSettings(**{**greedy.__dict__,
+                                                                                        "max_tokens": 3})),
+                (prompts[3], greedy), (prompts[4], GenSettings(**{**sampled.__dict__, "seed": 6})),
+                (prompts[5], GenSettings(**{**greedy.__dict__, "max_tokens": 25}))]
+    alone = [lively_engine.generate_batch([p], s, seeds=[s.seed])[0] for p, s in requests]
+    engine = _continuous(lively_engine)
+    engine.max_batch = 4  # six requests, four slots: two join as the first ones end
+    futures = [engine.submit(p, s) for p, s in requests]
+    wait(futures, timeout=120)
+    got = [f.result() for f in futures]
+    assert [c.text for c in got] == [c.text for c in alone]
+    assert [c.output_tokens for c in got] == [c.output_tokens for c in alone]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in alone]
+    assert engine.stats["requests"] == 6 and engine.stats["max_batch_seen"] == 4
+    assert all(c.compute_seconds > 0 for c in got)
+
+
+def test_continuous_rows_with_different_pinned_weights_match_each_alone(lively_engine):
+    from concurrent.futures import wait
+
+    from test_engine import _pin_random_adapter
+
+    from rosa2_dspy.engine import GenSettings
+
+    engine = _continuous(lively_engine)
+    engine.attach_adapter()
+    pins = [engine.pin(), _pin_random_adapter(engine, 1), _pin_random_adapter(engine, 2)]
+    prompt = engine.encode_chat([{"role": "user", "content": "Count to five."}])
+    greedy = GenSettings(max_tokens=8, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    alone = {}
+    for ident in pins:
+        engine.use_pinned(ident)
+        alone[ident] = engine.generate_batch([prompt], greedy)[0].text
+    assert len(set(alone.values())) == len(pins)
+    futures = {ident: engine.submit(prompt, GenSettings(**{**greedy.__dict__, "weights": ident})) for ident in pins}
+    wait(list(futures.values()), timeout=60)
+    assert {ident: f.result().text for ident, f in futures.items()} == alone
+
+
+def test_no_request_joins_while_an_update_is_announced(lively_engine):
+    import threading
+    import time
+
+    from rosa2_dspy.engine import GenSettings
+
+    engine = _continuous(lively_engine)
+    prompt = _prompts(engine, 1)[0]
+    greedy = GenSettings(max_tokens=4, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    expected = engine.submit(prompt, greedy).result(timeout=60).text
+    holding, release = threading.Event(), threading.Event()
+
+    def update():
+        with engine.updating():
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=update, daemon=True)
+    thread.start()
+    assert holding.wait(10)
+    queued = engine.submit(prompt, greedy)
+    time.sleep(0.3)
+    assert not queued.done()  # waits for the update
+    release.set()
+    assert queued.result(timeout=60).text == expected
+    thread.join(10)
