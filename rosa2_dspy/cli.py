@@ -61,6 +61,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "a local HF folder, or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
+    p.add_argument("--batching", choices=["padded", "continuous"], default="padded",
+                   help="padded: concurrent requests run as one left-padded generate that waits for its longest row "
+                        "(default); continuous: requests join and leave one running batch step by step")
 
 
 def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, samples: int = 2) -> None:
@@ -229,7 +232,8 @@ def cmd_eval(args) -> int:
 
     from rosa2_dspy.engine import LocalEngine
 
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                                continuous=args.batching == "continuous")
     if args.compiled:
         from rosa2_dspy.artifacts import load_compiled
 
@@ -250,6 +254,7 @@ def cmd_eval(args) -> int:
             if key in previous:
                 summary[key] = previous[key]
     summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
+                    "batching": args.batching, "threads": args.threads,
                     "dtype": engine.info.get("dtype"), "program": args.program, "split": args.split,
                     "engine_batches": dict(engine.stats)})
     if args.compiled:
@@ -313,7 +318,8 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     from rosa2_dspy.report import build_report
     from rosa2_dspy.weights import LoRAUpdater
 
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                                continuous=args.batching == "continuous")
     if compiled:
         from rosa2_dspy.artifacts import load_compiled
 
@@ -393,7 +399,8 @@ def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, ou
     recipe = load_recipe(recipe_path)
     kwargs = _program_kwargs(args)
     program = load_program(args.program, **kwargs)
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                                continuous=args.batching == "continuous")
     if engine.has_adapter:
         engine.reset_adapter()  # every compile starts from the base weights
     lm = local_finetunable_lm(engine, update_config(recipe, objective="sft"), pinned=True, cache=False,
@@ -481,7 +488,8 @@ def _bench_compile(args) -> int:
               "val_limit": args.val_limit, "eval_split": args.eval_split, "eval_level": args.eval_level,
               "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens}
     out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k != "eval_limit"))
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype)
+    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                                continuous=args.batching == "continuous")
     methods = {"baseline": None, **{Path(r).stem: r for r in recipes}}
     summaries = {}
     for name, recipe in methods.items():

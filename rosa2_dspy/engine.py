@@ -223,14 +223,22 @@ class LocalEngine:
 
     @classmethod
     def shared(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
-               dtype: str | None = None) -> LocalEngine:
-        """One engine per model per process: everything that needs the model borrows this one."""
+               dtype: str | None = None, continuous: bool | None = None) -> LocalEngine:
+        """One engine per model per process: everything that needs the model borrows this one.
+
+        ``continuous`` picks the serving mode (see :meth:`_serve_continuous`) before serving starts."""
         embedded = models.embedded_model(spec)  # 'default' and its name are one model: load it once
         key = (embedded.name if embedded else spec, device or "auto", dtype or "auto")
         with cls._registry_lock:
             if key not in cls._registry:
                 cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
-            return cls._registry[key]
+            engine = cls._registry[key]
+        if continuous is not None and continuous != engine.continuous:
+            with engine._worker_lock:
+                if engine._worker is not None and engine._worker.is_alive():
+                    raise ValueError("this engine is already serving in the other batching mode")
+                engine.continuous = continuous
+        return engine
 
     def __deepcopy__(self, memo):
         # The engine is a shared resource, like an HTTP client: copies of programs and LMs borrow it.
