@@ -134,7 +134,7 @@ class ContinuousDecoder:
             with self.forward_context(rows):
                 out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                  position_ids=position_ids.to(self.device), past_key_values=cache,
-                                 cache_position=cache_position.to(self.device), use_cache=True)
+                                 cache_position=cache_position.to(self.device), use_cache=True, logits_to_keep=1)
         finally:
             self.model.train(was_training)
         return out.logits[:, -1, :].float().cpu()
