@@ -141,7 +141,7 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *
             for done, future in enumerate(as_completed(futures), 1):
                 record = future.result()
                 results.append(record)
-                correct += bool(record.get("correct"))
+                correct += bool(record.get("correct") or record.get("solved"))  # a single answer, or a conversation
                 bar.update(task, advance=1, acc=f"{correct / done:.0%}")
     return time.perf_counter() - started
 

@@ -414,3 +414,18 @@ def test_the_batch_window_stays_open_while_requests_keep_arriving(tiny_engine):
     assert len({f.result(timeout=60).text for f in futures}) == 1
     assert tiny_engine.stats["batches"] - before["batches"] == 1
     assert tiny_engine.stats["max_batch_seen"] >= 4
+
+
+def test_the_output_head_sees_a_contiguous_last_position_with_an_adapter_attached(tiny_engine):
+    """generate slices the last position for the head; with PEFT's frozen head weight that strided slice made
+    matmul copy the whole head per row (a 5-row prefill of the 1.5B model: 19.6 s instead of 2.3 s)."""
+    tiny_engine.attach_adapter()
+    seen = []
+    head = tiny_engine.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: seen.append((args[0].is_contiguous(),
+                                                                               args[0].shape[1])))
+    try:
+        tiny_engine.generate_batch([chat(tiny_engine, "a"), chat(tiny_engine, "a longer prompt")], GREEDY)
+    finally:
+        handle.remove()
+    assert seen and all(contiguous and positions == 1 for contiguous, positions in seen)
