@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-SAMPLE_TOP_K = 64
+SAMPLE_TOP_K = 64  # candidates a sampled token is drawn from when the request sets no top_k
 
 
 @dataclass(eq=False)

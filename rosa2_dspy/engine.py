@@ -105,7 +105,7 @@ class Completion:
     compute_seconds: float = 0.0  # this row's share of its batch's generate time
 
 
-SAMPLE_TOP_K = 64  # candidates a sampled token is drawn from when the request sets no top_k
+from rosa2_dspy.decode import SAMPLE_TOP_K  # noqa: E402 - candidates a sampled token is drawn from by default
 
 
 class _TopKSampler:
@@ -428,8 +428,11 @@ class LocalEngine:
         :meth:`_serve` finishes before an update)."""
         from rosa2_dspy.decode import ContinuousDecoder, Row
 
-        decoder = ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids, self.tokenizer.pad_token_id,
-                                    max_rows=self.max_batch, forward_context=self._rows_context)
+        def fresh() -> ContinuousDecoder:
+            return ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids, self.tokenizer.pad_token_id,
+                                     max_rows=self.max_batch, forward_context=self._rows_context)
+
+        decoder = fresh()
         while True:
             if not decoder.rows:
                 if not self._pending:
@@ -458,9 +461,7 @@ class LocalEngine:
                 for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
                     if not row.tag.future.done():
                         row.tag.future.set_exception(exc)
-                decoder = ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids,
-                                            self.tokenizer.pad_token_id, max_rows=self.max_batch,
-                                            forward_context=self._rows_context)
+                decoder = fresh()
                 continue
             self.stats["requests"] += len(finished)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(decoder.rows) + len(finished))
