@@ -73,7 +73,9 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, sa
         p.add_argument("--method", help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2, or a session recipe "
                                        "(optimizers/rosa2.toml); default: one plain pass")
     p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
-    p.add_argument("--user", default="vague", help="simulated user: oracle, vague (default), hint")
+    p.add_argument("--user", default="vague",
+                   help="simulated user: oracle ('Incorrect.'), vague (default: a contentless complaint), hint (the "
+                        "failure kind), sharded (withholds one or two conditions and reveals one per failed turn)")
     p.add_argument("--samples", type=int, default=samples, help=f"replies sampled per weights step (default {samples})")
     p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
     p.add_argument("--update-batch", type=int, default=4,
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.set_defaults(split="test", level="1")
     _add_model_args(bc)
     _add_session_args(bc, method_default="all", samples=1)
-    bc.add_argument("--methods", default="single,pe,ttt,pe-then-ttt,rosa2", help="comma-separated methods")
+    bc.add_argument("--methods", help="comma-separated methods (default single,pe,ttt,pe-then-ttt,rosa2; with "
+                                      "--user sharded also whole, the whole problem in one pass)")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--max-tokens", type=int, default=1024,
@@ -174,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--threads", type=int, default=8)
     bk.add_argument("--out", required=True)
     bk.add_argument("--no-progress", action="store_true")
+
+    sh = sub.add_parser("shards", help="how many problems a sharded user poses with a semantic gap (no model)")
+    _add_data_args(sh)
+    sh.set_defaults(split="test", level="1,2,3")
+    sh.add_argument("--show", type=int, default=0, help="also print this many problems as the user poses them")
 
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
@@ -652,7 +660,8 @@ def _bench_compare(args) -> int:
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    default = ("whole," if args.user == "sharded" else "") + "single,pe,ttt,pe-then-ttt,rosa2"
+    methods = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
     for method in methods:
         get_policy(method)
     if args.limit is None or args.limit < 1:
@@ -685,7 +694,25 @@ def _check_ranges(args) -> None:
         raise CLIError(f"--max-shift must be > 0, got {args.max_shift}")
 
 
-COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench}
+def cmd_shards(args) -> int:
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.math.shards import gap_counts, shard_example
+
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit, seed=None if args.no_shuffle else args.seed)
+    if not examples:
+        raise CLIError("no problems match the given split and filters")
+    if args.show < 0:
+        raise CLIError(f"--show must be >= 0, got {args.show}")
+    counts = gap_counts(examples, seed=args.seed)
+    counts["shown"] = [{"unique_id": e.unique_id, **shard_example(e, args.seed).to_dict()}
+                       for e in examples[:args.show]]
+    print(json.dumps({"split": args.split, "level": args.level, "seed": args.seed, **counts}, indent=2))
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench, "shards": cmd_shards}
 
 
 def main(argv: list[str] | None = None) -> int:

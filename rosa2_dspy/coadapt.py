@@ -18,9 +18,10 @@ for them by name, so conversations with different adapters still share batched g
 announced (:meth:`~rosa2_dspy.engine.LocalEngine.updating`) so they land back to back ahead of generation.
 
 The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
-turn), ``pe`` (words only), ``ttt`` (weights only; the raw feedback is appended to the original
-prompt), ``pe-then-ttt`` (words for the first half of the budget, weights after) and ``rosa2``
-(both every turn, words first).
+turn), ``whole`` (one turn on the whole problem, whatever the user withholds: the upper bound for a
+sharded user), ``pe`` (words only), ``ttt`` (weights only; the raw feedback, revealed conditions
+included, is appended to the user's first message), ``pe-then-ttt`` (words for the first half of the
+budget, weights after) and ``rosa2`` (both every turn, words first).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Policy:
     words: str = "never"  # never | always | first-half
     weights: str = "never"  # never | always | second-half
     single_turn: bool = False
+    whole_problem: bool = False  # pose the whole problem whatever the user withholds (the upper bound)
 
     def steps(self, turn: int, turns: int) -> tuple[bool, bool]:
         half = turns // 2 if turns > 2 else 1  # adaptation steps happen after turns 1 .. turns-1
@@ -61,6 +63,7 @@ class Policy:
 
 POLICIES = {
     "single": Policy("single", single_turn=True),
+    "whole": Policy("whole", single_turn=True, whole_problem=True),
     "pe": Policy("pe", words="always"),
     "ttt": Policy("ttt", weights="always"),
     "pe-then-ttt": Policy("pe-then-ttt", words="first-half", weights="second-half"),
@@ -232,13 +235,14 @@ class Session:
         predictor = self.answer_predictor
         return self.adapter.format(predictor.signature, list(predictor.demos), {"problem": statement})
 
-    def words_step(self, conv: Conversation, problem: str, history: list[dict], feedback: str):
+    def words_step(self, conv: Conversation, problem: str, history: list[dict], feedback: str,
+                   revealed: list[str] | None = None):
         from rosa2_dspy.words import refine
 
         # the critic is the conversation's own model (its pinned weights), unless the session names one:
         # DSPy's configured LM follows whatever weights the engine holds, which other conversations change
         return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm or conv.lm,
-                      adapter=self.adapter, max_tokens=self.config.words_max_tokens)
+                      adapter=self.adapter, max_tokens=self.config.words_max_tokens, revealed=revealed)
 
     def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],
                          turn: int) -> tuple[list[str], list[dict]]:
@@ -305,6 +309,11 @@ class Session:
         conv = self.begin(example)
         record = {"unique_id": example.unique_id, "subject": example.get("subject"), "level": example.get("level"),
                   "gold": example.answer, "method": self.policy.name, "turns": [], "error": None}
+        # how the user posed it (a sharded user: what it withheld); a user needs only `judge`
+        posed = self.user.describe(example) if hasattr(self.user, "describe") else None
+        if posed is not None:
+            record["posed"] = posed
+            record["semantic_gap"] = bool(posed.get("semantic_gap"))
         try:
             record.update(self._converse(conv, record["turns"]))
         except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded; the run goes on
@@ -327,7 +336,10 @@ class Session:
     def _converse(self, conv: Conversation, turns: list[dict]) -> dict:
         cfg, policy, example = self.config, self.policy, conv.example
         budget = 1 if policy.single_turn else cfg.turns
-        problem = statement = example.problem
+        # the user's first message: the problem, or a sharded user's first turn (the `whole` method: the problem)
+        opening = getattr(self.user, "opening", None)
+        problem = statement = example.problem if policy.whole_problem or opening is None else opening(example)
+        revealed: list[str] = []  # pieces of the problem the user told after turn 1
         history: list[dict] = []
         rejected_answers: set[str] = set()
         rejected_replies: list[str] = []
@@ -345,6 +357,8 @@ class Session:
                      "feedback": verdict.feedback, "words": None, "weights": None,
                      "generated_tokens": usage["output_tokens"], "seconds": seconds, "compute_seconds": compute}
             turns.append(entry)
+            if getattr(verdict, "revealed", None):
+                entry["revealed"] = verdict.revealed
             if verdict.accepted:
                 return {"solved": True, "turns_used": turn}
             if turn == budget:
@@ -352,12 +366,14 @@ class Session:
             if _normalized(answer):
                 rejected_answers.add(_normalized(answer))
             rejected_replies.append(reply)
+            if getattr(verdict, "revealed", None):
+                revealed.append(verdict.revealed)
             history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
             do_words, do_weights = policy.steps(turn, budget)
             if do_words:  # 3. words step
                 t0 = time.perf_counter()
                 with usage_scope() as usage:
-                    refinement = self.words_step(conv, problem, history, verdict.feedback)
+                    refinement = self.words_step(conv, problem, history, verdict.feedback, revealed)
                 compute["words"] = usage["compute_seconds"]
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()

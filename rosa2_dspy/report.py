@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rosa2_dspy.evaluation import ResultsFile, wilson_interval, write_json_atomic, write_text_atomic
@@ -38,7 +39,11 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
     by_turn = []
     for k in range(1, turns + 1):
         by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)
+    words_steps = [t["words"] for t in all_turns if t.get("words")]
+    fallbacks = sum(1 for w in words_steps if w.get("fallback"))
     return {
+        "words_steps": len(words_steps), "words_fallbacks": fallbacks,
+        "words_fallback_rate": fallbacks / len(words_steps) if words_steps else None,
         "problems": n, "solved": solved, "accuracy": solved / n if n else 0.0, "accuracy_ci95": [low, high],
         "mean_turns": sum(r["turns_used"] if r.get("solved") else turns for r in records) / n if n else 0.0,
         "mean_l2_shift": sum(r.get("l2_shift", 0.0) for r in records) / n if n else 0.0,
@@ -54,18 +59,59 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
     }
 
 
-def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare") -> Path:
-    """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png."""
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (a binomial test at 1/2)."""
+    n = b + c
+    if not n:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed: int = 0) -> dict:
+    """Method A's accuracy minus method B's on the problems both ran (paired by ``unique_id``): the
+    difference, a 95% paired-bootstrap interval, the discordant counts and McNemar's exact p-value."""
+    import numpy as np
+
+    solved_b = {r["unique_id"]: bool(r.get("solved")) for r in b}
+    pairs = [(bool(r.get("solved")), solved_b[r["unique_id"]]) for r in a if r["unique_id"] in solved_b]
+    n = len(pairs)
+    if not n:
+        return {"problems": 0}
+    diffs = np.array([int(x) - int(y) for x, y in pairs], dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    a_only, b_only = int((diffs > 0).sum()), int((diffs < 0).sum())
+    p = mcnemar_exact(a_only, b_only)
+    return {"problems": n, "difference": float(diffs.mean()), "ci95": [float(low), float(high)],
+            "a_only": a_only, "b_only": b_only, "mcnemar_p": float(p)}
+
+
+def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
+                 reference: str = "rosa2") -> Path:
+    """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
+    ``reference``'s accuracy is compared, paired, with each other method's; records that say whether the
+    problem had a semantic gap (a sharded user) are also summarised per side of that split."""
     out = Path(out)
-    summaries = {}
+    records, summaries = {}, {}
     for method in methods:
         path = out / method / "results.jsonl"
         if not path.exists():
             continue
-        summaries[method] = summarize_sessions(list(ResultsFile(path).records.values()), turns)
+        records[method] = list(ResultsFile(path).records.values())
+        summaries[method] = summarize_sessions(records[method], turns)
     if not summaries:
         raise ValueError(f"no results under {out}: run the methods first")
-    write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries})
+    paired = {f"{reference} - {m}": paired_difference(records[reference], records[m])
+              for m in records if reference in records and m != reference}
+    by_gap = {}
+    if any("semantic_gap" in r for rs in records.values() for r in rs):
+        for method, rs in records.items():
+            by_gap[method] = {side: summarize_sessions([r for r in rs if bool(r.get("semantic_gap")) == flag], turns)
+                              for side, flag in (("gap", True), ("no_gap", False))}
+    write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries, "paired": paired,
+                                             "by_semantic_gap": by_gap or None})
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
              "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.", "",
@@ -96,6 +142,34 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
             ratio = "-" if machine is None else f"{machine:.2f}"
             lines.append(f"| {method} | {m['generation']:.2f} | {m['words']:.2f} | {m['sampling']:.2f} "
                          f"| {m['update']:.2f} | {ratio} |")
+    if paired:
+        lines += ["", f"Paired differences in accuracy, {reference} minus each method, on the problems both ran: "
+                  "95% paired-bootstrap interval; discordant problems (solved by one only) and McNemar's exact "
+                  "p-value.", "", "| comparison | problems | difference (95% CI) | only " + reference +
+                  " solved | only the other solved | McNemar p |", "|---|---:|---:|---:|---:|---:|"]
+        for name, d in paired.items():
+            if d["problems"]:
+                low, high = d["ci95"]
+                lines.append(f"| {name} | {d['problems']} | {d['difference']:+.1%} ({low:+.1%} to {high:+.1%}) "
+                             f"| {d['a_only']} | {d['b_only']} | {d['mcnemar_p']:.3g} |")
+    if by_gap:
+        lines += ["", "By semantic gap: *gap* = the user withheld part of the problem at turn 1 and revealed it "
+                  "turn by turn; *no gap* = it could not be split and was posed whole. `whole` poses the whole "
+                  "problem at once (the single-turn upper bound).", "",
+                  "| method | side | problems | accuracy (95% CI) | solved by turn 1..T | mean turns | mean L2 shift "
+                  "| words fallback |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for method, sides in by_gap.items():
+            for side, s in sides.items():
+                if not s["problems"]:
+                    continue
+                low, high = s["accuracy_ci95"]
+                rate = s["words_fallback_rate"]
+                fallback = "-" if rate is None else f"{rate:.0%} of {s['words_steps']}"
+                lines.append(
+                    f"| {method} | {side.replace('_', ' ')} | {s['problems']} | {s['accuracy']:.1%} "
+                    f"({low:.0%}-{high:.0%}) | {' / '.join(f'{v:.0%}' for v in s['cumulative_accuracy_by_turn'])} "
+                    f"| {s['mean_turns']:.2f} | {s['mean_l2_shift']:.4f} "
+                    f"| {fallback} |")
     lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))

@@ -690,7 +690,8 @@ def _lost_problem(problem: str, clarified: str) -> bool:
 
 
 def refine(clarify: Any, problem: str, history: list | None, feedback: str, critic_lm: Any = None,
-           adapter: dspy.Adapter | None = None, max_tokens: int | None = None) -> Refinement:
+           adapter: dspy.Adapter | None = None, max_tokens: int | None = None,
+           revealed: list[str] | None = None) -> Refinement:
     """Turn the user's feedback on the last turn into a clarified problem for the next turn.
 
     The critic (``critic_lm``, else the clarify predictor's LM, else DSPy's) first says what was
@@ -699,6 +700,8 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
     input. An empty or garbled clarification, or one that drops all of the problem's numbers,
     falls back to the original problem with the feedback appended as a note. ``max_tokens`` caps
     each of the two calls (a critique and a restated problem are short; a small model rambles).
+    ``revealed``: pieces of the problem the user told after its first message (a sharded user); the
+    clarification must keep the numbers of each of them too, and the fallback restates them.
     """
     predictor = _clarify_predictor(clarify)
     config = {"max_tokens": max_tokens} if max_tokens else {}
@@ -727,10 +730,15 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
     except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
         clarified, fallback = "", f"the clarify call failed: {type(exc).__name__}"
     if not fallback:
-        reason = garbled_reason(clarified) or ("it drops every number of the problem"
-                                               if _lost_problem(problem, clarified) else None)
+        lost = [text for text in [problem, *(revealed or [])] if _lost_problem(text, clarified)]
+        reason = garbled_reason(clarified) or (
+            None if not lost else "it drops every number of the problem" if lost[0] is problem
+            else f"it drops every number of what the user added: {_clip(lost[0], 80)!r}")
         fallback = f"the clarified problem was rejected: {reason}" if reason else None
     if fallback:
         logger.info("refine: %s; using the original problem with the feedback as a note", fallback)
-        clarified = f"{problem.strip()}\n\nNote from the user about an earlier answer: {feedback.strip()}"
+        added = "".join(f"\n\nThe user added: {text.strip()}" for text in revealed or [])
+        note = "" if revealed and revealed[-1].strip() in feedback else \
+            f"\n\nNote from the user about an earlier answer: {feedback.strip()}"
+        clarified = f"{problem.strip()}{added}{note}"
     return Refinement(clarified_problem=clarified, critique=critique, fallback=fallback)

@@ -39,7 +39,7 @@ class SpySession(Session):
         self.calls.append("answer")
         return dspy.Prediction(answer="\\boxed{7}", reasoning="so \\boxed{7}"), "so \\boxed{7}"
 
-    def words_step(self, conv, problem, history, feedback):
+    def words_step(self, conv, problem, history, feedback, revealed=None):
         self.calls.append("words")
         return Refinement(clarified_problem=f"{problem} (clarified {len(history)})", critique="unclear")
 
@@ -50,6 +50,7 @@ class SpySession(Session):
 
 EXPECTED = {
     "single": ["answer"],
+    "whole": ["answer"],
     "pe": ["answer", "words"] * 3 + ["answer"],
     "ttt": ["answer", "weights"] * 3 + ["answer"],
     "pe-then-ttt": ["answer", "words", "answer", "words", "answer", "weights", "answer"],
@@ -63,7 +64,7 @@ def test_each_policy_calls_exactly_its_steps_in_order(tiny_engine, method):
     record = session.run(EXAMPLE)
     assert session.calls == EXPECTED[method]
     assert record["solved"] is False and record["error"] is None
-    assert record["turns_used"] == (1 if method == "single" else 4) == len(record["turns"])
+    assert record["turns_used"] == (1 if POLICIES[method].single_turn else 4) == len(record["turns"])
 
 
 def test_turns_stop_at_acceptance_and_ttt_appends_raw_feedback(tiny_engine):
@@ -76,7 +77,7 @@ def test_turns_stop_at_acceptance_and_ttt_appends_raw_feedback(tiny_engine):
 
 def test_a_raising_step_is_recorded_and_the_next_problem_runs(tiny_engine):
     class Broken(SpySession):
-        def words_step(self, conv, problem, history, feedback):
+        def words_step(self, conv, problem, history, feedback, revealed=None):
             raise RuntimeError("critic down")
 
     session = Broken(MathSolver(), tiny_engine, "pe", ScriptedUser(), SessionConfig(turns=3))
