@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -109,6 +110,18 @@ def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[
     return out
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(description: str, done: int, total: int, correct: int, elapsed: float) -> str:
+    """One line of progress for a log: done/total, accuracy so far, elapsed and the remaining time at this pace."""
+    eta = elapsed / done * (total - done) if done else 0.0
+    return (f"{description}: {done}/{total} done, acc {correct / done:.0%}, elapsed {_clock(elapsed)}, "
+            f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done")
+
+
 def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *, threads: int = 1,
               description: str = "problems", progress: bool = True) -> float:
     """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
@@ -124,9 +137,14 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    from rich.console import Console
+
+    # a terminal gets a live bar; a log file (nohup, CI) a plain line at most once a minute, and at the end
+    plain = progress and not Console(stderr=True).is_terminal
+    last_line = started
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not progress or plain, transient=False) as bar:
         task = bar.add_task(description, total=len(todo), acc="-")
         correct = 0
 
@@ -143,6 +161,11 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *
                 results.append(record)
                 correct += bool(record.get("correct") or record.get("solved"))  # a single answer, or a conversation
                 bar.update(task, advance=1, acc=f"{correct / done:.0%}")
+                now = time.perf_counter()
+                if plain and (now - last_line >= 60 or done == len(todo)):
+                    last_line = now
+                    print(progress_line(description, done, len(todo), correct, now - started), file=sys.stderr,
+                          flush=True)
     return time.perf_counter() - started
 
 

@@ -264,3 +264,17 @@ def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_d
         assert report["rows"] == 1 and report["trainer_batch_size"] == batch and report["l2_shift_per_update"] > 0
     assert run("bench", "update", "--model", str(tiny_model_dir), "--rows", "0") == 2
     assert "--rows 1..8" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_is_plain_lines_with_accuracy_and_eta(tmp_path, capsys):
+    import dspy
+
+    from rosa2_dspy.evaluation import ResultsFile, progress_line, run_items
+
+    items = [dspy.Example(unique_id=f"p{i}") for i in range(3)]
+    results = ResultsFile(tmp_path / "results.jsonl")
+    run_items(items, lambda e: {"unique_id": e.unique_id, "solved": e.unique_id != "p1"}, results, description="pe")
+    err = capsys.readouterr().err  # not a terminal: no live bar, one closing line
+    assert err.strip().splitlines()[-1].startswith("pe: 3/3 done, acc 67%, elapsed 0:00:0")
+    assert progress_line("rosa2", 10, 40, 5, 600.0) == "rosa2: 10/40 done, acc 50%, elapsed 0:10:00, ETA 0:30:00"
+    assert len(results.records) == 3
