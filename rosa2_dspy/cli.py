@@ -223,11 +223,9 @@ def cmd_eval(args) -> int:
     kwargs.update(_program_kwargs(args))
     program = load_program(args.program, **kwargs)
     config = {
-        "command": "eval", "program": args.program, "program_kwargs": kwargs, "split": args.split,
-        "compiled": str(Path(args.compiled).resolve()) if args.compiled else None,
-        "data_file": args.data_file, "subject": args.subject, "level": args.level, "ids": args.ids,
-        "seed": args.seed, "shuffle": not args.no_shuffle, "model": args.model, "max_tokens": args.max_tokens,
-        "temperature": args.temperature, "limit": args.limit,
+        "command": "eval", "program": args.program, "program_kwargs": kwargs,
+        "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_data_identity(args),
+        "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
     }
     if args.method:
         config.update(_session_config(args), method=args.method)
@@ -249,18 +247,17 @@ def cmd_eval(args) -> int:
     lm = engine.lm(cache=args.cache, max_tokens=args.max_tokens, temperature=args.temperature)
     dspy.configure(lm=lm)
     results = ResultsFile(out / "results.jsonl")
-    done_before = sum(1 for e in examples if e.unique_id in results.records)
+    ran_now = [e.unique_id for e in examples if e.unique_id not in results.records]
+    done_before = len(examples) - len(ran_now)
     if done_before:
         print(f"resuming: {done_before} of {len(examples)} problems already in {out / 'results.jsonl'}")
     wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=args.threads,
                      description="eval", progress=not args.no_progress)
+    # only the requested problems (a run folder may hold more, from a larger --limit); throughput only from
+    # the problems this invocation ran, and none at all when it ran none
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
-    summary = summarize(records, wall_seconds=wall, new_items=len(examples) - done_before, max_tokens=args.max_tokens)
-    if wall == 0 and (out / "summary.json").exists():  # nothing new ran: keep the last measured throughput
-        previous = json.loads((out / "summary.json").read_text())
-        for key in ("wall_seconds", "seconds_per_problem", "tokens_per_second"):
-            if key in previous:
-                summary[key] = previous[key]
+    ran = [results.records[uid] for uid in ran_now if uid in results.records]
+    summary = summarize(records, wall_seconds=wall, new_records=ran, max_tokens=args.max_tokens)
     summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
                     "batching": args.batching, "threads": args.threads,
                     "dtype": engine.info.get("dtype"), "program": args.program, "split": args.split,
@@ -274,6 +271,20 @@ def cmd_eval(args) -> int:
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary, out)
     return 0
+
+
+def _data_identity(args) -> dict:
+    """Everything that selects the problems of a run: part of a run folder's identity."""
+    data_sha256 = None
+    if args.data_file and Path(args.data_file).is_file():
+        import hashlib
+
+        with open(args.data_file, "rb") as handle:
+            data_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"split": args.split, "data_file": str(Path(args.data_file).resolve()) if args.data_file else None,
+            "data_sha256": data_sha256, "input_field": args.input_field, "answer_field": args.answer_field,
+            "subject": args.subject, "level": args.level, "ids": args.ids, "seed": args.seed,
+            "shuffle": not args.no_shuffle, "limit": args.limit}
 
 
 def _apply_session_recipe(args) -> None:
@@ -355,7 +366,8 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
                      updater=updater) as session:
             run_items(examples, session.run, results, threads=threads, description=method,
                       progress=not args.no_progress)
-    report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}")
+    report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}",
+                          ids=[e.unique_id for e in examples])
     print(report.read_text())
     return 0
 
@@ -522,10 +534,12 @@ def _bench_compile(args) -> int:
             load_compiled(folder / "artifact", program, engine)
         dspy.configure(lm=engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0))
         results = ResultsFile(folder / "results.jsonl")
+        ran_now = [e.unique_id for e in tests if e.unique_id not in results.records]
         wall = run_items(tests, lambda ex: solve_math(program, ex), results, threads=args.threads,
                          description=f"eval {name}", progress=not args.no_progress)
         records = [results.records[e.unique_id] for e in tests if e.unique_id in results.records]
-        summary = summarize(records, wall_seconds=wall, new_items=len(tests))
+        summary = summarize(records, wall_seconds=wall, new_records=[results.records[u] for u in ran_now
+                                                                     if u in results.records])
         summary.update({"compile_seconds": meta.get("seconds"), "adapter_l2_shift": meta.get("adapter_l2_shift", 0.0),
                         "instructions_changed": sorted(k for k, v in (meta.get("instructions") or {}).items()
                                                        if v != (meta.get("instructions_before") or {}).get(k))})
@@ -677,10 +691,11 @@ def _bench_compare(args) -> int:
 
         meta = read_meta(args.compiled)
         program_spec, kwargs = meta.get("program", program_spec), meta.get("program_kwargs") or {}
-    config = {"command": "bench compare", "split": args.split, "level": args.level, "subject": args.subject,
-              "seed": args.seed, "model": args.model, "program": program_spec, "max_tokens": args.max_tokens,
+    config = {"command": "bench compare", **_data_identity(args), "model": args.model, "program": program_spec,
+              "program_kwargs": kwargs, "max_tokens": args.max_tokens,
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_session_config(args)}
-    out = prepare_run_dir(args.out, config, resume_keys=tuple(config))
+    # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
+    out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k != "limit"))
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled)
 
 

@@ -212,7 +212,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(records: list[dict], *, wall_seconds: float, new_items: int, max_tokens: int | None = None) -> dict:
+def summarize(records: list[dict], *, wall_seconds: float, new_records: list[dict] | None = None,
+              max_tokens: int | None = None) -> dict:
+    """Accuracy and friends over ``records``; throughput over ``new_records``, those this run generated in
+    ``wall_seconds`` (none: no throughput, rather than a figure from another run)."""
     n = len(records)
     count = lambda key: sum(1 for r in records if r.get(key))  # noqa: E731
     correct = count("correct")
@@ -232,12 +235,12 @@ def summarize(records: list[dict], *, wall_seconds: float, new_items: int, max_t
     if max_tokens:  # replies cut by the budget: a sign that it is too small for the model
         summary["hit_token_cap_rate"] = sum(1 for r in records if (r.get("output_tokens") or 0) >= max_tokens) / n \
             if n else 0.0
-    if new_items:
-        new = records[-new_items:]
-        new_tokens = sum(r.get("output_tokens") or 0 for r in new)
+    if new_records:
+        new_tokens = sum(r.get("output_tokens") or 0 for r in new_records)
         summary.update({
+            "problems_run_now": len(new_records),
             "wall_seconds": round(wall_seconds, 2),
-            "seconds_per_problem": round(wall_seconds / new_items, 3),
+            "seconds_per_problem": round(wall_seconds / len(new_records), 3),
             "tokens_per_second": round(new_tokens / wall_seconds, 2) if wall_seconds else None,
         })
     return summary

@@ -89,17 +89,19 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 
 
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
-                 reference: str = "rosa2") -> Path:
+                 reference: str = "rosa2", ids: list[str] | None = None) -> Path:
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
-    ``reference``'s accuracy is compared, paired, with each other method's; records that say whether the
-    problem had a semantic gap (a sharded user) are also summarised per side of that split."""
+    ``ids``: report only these problems. ``reference``'s accuracy is compared, paired, with each other method's;
+    records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
     out = Path(out)
     records, summaries = {}, {}
     for method in methods:
         path = out / method / "results.jsonl"
         if not path.exists():
             continue
-        records[method] = list(ResultsFile(path).records.values())
+        found = ResultsFile(path).records
+        # the problems asked for, in their order; a folder may hold more (an earlier, larger --limit)
+        records[method] = list(found.values()) if ids is None else [found[i] for i in ids if i in found]
         summaries[method] = summarize_sessions(records[method], turns)
     if not summaries:
         raise ValueError(f"no results under {out}: run the methods first")

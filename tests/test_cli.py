@@ -80,6 +80,11 @@ def test_eval_writes_results_resumes_and_repairs_a_torn_line(tmp_path, tiny_mode
     assert run(*[a if a != "3" else "4" for a in common]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     assert run(*common[:-1], str(out), "--seed", "9") == 2
+    assert run(*common, "--no-shuffle") == 2 and "shuffle: True -> False" in capsys.readouterr().err
+    # a smaller limit reports only its problems, and no throughput: this invocation generated nothing
+    assert run(*common) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 3 and "tokens_per_second" not in summary and "seconds_per_problem" not in summary
 
 
 def test_info_prints_versions_and_precision(capsys):

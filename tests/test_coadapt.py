@@ -173,6 +173,14 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     report = (cmp / "report.md").read_text()
     assert "| single |" in report and "| ttt |" in report
     assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
+    # the same folder with a smaller --limit reports only the problems asked for; another user is refused
+    compare = ["bench", "compare", "--methods", "single,ttt", "--turns", "2", "--samples", "2", "--model",
+               str(tiny_model_dir), "--max-tokens", "8", "--no-progress", "--out", str(cmp)]
+    assert main([*compare, "--limit", "1"]) == 0
+    assert json.loads((cmp / "summary.json").read_text())["methods"]["ttt"]["problems"] == 1
+    capsys.readouterr()
+    assert main([*compare, "--limit", "1", "--user", "oracle"]) == 2
+    assert "user: 'vague' -> 'oracle'" in capsys.readouterr().err
 
 
 def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
