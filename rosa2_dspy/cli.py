@@ -411,7 +411,7 @@ def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, ou
     import dspy
 
     from rosa2_dspy.artifacts import instructions_of, save_compiled
-    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.engine import LocalEngine, LocalLM
     from rosa2_dspy.program_loader import load_program
     from rosa2_dspy.recipes import build_optimizer, load_recipe, update_config
     from rosa2_dspy.weights import adapter_shift, local_finetunable_lm
@@ -456,6 +456,9 @@ def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, ou
         engine.use_pinned(pinned)
     meta["adapter_l2_shift"] = round(adapter_shift(engine).total, 6)
     save_compiled(out, compiled, engine, meta)
+    for held in {id(p.lm): p.lm for p in compiled.predictors() if isinstance(p.lm, LocalLM)}.values():
+        held.close()  # the artifact holds the weights now; release the compiled program's and the student's holds
+    lm.close()
     return meta, instructions_of(compiled)
 
 

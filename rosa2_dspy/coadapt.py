@@ -218,6 +218,7 @@ class Session:
                 self.start_weights = engine.pin(conv.weights)
             engine.use_pinned(self.start_weights)
             engine.unpin(conv.weights)
+        conv.lm.close()  # its own hold on the conversation's weights
         return shift
 
     # -- the pieces a turn is made of -------------------------------------------------------

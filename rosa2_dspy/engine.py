@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -607,6 +608,11 @@ class LocalEngine:
             else:
                 self._pin_counts[ident] -= 1
 
+    def pin_holds(self) -> dict[str, int]:
+        """Pinned weights ids and how many holds each has (a leak shows up here)."""
+        with self._pins_lock:
+            return {ident: self._pin_counts[ident] for ident in self._pins}
+
     def pinned_state(self, ident: str) -> dict[str, torch.Tensor]:
         """The adapter tensors of pinned weights (the zero-shift adapter for weights pinned before one)."""
         with self._pins_lock:
@@ -866,6 +872,16 @@ class AsyncLocalEngine:
         """Borrowed, like the sync engine."""
 
 
+class _PinHold:
+    """One hold on pinned weights, released once: by its owner, or when the owner is garbage collected."""
+
+    def __init__(self, owner, engine: LocalEngine, ident: str):
+        self._finalizer = weakref.finalize(owner, engine.unpin, ident)
+
+    def release(self) -> None:
+        self._finalizer()  # runs at most once
+
+
 class LocalLM(dspy.LM):
     """``dspy.LM("local/<name>", engine=LocalEngine)`` whose model string carries the weights id.
 
@@ -876,6 +892,9 @@ class LocalLM(dspy.LM):
     string naming weights registered with :meth:`LocalEngine.pin`, which is what a finetune
     returns) fixes it to the weights of that moment: the engine switches back to them for its
     requests, so a program compiled with an adapter keeps answering with that adapter.
+
+    A pinned LM holds its own hold on those weights (copies take theirs): :meth:`close` (or
+    ``with``) releases it, and so does the garbage collector, when nobody closed it.
     """
 
     def __init__(self, engine: LocalEngine, *, pinned: bool = False, **kwargs):
@@ -883,9 +902,26 @@ class LocalLM(dspy.LM):
         kwargs.setdefault("max_tokens", engine.default_max_tokens)
         self._local_engine = engine
         self._pin: str | None = None
+        self._hold: _PinHold | None = None
         super().__init__(f"local/{engine.name}", engine=engine, async_engine=AsyncLocalEngine(engine), **kwargs)
         if pinned:
             self._pin = engine.pin()
+            self._hold = _PinHold(self, engine, self._pin)
+
+    def _hold_pin(self, ident: str | None) -> None:
+        """Name ``ident`` (pinned weights, or None: follow the engine), taking a hold on it first."""
+        engine = getattr(self, "_local_engine", None)
+        old = getattr(self, "_hold", None)
+        self._pin, self._hold = None, None
+        if engine is not None and ident is not None:
+            try:
+                engine.pin(ident)
+            except ValueError:  # not (or no longer) pinned on this engine: follow the engine's weights
+                pass
+            else:
+                self._pin, self._hold = ident, _PinHold(self, engine, ident)
+        if old is not None:
+            old.release()
 
     @property
     def model(self) -> str:
@@ -895,12 +931,39 @@ class LocalLM(dspy.LM):
     def model(self, value: str) -> None:
         base, _, ident = value.partition("@")
         self._model_base = base
-        engine = getattr(self, "_local_engine", None)
-        self._pin = ident if engine is not None and ident in engine._pins else None
+        self._hold_pin(ident or None)
 
     @property
     def pinned_weights(self) -> str | None:
         return self._pin
+
+    def close(self) -> None:
+        """Release this LM's hold on its pinned weights (idempotent; it follows the engine's weights after),
+        and what ``dspy.LM.close`` releases."""
+        self._hold_pin(None)
+        super().close()
+
+    def __enter__(self) -> LocalLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __copy__(self):  # LM.copy
+        copied = super().__copy__()
+        copied._hold = None  # the original's hold stays the original's
+        copied._hold_pin(self._pin)
+        return copied
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_hold", None)
+        return state
+
+    def __setstate__(self, state):  # copy.deepcopy (Module.deepcopy) comes through here
+        super().__setstate__(state)
+        self._hold = None
+        self._hold_pin(state.get("_pin"))
 
     def __call__(self, prompt=None, *, messages=None, **kwargs):
         """As ``dspy.LM.__call__``; sampled ``n > 1`` candidates are requested concurrently, so the

@@ -516,6 +516,14 @@ class LocalTrainingJob(TrainingJob):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.result_update: UpdateResult | None = None
+        self.held: tuple[LocalEngine, str] | None = None
+
+    def set_result(self, result) -> None:
+        super().set_result(result)
+        if self.held is not None:  # the finetuned LM holds its weights now (or finetuning failed): let go
+            engine, ident = self.held
+            self.held = None
+            engine.unpin(ident)
 
     def status(self) -> str:
         return "done" if self.done() else "running"
@@ -566,7 +574,9 @@ class LocalProvider(Provider):
         if not rows:
             raise UpdateError("no training data: no bootstrapped trace passed the metric")
         job.result_update = updater.update(rows)
-        return f"{model.split('@', 1)[0]}@{engine.pin()}"
+        # held until DSPy has made the LM that names these weights (it takes its own hold): see set_result
+        job.held = (engine, engine.pin())
+        return f"{model.split('@', 1)[0]}@{job.held[1]}"
 
 
 _ENGINES_BY_NAME: dict[str, LocalEngine] = {}
@@ -715,7 +725,9 @@ class LoRAFinetune(Teleprompter):
         self.history.append(record)
         compiled = student.deepcopy()
         pinned = base_lm.copy()
-        pinned.model = f"{base_lm.model.split('@', 1)[0]}@{engine.pin()}"
+        ident = engine.pin()
+        pinned.model = f"{base_lm.model.split('@', 1)[0]}@{ident}"  # the LM takes its own hold on the weights
+        engine.unpin(ident)
         compiled.set_lm(pinned)
         compiled._compiled = True
         return compiled

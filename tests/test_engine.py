@@ -429,3 +429,57 @@ def test_the_output_head_sees_a_contiguous_last_position_with_an_adapter_attache
     finally:
         handle.remove()
     assert seen and all(contiguous and positions == 1 for contiguous, positions in seen)
+
+
+def test_every_pin_is_released_by_its_owner(tiny_engine):
+    import copy
+    import gc
+
+    from math_solver import MathSolver
+
+    lm = tiny_engine.lm(pinned=True, max_tokens=4, cache=False)
+    ident = lm.pinned_weights
+    assert tiny_engine.pin_holds() == {ident: 1}
+    twin, deep = lm.copy(), copy.deepcopy(lm)  # each copy takes its own hold
+    program = MathSolver()
+    program.set_lm(lm)
+    clone = program.deepcopy()
+    assert twin.pinned_weights == deep.pinned_weights == ident
+    copies = {id(p.lm) for p in clone.predictors()}  # the clone's predictors share one copy of the LM
+    assert len(copies) == 1 and tiny_engine.pin_holds()[ident] == 4
+    twin.close()
+    twin.close()  # idempotent
+    assert twin.pinned_weights is None and tiny_engine.pin_holds()[ident] == 3
+    del deep, clone
+    gc.collect()  # an owner nobody closed releases its hold when it is collected
+    assert tiny_engine.pin_holds() == {ident: 1}
+    with lm:
+        pass
+    assert tiny_engine.pin_holds() == {}
+
+
+def test_finetuning_and_sessions_leave_no_pins_behind(tiny_engine):
+    import gc
+
+    import dspy
+    from math_solver import MathSolver
+
+    from rosa2_dspy.coadapt import Session, SessionConfig
+    from rosa2_dspy.math.users import OracleUser
+    from rosa2_dspy.weights import LoRAFinetune, UpdateConfig, local_finetunable_lm
+
+    lm = local_finetunable_lm(tiny_engine, max_tokens=4, cache=False)
+    dspy.configure(lm=lm)
+    train = [dspy.Example(problem="What is 2+3?", answer="5", solution="\\boxed{5}",
+                          unique_id=f"t{i}").with_inputs("problem") for i in range(2)]
+    tuner = LoRAFinetune(lambda *a, **k: 1.0, config=UpdateConfig(objective="sft", steps=1, batch_size=2,
+                                                                  max_length=64), num_threads=1)
+    compiled = tuner.compile(MathSolver(), trainset=train)
+    ident = compiled.predictors()[0].lm.pinned_weights
+    assert ident and tiny_engine.pin_holds() == {ident: 1}  # held by the compiled program's LM only
+    with Session(compiled, tiny_engine, "ttt", OracleUser(), SessionConfig(turns=2, samples=0, max_tokens=4)) as s:
+        s.run(train[0])
+    assert tiny_engine.pin_holds() == {ident: 1}  # the session and its conversation let go
+    del compiled, s
+    gc.collect()
+    assert tiny_engine.pin_holds() == {}
