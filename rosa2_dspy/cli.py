@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the 1.5B model gives 1.4x the problems per minute of 16)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
     ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
+    ev.add_argument("--allow-overlap", action="store_true",
+                    help="evaluate --compiled even on problems its compile trained or validated on")
     _add_session_args(ev, method_default=None)
     ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
     ev.add_argument("--no-progress", action="store_true")
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--user sharded also whole, the whole problem in one pass)")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
+    bc.add_argument("--allow-overlap", action="store_true",
+                    help="run --compiled even on problems its compile trained or validated on")
     bc.add_argument("--max-tokens", type=int, default=1024,
                     help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
     bc.add_argument("--threads", type=int, default=32,
@@ -171,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--eval-split", default="test")
     bk.add_argument("--eval-level", default="1")
     bk.add_argument("--eval-limit", type=int, default=20)
+    bk.add_argument("--allow-overlap", action="store_true",
+                    help="evaluate even on problems among the training or validation problems")
     _add_model_args(bk)
     bk.add_argument("--program", default="programs/math_solver.py")
     bk.add_argument("--max-tokens", type=int, default=1024)
@@ -212,10 +218,13 @@ def cmd_eval(args) -> int:
         raise CLIError("no problems match the given split and filters")
     kwargs = {}
     compiled_meta = None
+    overlap = None
     if args.compiled:
         from rosa2_dspy.artifacts import read_meta
 
         compiled_meta = read_meta(args.compiled)
+        overlap = _compile_overlap(_seen_by(compiled_meta), examples, args.allow_overlap,
+                                   f"the compile of {args.compiled}")
         args.program = compiled_meta.get("program", args.program)
         kwargs.update(compiled_meta.get("program_kwargs") or {})
         if args.model == "default":
@@ -226,10 +235,11 @@ def cmd_eval(args) -> int:
         "command": "eval", "program": args.program, "program_kwargs": kwargs,
         "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_data_identity(args),
         "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "compile_overlap": overlap,
     }
     if args.method:
         config.update(_session_config(args), method=args.method)
-    resume_keys = tuple(k for k in config if k != "limit")
+    resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
     out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
     if args.method:
         return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled)
@@ -266,11 +276,25 @@ def cmd_eval(args) -> int:
         from rosa2_dspy.artifacts import instructions_of
         from rosa2_dspy.weights import adapter_shift
 
-        summary.update({"compiled": args.compiled, "instructions": instructions_of(program),
+        summary.update({"compiled": args.compiled, "compile_overlap": overlap,
+                        "instructions": instructions_of(program),
                         "adapter_l2_shift": round(adapter_shift(engine).total, 6)})
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary, out)
     return 0
+
+
+def _compile_overlap(seen: list[str], examples: list, allow: bool, what: str) -> int:
+    """How many of ``examples`` a compile trained or validated on (``seen``: their ids); refused unless allowed."""
+    overlap = sorted({e.unique_id for e in examples} & set(seen))
+    if overlap and not allow:
+        raise CLIError(f"{len(overlap)} of the {len(examples)} problems were seen by {what} (training or validation), "
+                       f"e.g. {overlap[0]}: evaluate on other problems, or pass --allow-overlap")
+    return len(overlap)
+
+
+def _seen_by(meta: dict) -> list[str]:
+    return list(meta.get("train_ids") or []) + list(meta.get("val_ids") or [])
 
 
 def _data_identity(args) -> dict:
@@ -366,8 +390,11 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
                      updater=updater) as session:
             run_items(examples, session.run, results, threads=threads, description=method,
                       progress=not args.no_progress)
+    overlap = json.loads((out / "config.json").read_text()).get("compile_overlap") if compiled else None
+    notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
+                                        "were among its training or validation problems."]
     report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}",
-                          ids=[e.unique_id for e in examples])
+                          ids=[e.unique_id for e in examples], notes=notes)
     print(report.read_text())
     return 0
 
@@ -507,10 +534,14 @@ def _bench_compile(args) -> int:
         load_recipe(recipe)
     trainset, valset = _train_val(args)
     tests = load_examples(args.eval_split, levels=args.eval_level, limit=args.eval_limit, seed=args.seed)
-    config = {"command": "bench compile", "split": args.split, "level": args.level, "limit": args.limit,
+    overlap = _compile_overlap([e.unique_id for e in trainset + valset], tests, args.allow_overlap,
+                               "every compile here")
+    config = {"command": "bench compile", "compile_overlap": overlap, "split": args.split, "level": args.level,
+              "limit": args.limit,
               "val_limit": args.val_limit, "eval_split": args.eval_split, "eval_level": args.eval_level,
               "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens}
-    out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k != "eval_limit"))
+    out = prepare_run_dir(args.out, config,
+                          resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
                                 continuous=args.batching == "continuous")
     methods = {"baseline": None, **{Path(r).stem: r for r in recipes}}
@@ -547,7 +578,7 @@ def _bench_compile(args) -> int:
                         "instructions_changed": sorted(k for k, v in (meta.get("instructions") or {}).items()
                                                        if v != (meta.get("instructions_before") or {}).get(k))})
         summaries[name] = summary
-    report = build_compile_report(out, summaries)
+    report = build_compile_report(out, summaries, overlap=overlap)
     print(report.read_text())
     return 0
 
@@ -688,17 +719,19 @@ def _bench_compare(args) -> int:
                              ids=args.ids, limit=args.limit, seed=None if args.no_shuffle else args.seed)
     if not examples:
         raise CLIError("no problems match the given split and filters")
-    program_spec, kwargs = args.program, {}
+    program_spec, kwargs, overlap = args.program, {}, None
     if args.compiled:
         from rosa2_dspy.artifacts import read_meta
 
         meta = read_meta(args.compiled)
+        overlap = _compile_overlap(_seen_by(meta), examples, args.allow_overlap, f"the compile of {args.compiled}")
         program_spec, kwargs = meta.get("program", program_spec), meta.get("program_kwargs") or {}
     config = {"command": "bench compare", **_data_identity(args), "model": args.model, "program": program_spec,
-              "program_kwargs": kwargs, "max_tokens": args.max_tokens,
+              "program_kwargs": kwargs, "max_tokens": args.max_tokens, "compile_overlap": overlap,
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_session_config(args)}
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
-    out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k != "limit"))
+    out = prepare_run_dir(args.out, config,
+                          resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")))
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled)
 
 

@@ -89,7 +89,7 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 
 
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
-                 reference: str = "rosa2", ids: list[str] | None = None) -> Path:
+                 reference: str = "rosa2", ids: list[str] | None = None, notes: list[str] | None = None) -> Path:
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
     ``ids``: report only these problems. ``reference``'s accuracy is compared, paired, with each other method's;
     records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
@@ -116,7 +116,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                                              "by_semantic_gap": by_gap or None})
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
-             "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.", "",
+             "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.",
+             *notes_block(notes), "",
              "| method | problems | accuracy (95% CI) | solved by turn 1..T | mean turns | mean L2 shift | boxed rate "
              "| s/problem | gen / words / weights s | adapt÷gen per turn (wall / machine) | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -212,13 +213,18 @@ def _save_figure(fig, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def build_compile_report(out: str | Path, summaries: dict[str, dict]) -> Path:
+def notes_block(notes: list[str] | None) -> list[str]:
+    return ["", *notes] if notes else []
+
+
+def build_compile_report(out: str | Path, summaries: dict[str, dict], overlap: int = 0) -> Path:
     """``rosa2 bench compile``: one row per method (baseline first), plus a bar chart of accuracy and boxed rate."""
     out = Path(out)
     write_json_atomic(out / "summary.json", summaries)
     lines = ["# rosa2 bench compile", "",
              "Each method compiled from the base weights on the same training problems, evaluated on the same "
-             "held-out problems. 95% Wilson intervals.", "",
+             f"held-out problems. 95% Wilson intervals. Evaluation problems among the training or validation "
+             f"problems: {overlap}.", "",
              "| method | problems | accuracy (95% CI) | boxed rate | parse fail | L2 shift | compile s "
              "| instructions changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     failed = {name: s for name, s in summaries.items() if "error" in s}

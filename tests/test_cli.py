@@ -192,8 +192,16 @@ def test_compile_lora_then_eval_compiled(tmp_path, tiny_model_dir, capsys):
                "--threads", "2", "--no-progress", "--out", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["adapter_l2_shift"] == pytest.approx(meta["adapter_l2_shift"], rel=1e-5)
-    assert summary["instructions"] == meta["instructions"]
+    assert summary["instructions"] == meta["instructions"] and summary["compile_overlap"] == 0
     assert "rosa2 eval --compiled" in capsys.readouterr().out
+    assert LocalEngine.shared(str(model)).pin_holds() == {}  # compile and eval let go of every pin
+    # the problems the compile trained on: refused, untouched folder, unless --allow-overlap
+    seen = ["eval", "--compiled", str(artifact), "--split", "train", "--ids", ",".join(meta["train_ids"]),
+            "--max-tokens", "8", "--no-progress", "--out", str(tmp_path / "seen")]
+    assert run(*seen) == 2 and not (tmp_path / "seen").exists()
+    assert "2 of the 2 problems were seen by the compile" in capsys.readouterr().err
+    assert run(*seen, "--allow-overlap") == 0
+    assert json.loads((tmp_path / "seen" / "summary.json").read_text())["compile_overlap"] == 2
 
 
 BT_RECIPE = """
