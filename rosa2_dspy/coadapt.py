@@ -360,6 +360,8 @@ class Session:
             turns.append(entry)
             if getattr(verdict, "revealed", None):
                 entry["revealed"] = verdict.revealed
+            if getattr(verdict, "grade_fallback", False):
+                entry["grade_fallback"] = True
             if verdict.accepted:
                 return {"solved": True, "turns_used": turn}
             if turn == budget:

@@ -197,6 +197,7 @@ def solve_math(program: dspy.Module, example: dspy.Example, *, engine=None) -> d
         "boxed": bool(judged and judged.boxed),
         "extracted": judged.extracted if judged else None,
         "grade_note": judged.reason if judged else record["parse_error"],
+        "grade_fallback": bool(judged and judged.fallback),
     })
     return record
 
@@ -229,6 +230,7 @@ def summarize(records: list[dict], *, wall_seconds: float, new_records: list[dic
         "boxed_rate": count("boxed") / n if n else 0.0,
         "parse_failure_rate": count("parse_error") / n if n else 0.0,
         "errors": count("error"),
+        "grade_fallbacks": count("grade_fallback"),  # math-verify could not judge: the strict match decided
         "output_tokens": out_tokens,
         "mean_output_tokens": out_tokens / n if n else 0.0,
     }

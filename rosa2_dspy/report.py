@@ -55,6 +55,7 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         "adaptation_over_generation_per_turn_machine": machine_ratio,
         "machine_seconds_per_turn": machine_split,
         "errors": sum(1 for r in records if r.get("error")),
+        "grade_fallbacks": sum(1 for t in all_turns if t.get("grade_fallback")),
         "cumulative_accuracy_by_turn": by_turn,
     }
 
@@ -133,6 +134,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
             f"| {s['mean_l2_shift']:.4f} | {s['boxed_rate']:.1%} | {s['seconds_per_problem']:.1f} "
             f"| {split['generation']:.1f} / {split['words']:.1f} / {split['weights']:.1f} "
             f"| {ratios} | {s['errors']} |")
+    lines += ["", "Grades that math-verify could not judge (a timeout or a crash; the strict match decided): " +
+              ", ".join(f"{m} {s['grade_fallbacks']}" for m, s in summaries.items()) + "."]
     split_rows = [(m, s["machine_seconds_per_turn"]) for m, s in summaries.items() if s.get("machine_seconds_per_turn")]
     if split_rows:
         lines += ["", "Machine seconds per turn: each batch's time shared among its rows, an update counted whole. "

@@ -68,7 +68,7 @@ def test_eval_writes_results_resumes_and_repairs_a_torn_line(tmp_path, tiny_mode
                 "seconds", "parse_error"):
         assert key in record
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == 3 and 0 <= summary["parse_failure_rate"] <= 1
+    assert summary["problems"] == 3 and 0 <= summary["parse_failure_rate"] <= 1 and summary["grade_fallbacks"] == 0
     # a killed run leaves a torn last line: it is dropped, that problem runs again, the rest is kept
     kept = lines[:2]
     (out / "results.jsonl").write_text("\n".join(kept) + "\n" + lines[2][: len(lines[2]) // 2])

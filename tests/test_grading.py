@@ -45,22 +45,43 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
-def test_pathological_input_times_out_instead_of_hanging():
+# equal values that only math-verify can tell (the strict match says no): a silent fallback shows here
+VERIFY_ONLY = [("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi/2)}"),
+               ("x^2+2x+1", "\\boxed{(x+1)^2}"), ("5", "The answer is 5")]
+
+
+def test_after_a_pathological_answer_the_next_50_grades_come_from_math_verify_in_normal_time():
+    from rosa2_dspy.math import grading
+
     started = time.perf_counter()
     judged = grade("\\boxed{9^{9^{9^{9}}}}", "1", timeout=1.0)
-    assert not judged.correct
-    assert "timed out" in judged.reason
+    assert not judged.correct and judged.fallback and "timed out" in judged.reason
     assert time.perf_counter() - started < 30
-    # the worker was replaced: grading still works afterwards
-    assert grade("\\boxed{2}", "2").correct
+    workers = grading._WORKER.started
+    started = time.perf_counter()
+    # the replacement starts (spawn, imports: about 1 s) before this grade's 0.5 s begin; the grade takes 5 ms
+    first = grade("The answer is 5", "5", timeout=0.5)
+    verdicts = [first] + [grade(p, g) for _ in range(17) for g, p in VERIFY_ONLY][:49]
+    assert grading._WORKER.started == workers + 1  # one replacement, warmed before its first answer
+    assert all(v.correct and not v.strict and not v.fallback for v in verdicts), [v for v in verdicts if v.fallback]
+    assert time.perf_counter() - started < 50 * 0.5  # normal time: nowhere near a timeout per grade
+
+
+def test_the_grading_worker_imports_neither_dspy_nor_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rosa2_dspy.math.grading; print('dspy' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_grading_is_safe_from_threads():
     from concurrent.futures import ThreadPoolExecutor
 
+    cases = VERIFY_ONLY * 3
     with ThreadPoolExecutor(4) as pool:
-        verdicts = list(pool.map(lambda i: grade(f"\\boxed{{{i}}}", str(i)).correct, range(8)))
-    assert all(verdicts)
+        verdicts = list(pool.map(lambda case: grade(case[1], case[0]), cases))
+    assert all(v.correct and not v.strict and not v.fallback for v in verdicts)
 
 
 def test_strict_equal_normalises_like_hendrycks():

@@ -1,6 +1,18 @@
-"""MATH: packaged splits, grading, and (later) simulated users and metrics."""
+"""MATH: packaged splits, grading, simulated users and sharded problems.
 
-from rosa2_dspy.math.data import SPLITS, SUBJECTS, DataError, load_examples
-from rosa2_dspy.math.grading import Grade, grade, last_boxed, strict_equal
+Names are imported on first use, so that importing a submodule (the grading worker imports
+``rosa2_dspy.math.grading`` alone) does not pull in DSPy and the data loaders.
+"""
 
-__all__ = ["SPLITS", "SUBJECTS", "DataError", "Grade", "grade", "last_boxed", "load_examples", "strict_equal"]
+import importlib
+
+_EXPORTS = {"SPLITS": "data", "SUBJECTS": "data", "DataError": "data", "load_examples": "data",
+            "Grade": "grading", "grade": "grading", "last_boxed": "grading", "strict_equal": "grading"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

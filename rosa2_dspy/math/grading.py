@@ -132,13 +132,22 @@ def _worker(conn) -> None:  # pragma: no cover - runs in the child process
             conn.send(("error", f"{type(exc).__name__}: {exc}"[:200]))
 
 
+WARM_UP_SECONDS = 120.0  # a new worker's imports (sympy, math-verify) and first parse, outside any grade's timeout
+
+
 class _VerifyWorker:
-    """A spawned process that runs math-verify; replaced whenever it times out or dies."""
+    """A spawned process that runs math-verify; replaced whenever it times out or dies.
+
+    A new worker is warmed (its imports and a first judgement) before it is given an answer, so a
+    grade's timeout only ever measures that answer: after one pathological answer the next grades
+    are judged by math-verify again, in normal time. The child imports only this module (the
+    ``rosa2_dspy.math`` package imports nothing eagerly), never DSPy or torch."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._proc = None
         self._conn = None
+        self.started = 0  # workers started (a replacement after a timeout or a crash counts)
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -147,6 +156,12 @@ class _VerifyWorker:
         self._proc.start()
         child.close()
         self._conn = parent
+        self.started += 1
+        self._conn.send(("1", "1", True))  # warm up: imports and math-verify's first parse
+        if not self._conn.poll(WARM_UP_SECONDS):
+            self._kill()
+            raise TimeoutError(f"the math-verify worker did not start within {WARM_UP_SECONDS:g}s")
+        self._conn.recv()
 
     def _kill(self) -> None:
         if self._proc is not None:
@@ -156,17 +171,15 @@ class _VerifyWorker:
 
     def __call__(self, gold: str, predicted: str, boxed: bool, timeout: float) -> tuple[bool, str | None]:
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
-                self._start()
             try:
+                if self._proc is None or not self._proc.is_alive():
+                    self._start()
                 self._conn.send((gold, predicted, boxed))
-                # the first call also pays for the worker's imports (sympy, math-verify)
-                if not self._conn.poll(timeout + (20 if not getattr(self, "_warm", False) else 0)):
+                if not self._conn.poll(timeout):
                     self._kill()
                     return False, f"math-verify timed out after {timeout:g}s"
-                self._warm = True
                 status, value = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as exc:
+            except (EOFError, OSError, BrokenPipeError, TimeoutError) as exc:
                 self._kill()
                 return False, f"math-verify worker died: {type(exc).__name__}"
             if status == "error":
@@ -193,6 +206,7 @@ class Grade:
     boxed: bool         # the prediction contains a \\boxed{} answer
     extracted: str      # the answer that was judged
     reason: str | None = None  # why it is wrong when nothing could be judged (empty, timeout, ...)
+    fallback: bool = False  # math-verify could not judge it (timeout, crash, error): the strict match decided
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +224,8 @@ def grade(prediction: str | None, gold: str, *, timeout: float = DEFAULT_TIMEOUT
         return Grade(False, False, boxed, "", "empty \\boxed{}")
     correct, reason = _WORKER(gold, extracted, boxed, timeout)
     strict = strict_equal(extracted, gold)
-    return Grade(correct or strict, strict, boxed, extracted, None if (correct or strict) else reason)
+    return Grade(correct or strict, strict, boxed, extracted, None if (correct or strict) else reason,
+                 fallback=reason is not None)
 
 
 def shutdown() -> None:

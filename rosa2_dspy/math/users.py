@@ -50,6 +50,7 @@ class Judgement:
     correct: bool
     boxed: bool
     revealed: str | None = None  # a piece of the problem the user told only now
+    grade_fallback: bool = False  # math-verify could not judge the answer: the strict match decided
 
 
 class User:
@@ -76,9 +77,10 @@ class User:
         answer = getattr(prediction, "answer", None) if prediction is not None else None
         judged = grade(answer, example.answer) if answer is not None else None
         correct, boxed = bool(judged and judged.correct), bool(judged and judged.boxed)
+        fallback = bool(judged and judged.fallback)
         if correct:
-            return Judgement(True, "Correct, thank you.", True, True)
-        return Judgement(False, self.complaint(example, prediction, turn), False, boxed)
+            return Judgement(True, "Correct, thank you.", True, True, grade_fallback=fallback)
+        return Judgement(False, self.complaint(example, prediction, turn), False, boxed, grade_fallback=fallback)
 
     def complaint(self, example, prediction, turn: int) -> str:
         raise NotImplementedError
