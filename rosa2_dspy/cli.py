@@ -743,6 +743,10 @@ def _check_ranges(args) -> None:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
     if getattr(args, "max_shift", None) is not None and args.max_shift <= 0:
         raise CLIError(f"--max-shift must be > 0, got {args.max_shift}")
+    if getattr(args, "device", None) is not None:  # a device or dtype that cannot be had, before any run folder
+        from rosa2_dspy.models import pick_device, pick_dtype
+
+        pick_dtype(pick_device(args.device), args.dtype)
 
 
 def cmd_shards(args) -> int:

@@ -33,6 +33,71 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert err.startswith("rosa2: error:") and message in err and "\n" not in err
 
 
+BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scratch folder
+    ("eval --data {tmp}/nothere.jsonl", "does not exist"),
+    ("eval --data {tmp}/empty.jsonl", "is empty"),
+    ("eval --data {tmp}/torn.jsonl", "cannot read data file"),
+    ("eval --data {tmp}/good.jsonl --input-field question", "input field 'question' not in the data"),
+    ("eval --method nosuch", "unknown method 'nosuch'"),
+    ("eval --method rosa2 --user nobody", "unknown --user 'nobody'"),
+    ("eval --method {tmp}/missing.toml", "no session recipe"),
+    ("eval --method {tmp}/bad.toml", "is not valid TOML"),
+    ("eval --adapter nosuch", "unknown adapter 'nosuch'"),
+    ("eval --ids nope/1.json", "no problems match"),
+    ("eval --method pe --samples -1", "--samples must be >= 0"),
+    ("eval --dtype float8", "unknown dtype 'float8'"),
+    ("eval --compiled {tmp}", "not a compiled artifact"),
+    ("compile --optimizer {tmp}/missing.toml --limit 2", "no recipe at"),
+    ("compile --optimizer {tmp}/kind.toml --limit 2", "kind must be one of"),
+    ("compile --optimizer optimizers/lora.toml --limit 0", "--limit must be given and >= 1"),
+    ("bench compare --methods single,nosuch --limit 2", "unknown method 'nosuch'"),
+    ("bench compare --methods single", "--limit must be given"),
+    ("bench compare --methods single --limit 2 --user nobody", "unknown --user"),
+    ("bench compile --recipes {tmp}/missing.toml --limit 2", "no recipe at"),
+    ("bench compile --recipes optimizers/lora.toml --limit 2 --split test --eval-split test",
+     "seen by every compile here"),
+    ("bench compile --recipes optimizers/lora.toml --limit 2 --val-limit -1", "--val-limit must be >= 0"),
+]
+NO_OUT = ("bench engine --concurrency 0", "--concurrency must be"), \
+    ("bench engine --batch-sizes a,b", "--batch-sizes takes comma-separated integers"), \
+    ("bench update --rows 9", "--rows 1..8"), ("shards --show -1", "--show must be >= 0"), \
+    ("shards --level 0", "unknown level 0")
+
+
+@pytest.fixture()
+def scratch(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "torn.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+')
+    (tmp_path / "good.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    (tmp_path / "bad.toml").write_text("[session]\nmethod = 'rosa2'\nturns = [\n")
+    (tmp_path / "kind.toml").write_text("[optimizer]\nkind = 'nosuch'\n")
+    existing = tmp_path / "existing"  # a run folder from before: a bad command must leave it byte for byte
+    existing.mkdir()
+    (existing / "config.json").write_text('{"command": "eval", "split": "math500"}\n')
+    (existing / "results.jsonl").write_text('{"unique_id": "a", "correct": true}\n')
+    return tmp_path
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("line,message", [*BAD_INPUTS, *NO_OUT], ids=lambda v: v if " " in str(v) else "")
+def test_bad_input_table_one_line_exit_2_and_no_run_folder_touched(scratch, capsys, line, message):
+    argv = line.format(tmp=scratch).split()
+    takes_out = (line, message) not in NO_OUT
+    fresh = scratch / "fresh"
+    assert run(*argv, *(["--out", str(fresh)] if takes_out else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rosa2: error:") and message in err and "\n" not in err, err
+    assert not fresh.exists()  # refused before anything was written
+    if takes_out:
+        before = _tree(scratch / "existing")
+        assert run(*argv, "--out", str(scratch / "existing")) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert _tree(scratch / "existing") == before
+
+
 def test_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
