@@ -35,6 +35,7 @@ import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from rosa2_dspy import models
+from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import staged_dir
 
 DEFAULT_MAX_TOKENS = 512
@@ -358,6 +359,7 @@ class LocalEngine:
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
         per_row = self._per_row_adapters(row_weights) if row_weights is not None else contextlib.nullcontext()
+        failpoint("generate.batch")
         with self.weights_lock, torch.inference_mode(), per_row:
             was_training = self.model.training
             self.model.eval()
@@ -692,8 +694,11 @@ class LocalEngine:
     def has_adapter(self) -> bool:
         return self.peft_model is not None
 
-    def attach_adapter(self, lora_config=None):
-        """Wrap the base model with a fresh PEFT LoRA adapter (zero shift); idempotent."""
+    def attach_adapter(self, lora_config=None, seed: int = 0):
+        """Wrap the base model with a fresh PEFT LoRA adapter (zero shift); idempotent.
+
+        The A matrices start random (B is zero): drawn from ``seed``, so two runs of one command train
+        the same adapter (unseeded, updates differed from run to run), without touching the global RNG."""
         from peft import LoraConfig, get_peft_model
 
         with self.weights_lock:
@@ -702,7 +707,10 @@ class LocalEngine:
             lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM")
             self._weights_changing()
-            self.peft_model = get_peft_model(self.model, lora_config)
+            cuda = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)  # seeds the CUDA generators too
+                self.peft_model = get_peft_model(self.model, lora_config)
             self.model = self.peft_model
             self._pristine_adapter = self.snapshot()
             self.mark_changed()

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from rosa2_dspy.faults import failpoint
 from rosa2_dspy.math.grading import grade
 
 RESULTS = "results.jsonl"
@@ -84,6 +85,7 @@ class ResultsFile:
                 handle.flush()
                 os.fsync(handle.fileno())
             self.records[record["unique_id"]] = record
+        failpoint("results.appended")
 
 
 def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[str, ...]) -> Path:

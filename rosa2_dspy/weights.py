@@ -35,6 +35,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from rosa2_dspy import models
+from rosa2_dspy.faults import failpoint
 from rosa2_dspy.engine import LocalEngine, LocalLM, lora_layers, release_free_memory
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class LoRAUpdater:
     def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None):
         self.engine = engine
         self.config = config or UpdateConfig()
-        engine.attach_adapter(self.config.lora_config())
+        engine.attach_adapter(self.config.lora_config(), seed=self.config.seed)
         self._trainers: dict[str, Any] = {}
         self._guard = _LossGuard()
         self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
@@ -429,6 +430,7 @@ class LoRAUpdater:
                 prepared = time.perf_counter()
                 self._guard.bad = ""
                 trainer.train()
+                failpoint("update.trained")  # the adapter changed, the update not yet accepted
                 losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
                 bad = self._guard.bad
                 if not bad and any(not torch.isfinite(t).all() for t in engine.adapter_state().values()):

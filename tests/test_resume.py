@@ -1,0 +1,70 @@
+"""Kill and resume: a `bench compare` SIGKILLed at failpoints (during generation, during an update, right after a
+record is written) and rerun ends with the same greedy results as an uninterrupted run, with no duplicate or torn
+records (rosa2_dspy/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = "import sys; from rosa2_dspy.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def lively_model_dir(tokenizer, tmp_path_factory):
+    from conftest import make_tiny_model
+
+    path = tmp_path_factory.mktemp("lively-model")
+    make_tiny_model(tokenizer, init=0.2).save_pretrained(path)  # greedy replies that vary token by token
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ROSA2_FAILPOINTS": failpoints} if failpoints else dict(os.environ)
+    env.pop("ROSA2_FAILPOINTS", None) if not failpoints else None
+    args = ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
+            "--turns", "2", "--samples", "1", "--model", str(model), "--dtype", "float32", "--max-tokens", "12",
+            "--threads", "2", "--no-progress", "--out", str(out)]
+    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def outcome(out: Path) -> dict:
+    """Each method's records, without what differs between any two runs (timings, machine time)."""
+    kept = {}
+    for method in ("single", "ttt"):
+        lines = (out / method / "results.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]  # every line whole
+        ids = [r["unique_id"] for r in records]
+        assert len(ids) == len(set(ids)) == 3, f"{method}: {ids}"  # no duplicates, none missing
+        kept[method] = {r["unique_id"]: {
+            "solved": r["solved"], "turns_used": r["turns_used"], "l2_shift": r["l2_shift"], "error": r["error"],
+            "turns": [{k: t[k] for k in ("statement", "reply", "answer", "correct", "feedback")} for t in r["turns"]],
+        } for r in records}
+    return kept
+
+
+def test_a_compare_killed_at_failpoints_resumes_to_the_uninterrupted_result(lively_model_dir, tmp_path):
+    reference = compare(lively_model_dir, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    resumed = tmp_path / "resumed"
+    for failpoints in ("results.appended=2", "generate.batch=2", "update.trained=1"):
+        killed = compare(lively_model_dir, resumed, failpoints)
+        assert killed.returncode == -9, (failpoints, killed.returncode, killed.stderr[-2000:])
+    final = compare(lively_model_dir, resumed)
+    assert final.returncode == 0, final.stderr[-2000:]
+    expected = outcome(tmp_path / "reference")
+    assert any(r["l2_shift"] > 0 for r in expected["ttt"].values())  # the updates really ran
+    assert outcome(resumed) == expected
+    summary = json.loads((resumed / "summary.json").read_text())["methods"]
+    uninterrupted = json.loads((tmp_path / "reference" / "summary.json").read_text())["methods"]
+    for method in ("single", "ttt"):
+        for key in ("problems", "solved", "mean_turns", "mean_l2_shift", "cumulative_accuracy_by_turn"):
+            assert summary[method][key] == uninterrupted[method][key], (method, key)
