@@ -18,8 +18,7 @@ from pathlib import Path
 
 import dspy
 
-from rosa2_dspy.evaluation import write_json_atomic
-from rosa2_dspy.fsutil import staged_dir
+from rosa2_dspy.fsutil import staged_dir, write_json_atomic
 
 
 class ArtifactError(ValueError):

@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize, \
-        write_json_atomic
+    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize
+    from rosa2_dspy.fsutil import write_json_atomic
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
 

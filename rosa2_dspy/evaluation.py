@@ -12,7 +12,6 @@ import contextvars
 import json
 import math
 import os
-import tempfile
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.faults import failpoint
+from rosa2_dspy.fsutil import write_json_atomic, write_text_atomic
 from rosa2_dspy.math.grading import grade
 
 RESULTS = "results.jsonl"
@@ -33,22 +33,6 @@ CONFIG = "config.json"
 
 class RunError(ValueError):
     """The output folder cannot be used for this run; the message says why."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 class ResultsFile:

@@ -1,24 +1,58 @@
-"""Writing folders atomically: fill a staging folder beside the target, then rename it into place."""
+"""Writing files and folders atomically: fill a staging file or folder beside the target, then rename
+it into place. A crash or an error leaves the target as it was, never half-written. The one place for
+this in the package (results, summaries, reports, plots, artifacts, adapters, model caches)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
-def staged_dir(target: str | os.PathLike):
+def staged_file(target: str | os.PathLike):
+    """Yield a temporary path beside ``target`` (same suffix, so writers that go by it still work); on
+    success it is renamed over ``target``, on any exception it is deleted and ``target`` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with staged_file(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, keep_existing: bool = False):
     """Yield an empty staging folder; on success it replaces ``target`` (an old one is removed only
-    after the rename), on any exception it is deleted and ``target`` is left as it was."""
+    after the rename; with ``keep_existing`` an existing ``target`` wins and the staging folder is
+    dropped, for caches that another process may have finished first), on any exception it is deleted
+    and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield staging
+        if keep_existing and target.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")

