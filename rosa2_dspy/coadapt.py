@@ -172,8 +172,10 @@ class Session:
         self.start_weights = engine.pin(self.base_lm.pinned_weights) if self.base_lm.pinned_weights else engine.pin()
 
     def close(self) -> None:
-        """Release the session's hold on its starting weights (idempotent); ``with Session(...)`` does it."""
+        """Put the engine's adapter back to the session's starting weights (with ``keep_adapter``: the last
+        conversation's) and release the session's hold on them (idempotent); ``with Session(...)`` does it."""
         if self.start_weights is not None:
+            self.engine.use_pinned(self.start_weights)
             self.engine.unpin(self.start_weights)
             self.start_weights = None
 
@@ -208,16 +210,16 @@ class Session:
         return Conversation(example, program, lm, weights, engine.pinned_state(weights))
 
     def end(self, conv: Conversation) -> float:
-        """Close a conversation; returns its L2 shift. The engine goes back to the starting weights,
-        or, with ``keep_adapter``, keeps the conversation's weights as the next starting point."""
+        """Close a conversation; returns its L2 shift. With ``keep_adapter`` the conversation's weights become
+        the next one's starting point. Only pinned snapshots are read: an ending conversation never waits
+        for the engine's weights lock, which a generating batch holds (waiting for it made the conversations
+        of a finished batch end one batch at a time). :meth:`close` puts the engine's adapter back."""
         engine = self.engine
-        with engine.weights_lock:
-            shift = adapter_shift(engine, conv.start_state, engine.pinned_state(conv.weights)).total
-            if self.config.keep_adapter:
-                engine.unpin(self.start_weights)
-                self.start_weights = engine.pin(conv.weights)
-            engine.use_pinned(self.start_weights)
-            engine.unpin(conv.weights)
+        shift = adapter_shift(engine, conv.start_state, engine.pinned_state(conv.weights)).total
+        if self.config.keep_adapter:
+            engine.unpin(self.start_weights)
+            self.start_weights = engine.pin(conv.weights)
+        engine.unpin(conv.weights)
         conv.lm.close()  # its own hold on the conversation's weights
         return shift
 

@@ -212,7 +212,10 @@ def adapter_shift(engine: LocalEngine, since: dict[str, torch.Tensor] | None = N
     if engine.peft_model is None:
         return Shift(0.0, {})
     modules = lora_layers(engine.peft_model)
-    with engine.weights_lock, torch.no_grad():
+    # the live adapter is read under the weights lock; given tensors (pinned snapshots) need no lock, so a
+    # conversation ending never waits for a batch that is generating
+    live = engine.weights_lock if state is None else contextlib.nullcontext()
+    with live, torch.no_grad():
         now = _factors(modules, state if state is not None else engine.adapter_state())
         ref = _factors(modules, since) if since is not None else None
         per = {}

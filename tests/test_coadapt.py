@@ -104,9 +104,10 @@ def test_weights_step_updates_then_the_adapter_is_back_at_zero(tiny_engine, obje
     assert weights["undesirable"] == 1 and weights["steps"] == 2
     assert weights["objective"] == (objective or "apo_zero_unpaired")
     assert first["l2_shift"] > 0
-    assert session.updater.shift().total == 0.0  # restored after the conversation
     second = session.run(EXAMPLE)
-    assert second["turns"][0]["weights"]["shift_before"] == 0.0
+    assert second["turns"][0]["weights"]["shift_before"] == 0.0  # each conversation starts from the start weights
+    session.close()
+    assert session.updater.shift().total == 0.0  # and the session leaves the engine there
 
 
 def test_desirable_samples_never_repeat_a_rejected_answer(tiny_engine, monkeypatch):
@@ -274,9 +275,10 @@ def test_concurrent_conversations_match_sequential_ones(tiny_engine):
         together = [essentials(r) for r in pool.map(session.run, examples)]
     assert together == alone
     assert tiny_engine.stats["mixed_weights_batches"] > mixed_before  # conversations shared batches
-    assert session.updater.shift().total == 0.0 and set(tiny_engine._pins) == pins_before
+    assert set(tiny_engine._pins) == pins_before  # every conversation let go of its weights
     session.close()
     session.close()  # idempotent
+    assert session.updater.shift().total == 0.0  # the engine is back at the starting weights
     assert not tiny_engine._pins  # the session's hold on its starting weights is released
 
 
@@ -344,3 +346,18 @@ def test_the_report_splits_a_weights_step_into_sampling_and_update(tmp_path):
     assert summary["machine_seconds_per_turn"] == pytest.approx(
         {"generation": 2.0, "words": 0.0, "sampling": 4.0, "update": 2.5})
     assert "| ttt | 2.00 | 0.00 | 4.00 | 2.50 | 3.25 |" in report
+
+
+def test_a_conversation_ends_without_waiting_for_a_generating_batch(tiny_engine):
+    """Ending needs only pinned snapshots. It used to take the weights lock, which a generating batch holds:
+    the 31 conversations of a finished batch then ended one whole (1024-token) batch at a time."""
+    import threading
+
+    session = Session(MathSolver(), tiny_engine, "ttt", OracleUser(), SessionConfig(turns=1, max_tokens=4))
+    conv = session.begin(EXAMPLE)
+    ended = threading.Event()
+    with tiny_engine.weights_lock:  # a batch is generating
+        threading.Thread(target=lambda: (session.end(conv), ended.set()), daemon=True).start()
+        assert ended.wait(10), "end() waited for the weights lock"
+    session.close()
+    assert tiny_engine.pin_holds() == {}
