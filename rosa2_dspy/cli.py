@@ -209,6 +209,9 @@ def cmd_eval(args) -> int:
     _apply_session_recipe(args)
     if args.method:
         _session_config(args)
+        if args.clarify:
+            raise CLIError("--clarify is for a single pass: a session's words step is its clarification "
+                           "(--method pe, pe-then-ttt or rosa2)")
     if args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
     examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,

@@ -21,7 +21,8 @@ The methods are one loop with steps switched on or off (:data:`POLICIES`): ``sin
 turn), ``whole`` (one turn on the whole problem, whatever the user withholds: the upper bound for a
 sharded user), ``pe`` (words only), ``ttt`` (weights only; the raw feedback, revealed conditions
 included, is appended to the user's first message), ``pe-then-ttt`` (words for the first half of the
-budget, weights after) and ``rosa2`` (both every turn, words first).
+budget, weights after, the update on the prompt the failed turn answered; at T = 2 one of each after turn 1)
+and ``rosa2`` (both every turn, words first, the update on the rewritten prompt).
 """
 
 from __future__ import annotations
@@ -53,9 +54,17 @@ class Policy:
     weights: str = "never"  # never | always | second-half
     single_turn: bool = False
     whole_problem: bool = False  # pose the whole problem whatever the user withholds (the upper bound)
+    # the prompt the weights step pairs the rejected replies with: the one the next turn answers ("next": the
+    # rewritten problem when a words step ran, ROSA2's update conditioned on the new words) or the one the
+    # failed turn answered ("answered": an update that does not see the rewrite)
+    weights_on: str = "next"
 
     def steps(self, turn: int, turns: int) -> tuple[bool, bool]:
-        half = turns // 2 if turns > 2 else 1  # adaptation steps happen after turns 1 .. turns-1
+        """(words step?, weights step?) after failed turn ``turn``. Steps happen after turns 1 .. turns-1; a
+        first-half/second-half split with a single such point (T = 2) does one of each there."""
+        if turns == 2 and self.words == "first-half" and self.weights == "second-half":
+            return True, True
+        half = turns // 2 if turns > 2 else 1
         words = self.words == "always" or (self.words == "first-half" and turn <= half)
         weights = self.weights == "always" or (self.weights == "second-half" and turn > half)
         return words, weights
@@ -66,7 +75,7 @@ POLICIES = {
     "whole": Policy("whole", single_turn=True, whole_problem=True),
     "pe": Policy("pe", words="always"),
     "ttt": Policy("ttt", weights="always"),
-    "pe-then-ttt": Policy("pe-then-ttt", words="first-half", weights="second-half"),
+    "pe-then-ttt": Policy("pe-then-ttt", words="first-half", weights="second-half", weights_on="answered"),
     "rosa2": Policy("rosa2", words="always", weights="always"),
 }
 
@@ -204,6 +213,10 @@ class Session:
         lm = self.base_lm.copy()
         lm.model = f"{lm.model.partition('@')[0]}@{weights}"
         program = self.program.deepcopy()
+        if getattr(program, "use_clarify", False):
+            # the session's words step is the one clarification: the Answer module answers (and the weights step
+            # trains on) exactly the statement the turn records, never a second rewrite of it
+            program.use_clarify = False
         for _, predictor in program.named_predictors():
             if predictor.lm is None or self._on_engine(predictor.lm):
                 predictor.lm = lm
@@ -374,6 +387,7 @@ class Session:
             if getattr(verdict, "revealed", None):
                 revealed.append(verdict.revealed)
             history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
+            answered = statement  # the prompt this turn's answer was given
             do_words, do_weights = policy.steps(turn, budget)
             if do_words:  # 3. words step
                 t0 = time.perf_counter()
@@ -386,10 +400,12 @@ class Session:
             elif policy.words == "never":  # weights only: the raw feedback goes into the prompt
                 statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
                             " ".join(h["feedback"] for h in history)
-            if do_weights:  # 4. weights step, conditioned on the (refined) prompt
+            if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
                 t0 = time.perf_counter()
-                entry["weights"] = self.weights_step(conv, self.prompt_messages(statement), rejected_replies,
+                trained_on = statement if policy.weights_on == "next" else answered
+                entry["weights"] = self.weights_step(conv, self.prompt_messages(trained_on), rejected_replies,
                                                      rejected_answers, turn)
+                entry["weights"]["trained_on"] = trained_on
                 seconds["weights"] = time.perf_counter() - t0
                 compute["weights"] = entry["weights"].get("compute_seconds", 0.0)
         return {"solved": False, "turns_used": budget}

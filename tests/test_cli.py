@@ -47,6 +47,7 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("eval --method pe --samples -1", "--samples must be >= 0"),
     ("eval --dtype float8", "unknown dtype 'float8'"),
     ("eval --compiled {tmp}", "not a compiled artifact"),
+    ("eval --method pe --clarify", "--clarify is for a single pass"),
     ("compile --optimizer {tmp}/missing.toml --limit 2", "no recipe at"),
     ("compile --optimizer {tmp}/kind.toml --limit 2", "kind must be one of"),
     ("compile --optimizer optimizers/lora.toml --limit 0", "--limit must be given and >= 1"),

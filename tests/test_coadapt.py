@@ -361,3 +361,56 @@ def test_a_conversation_ends_without_waiting_for_a_generating_batch(tiny_engine)
         assert ended.wait(10), "end() waited for the weights lock"
     session.close()
     assert tiny_engine.pin_holds() == {}
+
+
+def test_pe_then_ttt_at_two_turns_does_one_of_each_and_trains_on_the_answered_prompt(tiny_engine):
+    class Recording(SpySession):
+        def weights_step(self, conv, messages, rejected_replies, rejected, turn):
+            self.calls.append("weights")
+            self.trained = messages[-1]["content"]
+            return {"scripted": True}
+
+    sequential = Recording(MathSolver(), tiny_engine, "pe-then-ttt", ScriptedUser(), SessionConfig(turns=2))
+    record = sequential.run(EXAMPLE)
+    assert sequential.calls == ["answer", "words", "weights", "answer"]
+    first, second = (t["statement"] for t in record["turns"])
+    assert second == f"{first} (clarified 1)"
+    assert record["turns"][0]["weights"]["trained_on"] == first and first in sequential.trained
+    assert "(clarified" not in sequential.trained  # the update never saw the rewrite
+    both = Recording(MathSolver(), tiny_engine, "rosa2", ScriptedUser(), SessionConfig(turns=2))
+    record = both.run(EXAMPLE)
+    assert both.calls == ["answer", "words", "weights", "answer"]
+    assert record["turns"][0]["weights"]["trained_on"] == record["turns"][1]["statement"]  # conditioned on it
+    assert record["turns"][1]["statement"] in both.trained
+
+
+def test_the_weights_step_trains_on_exactly_the_statement_the_answer_module_saw(tiny_engine):
+    """A clarifying program (MathSolver(clarify=True)) used to clarify again inside its answer, so the update
+    trained on a statement the Answer module never saw. In a session the words step is the one rewrite."""
+    from test_words import script_lm
+
+    seen = []
+
+    def reply(system, user):
+        assert not system.startswith("Rewrite the math problem"), "the program clarified a second time"
+        seen.append(user)
+        return "[[ ## reasoning ## ]]\nadd\n\n[[ ## answer ## ]]\n\\boxed{7}"
+
+    lm, _ = script_lm(reply)
+    program = MathSolver(clarify=True)
+    program.set_lm(lm)  # its predictors keep this scripted LM in the session (it is not on the engine)
+
+    class Recording(Session):
+        def words_step(self, conv, problem, history, feedback, revealed=None):
+            return Refinement(clarified_problem="What is 2+3? Give an integer.", critique="")
+
+        def weights_step(self, conv, messages, rejected_replies, rejected, turn):
+            self.trained = messages[-1]["content"]
+            return {}
+
+    session = Recording(program, tiny_engine, "rosa2", ScriptedUser(), SessionConfig(turns=2, samples=0))
+    record = session.run(EXAMPLE)
+    answered = [t["statement"] for t in record["turns"]]
+    assert answered == ["What is 2+3?", "What is 2+3? Give an integer."]
+    assert [answered[i] in seen[i] for i in range(2)] == [True, True]  # each answer saw the turn's statement
+    assert answered[1] in session.trained and record["turns"][0]["weights"]["trained_on"] == answered[1]
