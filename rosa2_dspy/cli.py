@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--steps", type=int, default=4)
     bu.add_argument("--batch-size", type=int, default=4)
     bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
+    bu.add_argument("--answer-batch", type=int, default=16,
+                    help="update_over_generation: an answer's share of a batch of this many rows (0 skips it)")
+    bu.add_argument("--answer-tokens", type=int, default=1024, help="... an answer of this many tokens (default 1024)")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
     _add_data_args(bc)
@@ -699,8 +702,11 @@ def cmd_bench(args) -> int:
     elif args.bench == "update":
         if args.steps < 1 or args.batch_size < 2 or args.updates < 2 or not 1 <= args.rows <= 8:
             raise CLIError("--steps >= 1, --batch-size >= 2, --updates >= 2 and --rows 1..8 are needed")
+        if args.answer_batch < 0 or args.answer_tokens < 1:
+            raise CLIError("--answer-batch >= 0 and --answer-tokens >= 1 are needed")
         result = bench.bench_update(args.model, objective=args.objective, steps=args.steps,
-                                    batch_size=args.batch_size, updates=args.updates, rows=args.rows)
+                                    batch_size=args.batch_size, updates=args.updates, rows=args.rows,
+                                    answer_batch=args.answer_batch, answer_tokens=args.answer_tokens)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -333,12 +333,18 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     assert report["trl_total_seconds_per_update"] > 0 and report["raw_seconds_per_update"] > 0
     assert report["l2_shift_per_update"] > 0 and report["trl_over_raw"] > 0
     assert report["construction_seconds_first_update"] > 0 and report["prepare_seconds_per_update"] > 0
+    answer = report["answer_generation"]  # one row's share of a batched 1024-token answer, in the same run
+    assert answer["batch"] == 16 and answer["tokens"] == 1024 and answer["step_ms"] > 0
+    assert answer["seconds_per_row"] == pytest.approx(
+        (answer["prefill_seconds"] + 1023 * answer["step_ms"] / 1000) / 16, rel=0.01)
+    assert report["update_over_generation"] == pytest.approx(
+        report["trl_total_seconds_per_update"] / answer["seconds_per_row"], rel=0.01)
 
 
 def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_dir, capsys):
     for objective, batch in (("apo_zero_unpaired", 1), ("kto", 2)):
         assert run("bench", "update", "--model", str(tiny_model_dir), "--objective", objective, "--rows", "1",
-                   "--steps", "1", "--batch-size", "2", "--updates", "2") == 0
+                   "--steps", "1", "--batch-size", "2", "--updates", "2", "--answer-batch", "0") == 0
         report = json.loads(capsys.readouterr().out)
         assert report["rows"] == 1 and report["trainer_batch_size"] == batch and report["l2_shift_per_update"] > 0
     assert run("bench", "update", "--model", str(tiny_model_dir), "--rows", "0") == 2
