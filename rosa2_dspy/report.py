@@ -91,9 +91,11 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 
 
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
-                 reference: str = "rosa2", ids: list[str] | None = None, notes: list[str] | None = None) -> Path:
+                 reference: str | None = None, ids: list[str] | None = None,
+                 notes: list[str] | None = None) -> Path:
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
-    ``ids``: report only these problems. ``reference``'s accuracy is compared, paired, with each other method's;
+    ``ids``: report only these problems. ``reference``'s accuracy (default ``rosa2``, else the first method's)
+    is compared, paired, with each other method's;
     records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
     out = Path(out)
     records, summaries = {}, {}
@@ -107,6 +109,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         summaries[method] = summarize_sessions(records[method], turns)
     if not summaries:
         raise ValueError(f"no results under {out}: run the methods first")
+    # rosa2 against each baseline; without rosa2, the first method (say `whole` against `single`)
+    reference = reference or ("rosa2" if "rosa2" in records else next(iter(records)))
     paired = {f"{reference} - {m}": paired_difference(records[reference], records[m])
               for m in records if reference in records and m != reference}
     by_gap = {}
