@@ -536,8 +536,18 @@ def _bench_compile(args) -> int:
     from rosa2_dspy.report import build_compile_report
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    for recipe in recipes:
-        load_recipe(recipe)
+    texts = {recipe: load_recipe(recipe).text for recipe in recipes}
+    names = [Path(r).stem for r in recipes]
+    clash = next((n for n in names if names.count(n) > 1 or n == "baseline"), None)
+    if clash:
+        sharing = ", ".join(r for r in recipes if Path(r).stem == clash)
+        raise CLIError(f"two methods would share the folder {clash!r} ({sharing}, or the baseline): "
+                       "rename a recipe file")
+    for recipe in recipes:  # an artifact is reused only for the recipe it was compiled from
+        made = Path(args.out) / Path(recipe).stem / "artifact" / "compile.json"
+        if made.is_file() and json.loads(made.read_text()).get("recipe_text") != texts[recipe]:
+            raise CLIError(f"{recipe} changed since {made.parent} was compiled from it: use another --out "
+                           "(or delete that artifact to compile it again)")
     trainset, valset = _train_val(args)
     tests = load_examples(args.eval_split, levels=args.eval_level, limit=args.eval_limit, seed=args.seed)
     overlap = _compile_overlap([e.unique_id for e in trainset + valset], tests, args.allow_overlap,

@@ -208,6 +208,44 @@ def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     assert compiled.words_history is optimizer.history
 
 
+def test_rosa2_compile_trains_each_round_under_that_rounds_words(tiny_engine, monkeypatch):
+    """The interleaving test above cannot tell which words the weights trained under (with a random student
+    every rewrite is rejected). Here each round's words step accepts a rewrite, and every row the weights step
+    trains on must carry that round's instructions."""
+    from rosa2_dspy.coadapt import ROSA2
+    from rosa2_dspy.weights import LoRAUpdater
+
+    lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
+    dspy.configure(lm=lm)
+    train = [dspy.Example(problem=f"What is {i}+{i}?", answer=str(2 * i), solution=f"so \\boxed{{{2 * i}}}",
+                          unique_id=f"u{i}").with_inputs("problem") for i in range(1, 4)]
+    optimizer = ROSA2(rounds=2, val_size=2, num_threads=2, sources=("solutions",),
+                      config=UpdateConfig(objective="sft", steps=1, batch_size=2, learning_rate=1e-2, max_length=128))
+    rounds = iter(range(1, 10))
+
+    def rewrite(program, trainset, valset=None):  # a words step that accepts a rewrite every round
+        words = f"Solve it step by step. Words of round {next(rounds)}."
+        for _, predictor in program.named_predictors():
+            if "answer" in predictor.signature.output_fields:
+                predictor.signature = predictor.signature.with_instructions(words)
+        return program
+
+    monkeypatch.setattr(optimizer.words, "compile", rewrite)
+    trained, update = [], LoRAUpdater.update
+
+    def spy(self, rows, *args, **kwargs):
+        trained.append([row["prompt"][0]["content"] for row in rows])
+        return update(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(LoRAUpdater, "update", spy)
+    program = MathSolver()
+    program.set_lm(lm)
+    optimizer.compile(program, trainset=train)
+    assert len(trained) == 2 and all(len(rows) == 3 for rows in trained)
+    for round_index, systems in enumerate(trained, 1):
+        assert all(f"Words of round {round_index}." in system for system in systems), systems[0][-200:]
+
+
 def test_every_shipped_recipe_builds(tiny_engine):
     from pathlib import Path
 
@@ -220,7 +258,7 @@ def test_every_shipped_recipe_builds(tiny_engine):
                      "rosa2-compile": "ROSA2", "p-then-w": "Sequential", "better-together": "BetterTogether"}
 
 
-def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir):
+def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir, capsys):
     import shutil
 
     from rosa2_dspy.cli import main
@@ -244,6 +282,15 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
     assert main(args) == 0  # resume: the artifact is reused, not recompiled
     assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+    recipe.write_text(recipe.read_text().replace("steps = 2", "steps = 3"))  # edited: its artifact is stale
+    assert main(args) == 2
+    assert "changed since" in capsys.readouterr().err
+    assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+    twin = tmp_path / "other"
+    twin.mkdir()
+    shutil.copy(recipe, twin / "lora.toml")  # two recipes named lora would share one folder
+    assert main([*args[:3], f"{recipe},{twin / 'lora.toml'}", *args[4:]]) == 2
+    assert "share the folder 'lora'" in capsys.readouterr().err
 
 
 def test_concurrent_conversations_match_sequential_ones(tiny_engine):

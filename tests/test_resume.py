@@ -1,6 +1,6 @@
-"""Kill and resume: a `bench compare` SIGKILLed at failpoints (during generation, during an update, right after a
-record is written) and rerun ends with the same greedy results as an uninterrupted run, with no duplicate or torn
-records (rosa2_dspy/faults.py)."""
+"""Kill and resume: a `bench compare` (the sharded user) SIGKILLed at failpoints (during generation, during an
+update, right after a record is written) and rerun ends with the same greedy results as an uninterrupted run,
+with no duplicate or torn records (rosa2_dspy/faults.py)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ def lively_model_dir(tokenizer, tmp_path_factory):
 
 
 def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ROSA2_FAILPOINTS": failpoints} if failpoints else dict(os.environ)
-    env.pop("ROSA2_FAILPOINTS", None) if not failpoints else None
+    env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
+    if failpoints:
+        env["ROSA2_FAILPOINTS"] = failpoints
     args = ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
-            "--turns", "2", "--samples", "1", "--model", str(model), "--dtype", "float32", "--max-tokens", "12",
-            "--threads", "2", "--no-progress", "--out", str(out)]
+            "--turns", "2", "--samples", "1", "--user", "sharded", "--model", str(model), "--dtype", "float32",
+            "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out)]
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -46,7 +47,9 @@ def outcome(out: Path) -> dict:
         assert len(ids) == len(set(ids)) == 3, f"{method}: {ids}"  # no duplicates, none missing
         kept[method] = {r["unique_id"]: {
             "solved": r["solved"], "turns_used": r["turns_used"], "l2_shift": r["l2_shift"], "error": r["error"],
-            "turns": [{k: t[k] for k in ("statement", "reply", "answer", "correct", "feedback")} for t in r["turns"]],
+            "posed": r.get("posed"),
+            "turns": [{k: t.get(k) for k in ("statement", "reply", "answer", "correct", "feedback", "revealed")}
+                      for t in r["turns"]],
         } for r in records}
     return kept
 
