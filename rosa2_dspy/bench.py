@@ -224,6 +224,14 @@ def decode_cost(model) -> tuple[int, int]:
     return read, flops
 
 
+def prefill_and_step(engine, batch: list[list[int]], steps: int) -> tuple[float, float]:
+    """Seconds of the batch's prefill (one new token) and of one decode step, the latter measured over
+    ``steps`` greedy steps after the prefill, so prompt processing does not count against decoding."""
+    _, prefill = _generate_exactly(engine, batch, 1)
+    _, whole = _generate_exactly(engine, batch, steps + 1)
+    return prefill, max(whole - prefill, 1e-9) / steps
+
+
 def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
     """Decode and prefill tokens/s of raw greedy ``generate`` per batch size, against the roofline.
 
@@ -239,17 +247,15 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
            "new_tokens": max_tokens, "batches": {}}
     for size in sizes:
         batch = [prompts[i % len(prompts)] for i in range(size)]
-        _, prefill = _generate_exactly(engine, batch, 1)
-        _, whole = _generate_exactly(engine, batch, max_tokens)
-        decode = max(whole - prefill, 1e-9)
+        prefill, step = prefill_and_step(engine, batch, max_tokens - 1)
         memory_s, compute_s = read / (bandwidth * 1e9), size * flops / (gflops * 1e9)
         roofline = size / max(memory_s, compute_s)
-        measured = size * (max_tokens - 1) / decode
+        measured = size / step
         out["batches"][str(size)] = {
             "decode_tokens_per_s": round(measured, 1), "roofline_tokens_per_s": round(roofline, 1),
             "roofline_fraction": round(measured / roofline, 3),
             "bound": "memory" if memory_s >= compute_s else "compute",
-            "step_ms": round(1000 * decode / (max_tokens - 1), 1),
+            "step_ms": round(1000 * step, 1),
             "roofline_step_ms": round(1000 * max(memory_s, compute_s), 1),
             "prefill_tokens_per_s": round(sum(len(p) for p in batch) / prefill, 1)}
     return out
@@ -415,9 +421,7 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
     steps, the step time measured over ``steps`` greedy steps. Later steps attend to a longer context;
     for a 1.5B model at 1024 tokens that adds little to steps dominated by the weight matmuls."""
     rows = [prompts[i % len(prompts)] for i in range(batch)]
-    _, prefill = _generate_exactly(engine, rows, 1)
-    _, whole = _generate_exactly(engine, rows, steps + 1)
-    step = max(whole - prefill, 1e-9) / steps
+    prefill, step = prefill_and_step(engine, rows, steps)
     return {"batch": batch, "tokens": tokens, "prefill_seconds": round(prefill, 3), "step_ms": round(1000 * step, 1),
             "seconds_per_row": round((prefill + (tokens - 1) * step) / batch, 3)}
 

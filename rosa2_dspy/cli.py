@@ -248,7 +248,7 @@ def cmd_eval(args) -> int:
     resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
     out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
     if args.method:
-        return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled)
+        return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap)
 
     import dspy
 
@@ -356,7 +356,8 @@ def _session_config(args) -> dict:
             "objective": args.objective, "max_shift": args.max_shift}
 
 
-def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None) -> int:
+def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None,
+                 overlap: int | None = None) -> int:
     """Run each method's sessions on the same problems; results per method, then the report."""
     import dspy
 
@@ -396,7 +397,6 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
                      updater=updater) as session:
             run_items(examples, session.run, results, threads=threads, description=method,
                       progress=not args.no_progress)
-    overlap = json.loads((out / "config.json").read_text()).get("compile_overlap") if compiled else None
     notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
                                         "were among its training or validation problems."]
     report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}",
@@ -536,17 +536,17 @@ def _bench_compile(args) -> int:
     from rosa2_dspy.report import build_compile_report
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    texts = {recipe: load_recipe(recipe).text for recipe in recipes}
     names = [Path(r).stem for r in recipes]
     clash = next((n for n in names if names.count(n) > 1 or n == "baseline"), None)
     if clash:
-        sharing = ", ".join(r for r in recipes if Path(r).stem == clash)
+        sharing = ", ".join(r for r, n in zip(recipes, names) if n == clash)
         raise CLIError(f"two methods would share the folder {clash!r} ({sharing}, or the baseline): "
                        "rename a recipe file")
-    for recipe in recipes:  # an artifact is reused only for the recipe it was compiled from
-        made = Path(args.out) / Path(recipe).stem / "artifact" / "compile.json"
-        if made.is_file() and json.loads(made.read_text()).get("recipe_text") != texts[recipe]:
-            raise CLIError(f"{recipe} changed since {made.parent} was compiled from it: use another --out "
+    methods = {"baseline": None, **dict(zip(names, recipes))}
+    for name, recipe in methods.items():  # an artifact is reused only for the recipe it was compiled from
+        text, artifact = load_recipe(recipe).text if recipe else None, Path(args.out) / name / "artifact"
+        if recipe and (artifact / "compile.json").is_file() and read_meta(artifact).get("recipe_text") != text:
+            raise CLIError(f"{recipe} changed since {artifact} was compiled from it: use another --out "
                            "(or delete that artifact to compile it again)")
     trainset, valset = _train_val(args)
     tests = load_examples(args.eval_split, levels=args.eval_level, limit=args.eval_limit, seed=args.seed)
@@ -560,7 +560,6 @@ def _bench_compile(args) -> int:
                           resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
                                 continuous=args.batching == "continuous")
-    methods = {"baseline": None, **{Path(r).stem: r for r in recipes}}
     summaries = {}
     for name, recipe in methods.items():
         folder = out / name
@@ -751,7 +750,8 @@ def _bench_compare(args) -> int:
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
     out = prepare_run_dir(args.out, config,
                           resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")))
-    return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled)
+    return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled,
+                        overlap=overlap)
 
 
 def _check_ranges(args) -> None:

@@ -373,8 +373,9 @@ class Session:
                      "feedback": verdict.feedback, "words": None, "weights": None,
                      "generated_tokens": usage["output_tokens"], "seconds": seconds, "compute_seconds": compute}
             turns.append(entry)
-            if getattr(verdict, "revealed", None):
-                entry["revealed"] = verdict.revealed
+            shown = getattr(verdict, "revealed", None)  # a user needs only accepted/feedback/correct/boxed
+            if shown:
+                entry["revealed"] = shown
             if getattr(verdict, "grade_fallback", False):
                 entry["grade_fallback"] = True
             if verdict.accepted:
@@ -384,8 +385,8 @@ class Session:
             if _normalized(answer):
                 rejected_answers.add(_normalized(answer))
             rejected_replies.append(reply)
-            if getattr(verdict, "revealed", None):
-                revealed.append(verdict.revealed)
+            if shown:
+                revealed.append(shown)
             history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
             answered = statement  # the prompt this turn's answer was given
             do_words, do_weights = policy.steps(turn, budget)

@@ -35,6 +35,7 @@ import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from rosa2_dspy import models
+from rosa2_dspy.decode import SAMPLE_TOP_K
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import staged_dir
 
@@ -105,9 +106,6 @@ class Completion:
     output_tokens: int
     finish_reason: str
     compute_seconds: float = 0.0  # this row's share of its batch's generate time
-
-
-from rosa2_dspy.decode import SAMPLE_TOP_K  # noqa: E402 - candidates a sampled token is drawn from by default
 
 
 class _TopKSampler:

@@ -120,10 +120,9 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *
     started = time.perf_counter()
     if not todo:
         return 0.0
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
-
-    from rich.console import Console
 
     # a terminal gets a live bar; a log file (nohup, CI) a plain line at most once a minute, and at the end
     plain = progress and not Console(stderr=True).is_terminal

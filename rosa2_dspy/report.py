@@ -123,7 +123,7 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
              "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.",
-             *notes_block(notes), "",
+             *(["", *notes] if notes else []), "",
              "| method | problems | accuracy (95% CI) | solved by turn 1..T | mean turns | mean L2 shift | boxed rate "
              "| s/problem | gen / words / weights s | adapt÷gen per turn (wall / machine) | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -217,10 +217,6 @@ def _save_figure(fig, path: Path) -> None:
             fig.savefig(staging)
     finally:
         plt.close(fig)
-
-
-def notes_block(notes: list[str] | None) -> list[str]:
-    return ["", *notes] if notes else []
 
 
 def build_compile_report(out: str | Path, summaries: dict[str, dict], overlap: int = 0) -> Path:

@@ -35,8 +35,8 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from rosa2_dspy import models
-from rosa2_dspy.faults import failpoint
 from rosa2_dspy.engine import LocalEngine, LocalLM, lora_layers, release_free_memory
+from rosa2_dspy.faults import failpoint
 
 logger = logging.getLogger(__name__)
 

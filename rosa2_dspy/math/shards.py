@@ -94,19 +94,31 @@ def _carries(text: str) -> bool:
     return bool(re.search(r"\d|\$|\\\[|\\\(|[\ue000-\uf8ff]", text))
 
 
+_BASE = 0xE000  # a protected span stands in the masked text as one private-use character, chr(_BASE + its index)
+
+
+def _placeholder(index: int) -> str:
+    return chr(_BASE + index)
+
+
+def _span(ch: str, spans: list[str]) -> str | None:
+    """The protected span a masked character stands for, or None for an ordinary character."""
+    return spans[ord(ch) - _BASE] if ch and "\ue000" <= ch <= "\uf8ff" else None
+
+
 def _mask(text: str) -> tuple[str, list[str]]:
     """``text`` with each protected span replaced by a private-use character, and the spans."""
     spans: list[str] = []
 
     def keep(match: re.Match) -> str:
         spans.append(match.group(0))
-        return chr(0xE000 + len(spans) - 1)
+        return _placeholder(len(spans) - 1)
 
     return _PROTECTED.sub(keep, text), spans
 
 
 def _unmask(text: str, spans: list[str]) -> str:
-    return re.sub("[\ue000-\uf8ff]", lambda m: spans[ord(m.group(0)) - 0xE000], text)
+    return re.sub("[\ue000-\uf8ff]", lambda m: _span(m.group(0), spans), text)
 
 
 def _span_ends_with(span: str, chars: str) -> bool:
@@ -132,7 +144,7 @@ def _sentences(masked: str, spans: list[str]) -> list[tuple[str, str]]:
             # not after an abbreviation, an initial or a choice label ("A. 10")
             if not (ch == "." and word and (word.group(1).lower() in _ABBREVIATIONS or len(word.group(1)) == 1)):
                 boundary = i + 1
-        elif "\ue000" <= ch <= "\uf8ff" and _ends_sentence(spans[ord(ch) - 0xE000]):
+        elif (span := _span(ch, spans)) is not None and _ends_sentence(span):
             rest = masked[i + 1:]
             if not rest or rest[0].isspace() or rest[0].isupper():
                 boundary = i + 1
@@ -167,11 +179,11 @@ def _clauses(sentence: str, spans: list[str]) -> list[tuple[str, str]]:
             continue
         if last == ",":
             return [("condition", before[:-1] + "."), ("question", _capitalize(sentence[lead.end():]))]
-        if "\ue000" <= last <= "\uf8ff" and _span_ends_with(spans[ord(last) - 0xE000], ","):
-            span = spans[ord(last) - 0xE000]
+        span = _span(last, spans)
+        if span is not None and _span_ends_with(span, ","):
             cut = span.rindex(",")
             spans.append(span[:cut] + "." + span[cut + 1:])  # the math's own comma becomes the full stop
-            return [("condition", before[:-1] + chr(0xE000 + len(spans) - 1)),
+            return [("condition", before[:-1] + _placeholder(len(spans) - 1)),
                     ("question", _capitalize(sentence[lead.end():]))]
     trail = _TRAILING_CUT.search(sentence)
     if trail and _carries(sentence[trail.end():]):
@@ -182,7 +194,7 @@ def _clauses(sentence: str, spans: list[str]) -> list[tuple[str, str]]:
 
 
 def _is_figure(masked: str, spans: list[str]) -> bool:
-    return len(masked) == 1 and "\ue000" <= masked <= "\uf8ff" and spans[ord(masked) - 0xE000].startswith("[asy]")
+    return len(masked) == 1 and (_span(masked, spans) or "").startswith("[asy]")
 
 
 def split_problem(problem: str) -> list[Piece]:
@@ -239,9 +251,9 @@ def states_answer(text: str, gold: str | None) -> bool:
     return target in segments or (not target.replace(".", "").isdigit() and target in words)
 
 
-def _rng(seed: int, unique_id: str) -> random.Random:
-    digest = hashlib.sha256(f"shards:{seed}:{unique_id}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+def seeded_random(key: str) -> random.Random:
+    """A generator drawn from ``key`` alone (sha256, so it is the same in every process and run)."""
+    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
 
 def shard(problem: str, *, gold: str | None = None, seed: int = 0, unique_id: str = "") -> ShardedProblem:
@@ -254,7 +266,7 @@ def shard(problem: str, *, gold: str | None = None, seed: int = 0, unique_id: st
     if not candidates:
         return ShardedProblem(problem, pieces, (), ("no shard carries a number, a condition or the answer form "
                                                     "without stating the answer",))
-    rng = _rng(seed, unique_id)
+    rng = seeded_random(f"shards:{seed}:{unique_id}")
     count = 2 if len(candidates) >= 3 else 1
     withheld = tuple(sorted(rng.sample(candidates, count)))  # revealed in the order the problem has them
     return ShardedProblem(problem, pieces, withheld)

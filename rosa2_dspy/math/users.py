@@ -16,12 +16,11 @@ and may reveal a piece of the problem in a judgement (``Judgement.revealed``).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, replace
 
 from rosa2_dspy.math.grading import grade
-from rosa2_dspy.math.shards import ShardedProblem, shard_example
+from rosa2_dspy.math.shards import ShardedProblem, seeded_random, shard_example
 
 VAGUE_FEEDBACK = (
     "Hmm, that's not what I asked.",
@@ -70,8 +69,7 @@ class User:
         return None
 
     def _rng(self, example, turn: int, salt: str = "") -> random.Random:
-        key = f"{salt}{self.seed}:{example.unique_id}:{turn}".encode()
-        return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+        return seeded_random(f"{salt}{self.seed}:{example.unique_id}:{turn}")
 
     def judge(self, example, prediction, turn: int) -> Judgement:
         answer = getattr(prediction, "answer", None) if prediction is not None else None
