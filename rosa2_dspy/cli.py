@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 
@@ -85,6 +88,8 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, sa
                    help="weights step objective (default apo_zero_unpaired; TRL's KTOTrainer runs it and kto, "
                         "SFTTrainer sft; see rosa2_dspy.coadapt.session_update_config)")
     p.add_argument("--max-shift", type=float, default=None, help="trust region: max L2 shift per conversation")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="weights step learning rate (default 2e-4, rosa2_dspy.coadapt.session_update_config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-tokens", type=int, default=1024,
                     help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
     bc.add_argument("--threads", type=int, default=32,
-                    help="conversations in flight, every method (default 32, the engine's largest batch)")
+                    help="conversations in flight per method (default 32, the engine's largest batch); the methods "
+                         "share one pool, and a problem's turn 1 is generated once for all of them")
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 
@@ -330,7 +336,8 @@ def _apply_session_recipe(args) -> None:
         table = tomllib.loads(path.read_text()).get("session") or {}
     except tomllib.TOMLDecodeError as exc:
         raise CLIError(f"{path} is not valid TOML: {exc}") from None
-    known = {"method", "turns", "user", "samples", "update_steps", "update_batch", "objective", "max_shift"}
+    known = {"method", "turns", "user", "samples", "update_steps", "update_batch", "objective", "max_shift",
+             "learning_rate"}
     unknown = sorted(set(table) - known)
     if unknown or "method" not in table:
         raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
@@ -340,7 +347,7 @@ def _apply_session_recipe(args) -> None:
 
 
 def _session_config(args) -> dict:
-    from rosa2_dspy.coadapt import POLICIES, SESSION_OBJECTIVE
+    from rosa2_dspy.coadapt import POLICIES, SESSION_OBJECTIVE, session_update_config
 
     args.objective = args.objective or SESSION_OBJECTIVE
     if getattr(args, "method", None) and args.method not in POLICIES:
@@ -353,7 +360,8 @@ def _session_config(args) -> dict:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
     return {"turns": args.turns, "user": args.user, "samples": args.samples, "update_steps": args.update_steps,
             "update_batch": args.update_batch,
-            "objective": args.objective, "max_shift": args.max_shift}
+            "objective": args.objective, "max_shift": args.max_shift,
+            "learning_rate": session_update_config(learning_rate=args.learning_rate).learning_rate}
 
 
 def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None,
@@ -382,27 +390,43 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
     update_cfg = session_update_config(objective=args.objective, steps=args.update_steps,
                                        batch_size=args.update_batch, max_shift_per_session=args.max_shift,
+                                       learning_rate=args.learning_rate,
                                        max_length=args.max_tokens + 512)  # a whole reply and its prompt
     updater = LoRAUpdater(engine, update_cfg)
+    results = {}
     for method in methods:
-        policy = get_policy(method)
         (out / method).mkdir(parents=True, exist_ok=True)
-        results = ResultsFile(out / method / "results.jsonl")
-        # conversations run side by side, weights methods too: each asks for its own pinned weights
-        threads = 1 if session_cfg.keep_adapter else args.threads
-        done = sum(1 for e in examples if e.unique_id in results.records)
+        results[method] = ResultsFile(out / method / "results.jsonl")
+        done = sum(1 for e in examples if e.unique_id in results[method].records)
         if done:
             print(f"{method}: resuming, {done} of {len(examples)} problems already done")
-        with Session(program, engine, policy, make_user(args.user, args.seed), session_cfg,
-                     updater=updater) as session:
-            run_items(examples, session.run, results, threads=threads, description=method,
-                      progress=not args.no_progress)
+    with contextlib.ExitStack() as stack:
+        sessions = {m: stack.enter_context(Session(program, engine, get_policy(m), make_user(args.user, args.seed),
+                                                   session_cfg, updater=updater)) for m in methods}
+        # Every method's conversations in one pool, problem by problem: the engine batches them together (no
+        # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
+        # for every method, is generated once (the engine joins identical requests in flight).
+        items = [_MethodItem(m, e) for e in examples for m in methods]
+        run_items(items, lambda item: sessions[item.method].run(item.example), lambda item: results[item.method],
+                  threads=args.threads * len(methods), description=", ".join(methods), progress=not args.no_progress)
     notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
                                         "were among its training or validation problems."]
     report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}",
                           ids=[e.unique_id for e in examples], notes=notes)
     print(report.read_text())
     return 0
+
+
+@dataclass(frozen=True)
+class _MethodItem:
+    """One conversation of a comparison: a method and a problem."""
+
+    method: str
+    example: Any
+
+    @property
+    def unique_id(self) -> str:
+        return self.example.unique_id
 
 
 def _program_kwargs(args) -> dict:
@@ -760,8 +784,10 @@ def _check_ranges(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < low:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
-    if getattr(args, "max_shift", None) is not None and args.max_shift <= 0:
-        raise CLIError(f"--max-shift must be > 0, got {args.max_shift}")
+    for flag in ("max_shift", "learning_rate"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     if getattr(args, "device", None) is not None:  # a device or dtype that cannot be had, before any run folder
         from rosa2_dspy.models import pick_device, pick_dtype
 

@@ -106,6 +106,7 @@ class Completion:
     output_tokens: int
     finish_reason: str
     compute_seconds: float = 0.0  # this row's share of its batch's generate time
+    shared: bool = False  # another identical request's generation (no tokens, no time of its own)
 
 
 class _TopKSampler:
@@ -208,10 +209,14 @@ class LocalEngine:
         self._weights_id_cache: tuple[int, str] | None = None
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._pending: list[_Job] = []
+        # greedy requests for pinned weights now queued or generating, by (prompt, settings, stops): an identical
+        # one joins the first instead of generating again (every method's turn 1 of a comparison, for one)
+        self._inflight: dict[tuple, Future] = {}
+        self._inflight_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
-                      "waits_for_updates": 0}
+                      "waits_for_updates": 0, "joined": 0}
 
     # ------------------------------------------------------------------ construction
 
@@ -322,10 +327,29 @@ class LocalEngine:
     def submit(self, input_ids: list[int], settings: GenSettings, stop: tuple[str, ...] = ()) -> Future:
         """Queue one prompt (token ids); the future gives its :class:`Completion`. Prompts queued
         together (by one caller or by many threads) share batches where their settings allow."""
-        job = _Job(list(input_ids), settings, stop)
+        # Greedy decoding of pinned weights (ids are content hashes) is a function of the request: an identical
+        # request in flight joins it, as DSPy's cache would answer it had the first one finished. Its
+        # completion says ``shared`` and counts no tokens or time (the first request's thread counted them).
+        key = (tuple(input_ids), settings, tuple(stop)) if not settings.do_sample and settings.weights else None
+        with self._inflight_lock:
+            first = self._inflight.get(key) if key is not None else None
+            if first is not None:
+                self.stats["joined"] += 1
+                joined: Future = Future()
+                first.add_done_callback(lambda done: _share_result(done, joined))
+                return joined
+            job = _Job(list(input_ids), settings, stop)
+            if key is not None:
+                self._inflight[key] = job.future
+                job.future.add_done_callback(lambda done: self._forget_inflight(key, done))
         self._ensure_worker()
         self._queue.put(job)
         return job.future
+
+    def _forget_inflight(self, key: tuple, future: Future) -> None:
+        with self._inflight_lock:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
     def generate_batch(self, prompts: list[list[int]], settings: GenSettings,
                        stops: list[tuple[str, ...]] | None = None, seeds: list[int | None] | None = None,
@@ -810,6 +834,16 @@ def _contiguous_input(module, args):
     matrix product but runs a batched one over a copy of the 152k x 1536 weight per row: a 5-row prefill of
     the 1.5B model took 19.6 s instead of 2.3 s (BENCHMARKS.md)."""
     return (args[0].contiguous(), *args[1:])
+
+
+def _share_result(first: Future, joined: Future) -> None:
+    """Complete a joined request with its first request's outcome (a completion of its own, marked shared)."""
+    exc = first.exception()
+    if exc is not None:
+        joined.set_exception(exc)
+        return
+    done = first.result()
+    joined.set_result(replace(done, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,15 +108,17 @@ def progress_line(description: str, done: int, total: int, correct: int, elapsed
             f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done")
 
 
-def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *, threads: int = 1,
-              description: str = "problems", progress: bool = True) -> float:
+def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile | Callable[[Any], ResultsFile], *,
+              threads: int = 1, description: str = "problems", progress: bool = True) -> float:
     """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
 
-    Items run on ``threads`` threads, so a batching engine sees concurrent requests. Returns the
-    wall time spent. An exception inside ``solve`` is ``solve``'s to record; anything escaping it
-    is recorded here as an error for that item and the run goes on.
+    Items run on ``threads`` threads, so a batching engine sees concurrent requests. ``results`` is one
+    file, or a function giving each item's (several methods' conversations in one pool, each method's
+    records in its own file). Returns the wall time spent. An exception inside ``solve`` is ``solve``'s to
+    record; anything escaping it is recorded here as an error for that item and the run goes on.
     """
-    todo = [item for item in items if item.unique_id not in results.records]
+    file_of = results if callable(results) else (lambda item: results)
+    todo = [item for item in items if item.unique_id not in file_of(item).records]
     started = time.perf_counter()
     if not todo:
         return 0.0
@@ -140,10 +142,10 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile, *
                 return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(contextvars.copy_context().run, guarded, item) for item in todo]
+            futures = {pool.submit(contextvars.copy_context().run, guarded, item): item for item in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 record = future.result()
-                results.append(record)
+                file_of(futures[future]).append(record)
                 correct += bool(record.get("correct") or record.get("solved"))  # a single answer, or a conversation
                 bar.update(task, advance=1, acc=f"{correct / done:.0%}")
                 now = time.perf_counter()

@@ -54,6 +54,7 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("bench compare --methods single,nosuch --limit 2", "unknown method 'nosuch'"),
     ("bench compare --methods single", "--limit must be given"),
     ("bench compare --methods single --limit 2 --user nobody", "unknown --user"),
+    ("bench compare --methods single --limit 2 --learning-rate 0", "--learning-rate must be > 0, got 0.0"),
     ("bench compile --recipes {tmp}/missing.toml --limit 2", "no recipe at"),
     ("bench compile --recipes optimizers/lora.toml --limit 2 --split test --eval-split test",
      "seen by every compile here"),

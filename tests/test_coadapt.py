@@ -170,6 +170,13 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert summary["methods"]["single"]["problems"] == 2
     assert len(summary["methods"]["ttt"]["cumulative_accuracy_by_turn"]) == 2
     assert summary["methods"]["ttt"]["adaptation_over_generation_per_turn_machine"] > 0
+    # the methods ran in one pool: each problem's turn 1, the same request for both, was generated once
+    first = {m: {r["unique_id"]: r["turns"][0] for r in map(json.loads, (cmp / m / "results.jsonl").open())}
+             for m in ("single", "ttt")}
+    assert first["single"].keys() == first["ttt"].keys() and len(first["ttt"]) == 2
+    for uid, turn in first["single"].items():
+        assert turn["reply"] == first["ttt"][uid]["reply"]
+        assert sorted([turn["generated_tokens"], first["ttt"][uid]["generated_tokens"]])[0] == 0
     assert json.loads((cmp / "config.json").read_text())["objective"] == "apo_zero_unpaired"  # the session default
     report = (cmp / "report.md").read_text()
     assert "| single |" in report and "| ttt |" in report

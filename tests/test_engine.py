@@ -1,4 +1,5 @@
 import threading
+from dataclasses import replace
 
 import dspy
 import pytest
@@ -483,3 +484,30 @@ def test_finetuning_and_sessions_leave_no_pins_behind(tiny_engine):
     del compiled, s
     gc.collect()
     assert tiny_engine.pin_holds() == {}
+
+
+def test_identical_greedy_requests_for_pinned_weights_in_flight_are_generated_once(tiny_engine):
+    weights = tiny_engine.pin()
+    pinned = GenSettings(max_tokens=12, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None,
+                         weights=weights)
+    prompt, other = chat(tiny_engine, "the same question"), chat(tiny_engine, "another question")
+    before = dict(tiny_engine.stats)
+    futures = [tiny_engine.submit(prompt, pinned) for _ in range(4)] + [tiny_engine.submit(other, pinned)]
+    done = [f.result(timeout=60) for f in futures]
+    assert tiny_engine.stats["requests"] - before["requests"] == 2  # one per distinct prompt
+    assert tiny_engine.stats["joined"] - before["joined"] == 3
+    assert len({c.text for c in done[:4]}) == 1
+    assert done[0].text == tiny_engine.generate_batch([prompt], pinned)[0].text
+    assert not done[0].shared and done[0].output_tokens > 0
+    assert all(c.shared and c.output_tokens == 0 and c.compute_seconds == 0 for c in done[1:4])
+    # once it has finished, the same request generates again; sampled or unpinned requests never join
+    again = tiny_engine.submit(prompt, pinned).result(timeout=60)
+    assert not again.shared and again.text == done[0].text
+    sampled = replace(pinned, do_sample=True, temperature=1.0, seed=3)
+    unpinned = replace(pinned, weights=None)
+    before = dict(tiny_engine.stats)
+    for f in [tiny_engine.submit(prompt, s) for s in (sampled, sampled, unpinned, unpinned)]:
+        f.result(timeout=60)
+    assert tiny_engine.stats["joined"] == before["joined"]
+    assert tiny_engine.stats["requests"] - before["requests"] == 4
+    tiny_engine.unpin(weights)
