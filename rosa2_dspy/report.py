@@ -1,8 +1,12 @@
-"""The comparison report: per-method table (report.md) and cumulative accuracy by turn (PNG)."""
+"""The comparison report: per-method table (report.md), cumulative accuracy by turn with interval bands (PNG),
+and report.html: one self-contained page with the tables, the plot and every conversation, filterable."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import statistics
 from pathlib import Path
 
 from rosa2_dspy.evaluation import ResultsFile, wilson_interval
@@ -37,17 +41,24 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         if machine_split["generation"] > 0:
             machine_ratio = (machine_split["words"] + machine_split["sampling"] + machine_split["update"]) / \
                 machine_split["generation"]
-    by_turn = []
-    for k in range(1, turns + 1):
-        by_turn.append(sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k) / n if n else 0.0)
+    solved_by = [sum(1 for r in records if r.get("solved") and r.get("turns_used", 0) <= k)
+                 for k in range(1, turns + 1)]
+    by_turn = [k / n if n else 0.0 for k in solved_by]
     words_steps = [t["words"] for t in all_turns if t.get("words")]
     fallbacks = sum(1 for w in words_steps if w.get("fallback"))
+    weights_steps = [t["weights"] for t in all_turns if t.get("weights")]
+    shifts = [r.get("l2_shift", 0.0) for r in records]
     return {
         "words_steps": len(words_steps), "words_fallbacks": fallbacks,
         "words_fallback_rate": fallbacks / len(words_steps) if words_steps else None,
+        # the weights step's candidate replies, and how many passed the self-checks into desirable rows
+        "weights_steps": len(weights_steps),
+        "samples_drawn": sum(len(w.get("sample_checks") or []) for w in weights_steps),
+        "samples_kept": sum(w.get("desirable", 0) for w in weights_steps),
         "problems": n, "solved": solved, "accuracy": solved / n if n else 0.0, "accuracy_ci95": [low, high],
         "mean_turns": sum(r["turns_used"] if r.get("solved") else turns for r in records) / n if n else 0.0,
-        "mean_l2_shift": sum(r.get("l2_shift", 0.0) for r in records) / n if n else 0.0,
+        "mean_l2_shift": sum(shifts) / n if n else 0.0,
+        "median_l2_shift": statistics.median(shifts) if shifts else 0.0,
         "boxed_rate": sum(1 for t in all_turns if t.get("boxed")) / len(all_turns) if all_turns else 0.0,
         "seconds_per_problem": sum(r.get("seconds", 0.0) for r in records) / n if n else 0.0,
         "seconds_split_per_problem": {k: v / n for k, v in split.items()} if n else split,
@@ -58,6 +69,7 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         "errors": sum(1 for r in records if r.get("error")),
         "grade_fallbacks": sum(1 for t in all_turns if t.get("grade_fallback")),
         "cumulative_accuracy_by_turn": by_turn,
+        "cumulative_accuracy_by_turn_ci95": [list(wilson_interval(k, n)) if n else [0.0, 0.0] for k in solved_by],
     }
 
 
@@ -181,10 +193,159 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                     f"({low:.0%}-{high:.0%}) | {' / '.join(f'{v:.0%}' for v in s['cumulative_accuracy_by_turn'])} "
                     f"| {s['mean_turns']:.2f} | {s['mean_l2_shift']:.4f} "
                     f"| {fallback} |")
-    lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", ""]
+    sampled = [f"{m} {s['samples_kept']}/{s['samples_drawn']}" for m, s in summaries.items() if s["weights_steps"]]
+    if sampled:
+        lines += ["", "Weights-step samples that passed the self-checks (kept as desirable rows / drawn): " +
+                  ", ".join(sampled) + "."]
+    lines += ["", "![cumulative accuracy by turn](accuracy_by_turn.png)", "",
+              "Every conversation, turn by turn, filterable by method and outcome: [report.html](report.html).", ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))
+    write_text_atomic(out / "report.html", render_html(title, lines, records, out / "accuracy_by_turn.png"))
     return report
+
+
+# ----------------------------------------------------------------------------- report.html
+
+_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
+th{background:#f3f3f3}td{text-align:right}td:first-child,td.l{text-align:left}
+img{max-width:100%}.filters{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
+details.conversation{border:1px solid #ddd;border-radius:6px;margin:.5em 0;padding:.3em .8em}
+details.conversation[hidden]{display:none}summary{cursor:pointer}.solved{color:#17702b}.unsolved{color:#a3261b}
+.turn{border-top:1px dashed #ccc;padding:.4em 0}.side{display:grid;grid-template-columns:1fr 1fr;gap:1em}
+pre{white-space:pre-wrap;word-break:break-word;background:#f8f8f8;padding:.5em;margin:.2em 0;max-height:18em;
+overflow:auto;font-size:13px}.k{color:#666;font-size:13px}
+"""
+
+_SCRIPT = """
+const sel = {method: document.getElementById('method'), outcome: document.getElementById('outcome')};
+function apply() {
+  let shown = 0;
+  const all = document.querySelectorAll('details.conversation');
+  all.forEach(c => {
+    const ok = (sel.method.value === 'all' || c.dataset.method === sel.method.value) &&
+               (sel.outcome.value === 'all' || c.dataset.outcome === sel.outcome.value);
+    c.hidden = !ok; shown += ok;
+  });
+  document.getElementById('shown').textContent = shown + ' of ' + all.length + ' conversations';
+  history.replaceState(null, '', '#method=' + sel.method.value + '&outcome=' + sel.outcome.value);
+}
+const wanted = new URLSearchParams(location.hash.slice(1));
+for (const [key, box] of Object.entries(sel)) {
+  if (wanted.has(key) && [...box.options].some(o => o.value === wanted.get(key))) box.value = wanted.get(key);
+  box.addEventListener('change', apply);
+}
+apply();
+"""
+
+_CLIP = 6000  # characters of a reply or prompt shown (the records hold the whole text)
+
+
+def _cell(text: str, *, left: bool = False) -> str:
+    return f"<td{' class=l' if left else ''}>{_inline(text)}</td>"
+
+
+def _inline(text: str) -> str:
+    """Markdown table-cell text as HTML: escaped, with **bold** and `code` kept."""
+    import re
+
+    out = html.escape(text.strip())
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<i>\1</i>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def _markdown_blocks(lines: list[str]) -> str:
+    """The report's markdown (headings, paragraphs, pipe tables; images are placed separately) as HTML."""
+    parts, table = [], []
+
+    def flush() -> None:
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            head, body = rows[0], rows[1:]
+            cells = lambda row: [c for c in row.strip().strip("|").split("|")]  # noqa: E731
+            parts.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(head)) +
+                         "</tr></thead><tbody>" + "".join(
+                             "<tr>" + "".join(_cell(c, left=i < 2 and not c.strip()[:1].isdigit())
+                                              for i, c in enumerate(cells(row))) + "</tr>" for row in body) +
+                         "</tbody></table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("![") or "(report.html)" in line:  # the plot is embedded; the page is this one
+            continue
+        if line.startswith("# "):
+            parts.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.strip():
+            parts.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return "\n".join(parts)
+
+
+def _conversation(method: str, record: dict) -> str:
+    turns = record.get("turns") or []
+    solved = bool(record.get("solved"))
+    outcome = "solved" if solved else "unsolved"
+    verdict = (f"solved at turn {record.get('turns_used')}" if solved else
+               f"unsolved after {len(turns)} turn{'s' * (len(turns) != 1)}")
+    gap = record.get("semantic_gap")
+    head = (f"<b>{html.escape(method)}</b> · {html.escape(str(record.get('unique_id')))} · "
+            f"<span class={outcome}>{verdict}</span> · L2 shift {record.get('l2_shift', 0.0):.4f}"
+            + (" · semantic gap" if gap else "") + (f" · error: {html.escape(record['error'])}"
+                                                  if record.get("error") else ""))
+    original = turns[0].get("statement") or "" if turns else ""
+    body = []
+    withheld = (record.get("posed") or {}).get("withheld") or []
+    if withheld:
+        body.append("<div class=k>withheld at turn 1, revealed one per failed turn:</div>" +
+                    "".join(f"<pre>{html.escape(w)}</pre>" for w in withheld))
+    for turn in turns:
+        words = turn.get("words") or {}
+        weights = turn.get("weights") or {}
+        steps = []
+        if words:
+            steps.append("words step" + (f" (fallback: {html.escape(words['fallback'])})"
+                                         if words.get("fallback") else ""))
+        if weights:
+            steps.append("weights step: " + (html.escape(weights["skipped"]) if weights.get("skipped") else
+                                              f"{weights.get('undesirable', 0)} rejected, "
+                                              f"{weights.get('desirable', 0)} desirable rows"))
+        verdict = "accepted" if turn.get("accepted") else f"rejected: {html.escape(str(turn.get('feedback')))}"
+        body.append(
+            f"<div class=turn><div class=k>turn {turn.get('turn')} · answer "
+            f"<code>{html.escape(str(turn.get('answer')))}</code> · "
+            f"<span class={'solved' if turn.get('correct') else 'unsolved'}>{verdict}</span>"
+            + (f" · then {'; '.join(steps)}" if steps else "") + "</div>"
+            f"<div class=side><div><div class=k>original problem (turn 1)</div>"
+            f"<pre>{html.escape(original[:_CLIP])}</pre></div>"
+            f"<div><div class=k>prompt this turn answered</div><pre>{html.escape((turn.get('statement') or '')[:_CLIP])}</pre>"
+            f"</div></div><div class=k>reply</div><pre>{html.escape(str(turn.get('reply'))[:_CLIP])}</pre></div>")
+    return (f'<details class=conversation data-method="{html.escape(method)}" data-outcome="{outcome}">'
+            f"<summary>{head}</summary>{''.join(body)}</details>")
+
+
+def render_html(title: str, lines: list[str], records: dict[str, list[dict]], plot: Path) -> str:
+    """report.html: the report's tables and plot, then each conversation (original and rewritten problem side
+    by side, the reply, the verdict, the steps, the shift), filterable by method and outcome (also from the
+    address: ``report.html#method=rosa2&outcome=unsolved``). One file: the plot is embedded."""
+    image = ""
+    if plot.exists():
+        data = base64.b64encode(plot.read_bytes()).decode()
+        image = f'<p><img alt="cumulative accuracy by turn" src="data:image/png;base64,{data}"></p>'
+    options = "".join(f'<option value="{html.escape(m)}">{html.escape(m)}</option>' for m in records)
+    conversations = "\n".join(_conversation(m, r) for m, rs in records.items() for r in rs)
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{_markdown_blocks(lines)}{image}"
+            f"<h2>Conversations</h2><div class=filters>method <select id=method><option value=all>all</option>"
+            f"{options}</select> outcome <select id=outcome><option value=all>all</option>"
+            f"<option value=solved>solved</option><option value=unsolved>unsolved</option></select> "
+            f"<span id=shown></span></div>{conversations}<script>{_SCRIPT}</script></body></html>")
 
 
 def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
@@ -196,9 +357,13 @@ def _plot(path: Path, summaries: dict, turns: int, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = list(range(1, turns + 1))
     for method, s in summaries.items():
-        ax.plot(xs, [100 * v for v in s["cumulative_accuracy_by_turn"]], marker="o", label=method)
+        line, = ax.plot(xs, [100 * v for v in s["cumulative_accuracy_by_turn"]], marker="o", label=method)
+        bands = s.get("cumulative_accuracy_by_turn_ci95")
+        if bands:  # the 95% Wilson interval of each turn's cumulative accuracy
+            ax.fill_between(xs, [100 * b[0] for b in bands], [100 * b[1] for b in bands], color=line.get_color(),
+                            alpha=0.12, linewidth=0)
     ax.set_xlabel("turn")
-    ax.set_ylabel("solved within turn (%)")
+    ax.set_ylabel("solved within turn (%), 95% band")
     ax.set_xticks(xs)
     ax.set_ylim(-2, 102)
     ax.set_title(title)

@@ -1,0 +1,115 @@
+"""report.md / summary.json / report.html of a comparison, from records shaped as Session.run writes them;
+report.html is also rendered in a real headless browser (Chromium), filters and all."""
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from rosa2_dspy.evaluation import ResultsFile
+from rosa2_dspy.report import build_report
+
+OPENING = "What is the value of $x$ in the equation?"
+WITHHELD = "Oh, I should have said: the equation is $2x + 3 = 11$."
+REWRITE = "Solve $2x + 3 = 11$ for $x$."
+
+
+def _turn(n, statement, answer, correct, *, words=False, weights=False):
+    return {"turn": n, "statement": statement, "reply": f"... so the answer is \\boxed{{{answer}}} <b>",
+            "answer": f"\\boxed{{{answer}}}", "boxed": True, "correct": correct, "accepted": correct,
+            "feedback": None if correct else "That's not it.",
+            "words": {"clarified_problem": REWRITE, "critique": "state the equation", "fallback": None} if words else None,
+            "weights": {"desirable": 1, "undesirable": 1, "sample_checks": [{"boxed": True}, {"boxed": False}],
+                        "seconds": 2.0, "compute_seconds": 3.0} if weights else None,
+            "generated_tokens": 40, "seconds": {"generation": 1.0, "words": 0.5 * words, "weights": 2.0 * weights},
+            "compute_seconds": {"generation": 1.0, "words": 0.5 * words, "weights": 3.0 * weights}}
+
+
+def _record(uid, method, solved_at, shift):
+    """A conversation that fails until ``solved_at`` (None: never, in 2 turns); rosa2 rewrites, both update."""
+    turns, last = [], solved_at or 2
+    for n in range(1, last + 1):
+        correct = n == solved_at
+        turns.append(_turn(n, OPENING if n == 1 else REWRITE if method == "rosa2" else OPENING + " (feedback)",
+                           "4" if correct else "7", correct, words=method == "rosa2" and not correct and n < 2,
+                           weights=not correct and n < 2))
+    return {"unique_id": uid, "method": method, "solved": solved_at is not None, "turns_used": last,
+            "semantic_gap": True, "posed": {"semantic_gap": True, "opening": OPENING, "withheld": [WITHHELD]},
+            "l2_shift": shift, "turns": turns, "seconds": 3.0, "error": None,
+            "seconds_split": {k: sum(t["seconds"][k] for t in turns) for k in ("generation", "words", "weights")}}
+
+
+OUTCOMES = {"rosa2": [1, 2, None], "ttt": [1, None, None]}  # the turn each problem was solved at
+
+
+@pytest.fixture()
+def report_dir(tmp_path):
+    for method, outcomes in OUTCOMES.items():
+        (tmp_path / method).mkdir()
+        results = ResultsFile(tmp_path / method / "results.jsonl")
+        for i, solved_at in enumerate(outcomes):
+            results.append(_record(f"test/algebra/{i}.json", method, solved_at, shift=0.1 * (i + 1)))
+    build_report(tmp_path, list(OUTCOMES), turns=2, title="rosa2 - sharded user, T=2")
+    return tmp_path
+
+
+def test_the_summary_has_turn_bands_median_shift_and_kept_samples(report_dir):
+    summary = json.loads((report_dir / "summary.json").read_text())["methods"]
+    rosa2 = summary["rosa2"]
+    assert rosa2["cumulative_accuracy_by_turn"] == pytest.approx([1 / 3, 2 / 3])
+    for value, (low, high) in zip(rosa2["cumulative_accuracy_by_turn"], rosa2["cumulative_accuracy_by_turn_ci95"]):
+        assert 0 <= low < value < high <= 1
+    assert rosa2["median_l2_shift"] == pytest.approx(0.2)
+    assert (rosa2["weights_steps"], rosa2["samples_drawn"], rosa2["samples_kept"]) == (2, 4, 2)
+    assert "rosa2 2/4" in (report_dir / "report.md").read_text()
+
+
+def test_report_html_is_one_self_contained_page_with_every_conversation(report_dir):
+    page = (report_dir / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # nothing fetched from elsewhere
+    png = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert base64.b64decode(png) == (report_dir / "accuracy_by_turn.png").read_bytes()
+    assert page.count("<details class=conversation") == 6
+    assert "<b>" not in page.split("<h2>Conversations</h2>")[1].split("<script>")[0].replace(
+        "<b>rosa2</b>", "").replace("<b>ttt</b>", "")  # replies are escaped, never markup
+    assert html_unescape(REWRITE) in html_unescape(page) and html_unescape(WITHHELD) in html_unescape(page)
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def _browser() -> str | None:
+    for name in (os.environ.get("ROSA2_BROWSER"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_html_in_a_headless_browser_shows_the_table_and_filters_conversations(report_dir, tmp_path):
+    browser = _browser()
+    if browser is None:
+        if os.environ.get("ROSA2_REQUIRE_BROWSER"):
+            pytest.fail("no Chromium found (ROSA2_REQUIRE_BROWSER is set): apt-get install chromium")
+        pytest.skip("no Chromium here (.ci/run installs it)")
+    url = (report_dir / "report.html").as_uri() + "#method=rosa2&outcome=unsolved"
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    dom = done.stdout
+    assert done.returncode == 0 and "</html>" in dom, done.stderr[-2000:]
+    # the table, as the browser laid it out: one row per method with its accuracy
+    rows = re.findall(r"<tr><td[^>]*>(rosa2|ttt)</td><td>3</td><td>([\d.]+)%", dom)
+    assert ("rosa2", "66.7") in rows and ("ttt", "33.3") in rows
+    # the filter from the address ran: only rosa2's unsolved conversation is shown, with its rewrite
+    shown = [m.group(0) for m in re.finditer(r"<details class=\"conversation\"(?![^>]*hidden)[^>]*>", dom)]
+    assert shown == ['<details class="conversation" data-method="rosa2" data-outcome="unsolved">']
+    assert re.search(r'id="shown">1 of 6 conversations<', dom)
+    visible = dom.split('data-method="rosa2" data-outcome="unsolved">')[1].split("</details>")[0]
+    assert "unsolved after 2 turns" in visible and html_unescape(REWRITE) in html_unescape(visible)
