@@ -442,16 +442,22 @@ class ROSA2(dspy.teleprompt.Teleprompter):
     def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
         from rosa2_dspy.artifacts import instructions_of
         from rosa2_dspy.weights import engine_of
+        from rosa2_dspy.words import hold_out
 
         engine = engine_of(student)
         program = student
+        # one split for the whole compile: every round validates on the same problems, never trained on
+        train, val = hold_out(trainset, valset, self.words.val_size)
+        val = val[: self.words.val_size]
         for round_index in range(1, self.rounds + 1):
             self.words.seed = round_index  # each round critiques a different minibatch
-            program = self.words.compile(program, trainset=trainset, valset=valset)
-            program = self.weights.compile(program, trainset=trainset)
-            scored = self.words.score(program, valset or trainset[: self.words.val_size])
+            program = self.words.compile(program, trainset=train, valset=val)
+            program = self.weights.compile(program, trainset=train)
+            scored = self.words.score(program, val)
             self.history.append({"round": round_index, "instructions": instructions_of(program),
                                  "val_score": scored, "l2_shift": engine_shift(engine),
+                                 "train_ids": [e.get("unique_id") for e in train],
+                                 "val_ids": [e.get("unique_id") for e in val],
                                  "words": self.words.history[-len(program.named_predictors()):],
                                  "weights": self.weights.history[-1]})
         program.words_history = self.history
@@ -467,6 +473,10 @@ class Sequential(dspy.teleprompt.Teleprompter):
         self.history: list[dict] = []
 
     def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
+        from rosa2_dspy.words import hold_out
+
+        # the words step validates on problems the weights step never trains on
+        trainset, valset = hold_out(trainset, valset, getattr(self.p, "val_size", 8))
         program = self.p.compile(student, trainset=trainset, valset=valset)
         program = self.w.compile(program, trainset=trainset)
         self.history = [{"words": getattr(self.p, "history", None), "weights": getattr(self.w, "history", None)}]

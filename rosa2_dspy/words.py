@@ -455,6 +455,21 @@ def _output_text(outputs: Any) -> str:
     return "\n".join(f"{name}: {value}" for name, value in items.items())
 
 
+def hold_out(trainset: list, valset: list | None, size: int, seed: int = 0) -> tuple[list, list]:
+    """(training problems, validation problems) for a compile. A given valset is used as it is; without one,
+    ``size`` problems (at most half) are held out of the trainset, drawn once with ``seed``. A compile of
+    several rounds splits once, so every round validates on the same problems and no step trains on them."""
+    trainset = list(trainset)
+    if valset:
+        return trainset, list(valset)
+    if len(trainset) < 2:
+        return trainset, trainset
+    shuffled = trainset[:]
+    random.Random(seed).shuffle(shuffled)
+    held = min(size, len(shuffled) // 2)
+    return shuffled[held:], shuffled[:held]
+
+
 class TextualGradientOptimizer(Teleprompter):
     """Compile-time words optimizer: critique and rewrite each predictor's instruction, keep what helps.
 
@@ -559,18 +574,11 @@ class TextualGradientOptimizer(Teleprompter):
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def _split(self, trainset: list, valset: list | None, rng: random.Random) -> tuple[list, list]:
-        """The training pool and the fixed validation minibatch."""
-        trainset = list(trainset)
-        if valset:
-            val = list(valset)
-            return trainset, rng.sample(val, min(self.val_size, len(val)))
-        if len(trainset) < 2:
-            return trainset, trainset
-        shuffled = trainset[:]
-        rng.shuffle(shuffled)
-        held = min(self.val_size, len(shuffled) // 2)
-        return shuffled[held:], shuffled[:held]
+    def _split(self, trainset: list, valset: list | None) -> tuple[list, list]:
+        """The training pool and the validation minibatch: the first ``val_size`` of the valset (or of the
+        problems :func:`hold_out` keeps out of the trainset), the same whatever the seed."""
+        train, val = hold_out(trainset, valset, self.val_size)
+        return train, val[: self.val_size]
 
     def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None,
                 teacher: Any = None) -> dspy.Module:
@@ -580,7 +588,7 @@ class TextualGradientOptimizer(Teleprompter):
         rng = random.Random(self.seed)
         program = student.deepcopy()
         critic = _resolve_lm(self.critic_lm, program)
-        train, val = self._split(trainset, valset, rng)
+        train, val = self._split(trainset, valset)
         self.compiles += 1
         entries: list[dict] = []
         current = self.score(program, val)

@@ -211,7 +211,11 @@ def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     assert critic_engine.calls  # the words step asked the critic in each round
     shifts = [h["l2_shift"] for h in optimizer.history]
     assert 0 < shifts[0] < shifts[1]  # each round's weights step moved the adapter further
-    assert all(h["weights"]["solution_rows"] == 4 for h in optimizer.history)
+    # without a valset, 2 problems are held out once: the same validation problems every round, never trained on
+    first = optimizer.history[0]
+    assert len(first["val_ids"]) == 2 and sorted(first["train_ids"] + first["val_ids"]) == ["u1", "u2", "u3", "u4"]
+    assert all((h["val_ids"], h["train_ids"]) == (first["val_ids"], first["train_ids"]) for h in optimizer.history)
+    assert all(h["weights"]["solution_rows"] == 2 for h in optimizer.history)
     assert compiled.words_history is optimizer.history
 
 
@@ -248,7 +252,7 @@ def test_rosa2_compile_trains_each_round_under_that_rounds_words(tiny_engine, mo
     program = MathSolver()
     program.set_lm(lm)
     optimizer.compile(program, trainset=train)
-    assert len(trained) == 2 and all(len(rows) == 3 for rows in trained)
+    assert len(trained) == 2 and all(len(rows) == 2 for rows in trained)  # 3 problems, 1 held out to validate
     for round_index, systems in enumerate(trained, 1):
         assert all(f"Words of round {round_index}." in system for system in systems), systems[0][-200:]
 
