@@ -21,6 +21,7 @@ _EXPORTS = {
     "Session": "coadapt", "SessionConfig": "coadapt", "ROSA2": "coadapt", "POLICIES": "coadapt",
     # MATH: data, grading, simulated users, sharded problems
     "load_examples": "math.data", "grade": "math.grading", "make_user": "math.users", "shard": "math.shards",
+    "math_feedback_metric": "math.feedback",
     # reports
     "build_report": "report", "paired_difference": "report",
 }

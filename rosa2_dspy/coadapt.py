@@ -428,7 +428,8 @@ class ROSA2(dspy.teleprompt.Teleprompter):
                  num_threads: int = 8, minibatch_size: int = 4, val_size: int = 8, keep: str = "correct",
                  sources: tuple[str, ...] | list[str] = ("bootstrap",), max_instruction_chars: int = 1200):
         from rosa2_dspy.evaluation import math_metric
-        from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+        from rosa2_dspy.math.feedback import math_feedback_metric
+        from rosa2_dspy.words import TextualGradientOptimizer
 
         super().__init__()
         self.rounds = rounds

@@ -90,7 +90,8 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
             return LoRAFinetune(math_metric(keep), config=update_config(recipe, objective="sft"),
                                 num_threads=num_threads, **settings)
         if recipe.kind == "words":
-            from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+            from rosa2_dspy.math.feedback import math_feedback_metric
+            from rosa2_dspy.words import TextualGradientOptimizer
 
             return TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
                                             **settings)
@@ -98,14 +99,15 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
             return _gepa(recipe, engine, settings, num_threads)
         if recipe.kind == "rosa2":
             from rosa2_dspy.coadapt import ROSA2
-            from rosa2_dspy.words import math_feedback_metric
+            from rosa2_dspy.math.feedback import math_feedback_metric
 
             return ROSA2(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
                          config=update_config(recipe, objective="sft"), num_threads=num_threads, **settings)
         if recipe.kind == "p-then-w":
             from rosa2_dspy.coadapt import Sequential
             from rosa2_dspy.evaluation import math_metric
-            from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+            from rosa2_dspy.math.feedback import math_feedback_metric
+            from rosa2_dspy.words import TextualGradientOptimizer
 
             keep, sources = settings.pop("keep", "correct"), settings.pop("sources", ("bootstrap",))
             words = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
@@ -125,7 +127,8 @@ def _gepa(recipe: Recipe, engine, settings: dict, num_threads: int):
     (GEPA's default asks for a fenced block that a small local critic rarely writes)."""
     import dspy
 
-    from rosa2_dspy.words import math_feedback_metric, plain_text_gepa_proposer
+    from rosa2_dspy.math.feedback import math_feedback_metric
+    from rosa2_dspy.words import plain_text_gepa_proposer
 
     settings = dict(settings)
     settings.setdefault("component_selector", "all")  # a predictor the program never calls gets no turns
@@ -140,7 +143,8 @@ def _better_together(recipe: Recipe, engine, settings: dict, num_threads: int):
 
     from rosa2_dspy.evaluation import math_metric
     from rosa2_dspy.weights import BootstrapFinetune
-    from rosa2_dspy.words import TextualGradientOptimizer, math_feedback_metric
+    from rosa2_dspy.math.feedback import math_feedback_metric
+    from rosa2_dspy.words import TextualGradientOptimizer
 
     p_kind = settings.pop("p", "gepa")
     p_settings = dict(settings.pop("p_settings", {}))

@@ -1,11 +1,11 @@
-"""Words: textual gradients for signature instructions, MATH feedback, test-time refinement.
+"""Words: textual gradients for signature instructions, and test-time refinement.
 
 ROSA2's "semantic gradient" treats the words of a prompt program (its signature instructions)
 as parameters and natural-language feedback as the signal that moves them:
 
-* **the loss** is a metric that returns a score *and* a feedback text naming what went wrong
-  in checkable terms (:func:`math_feedback_metric`: no ``\\boxed{}`` answer, an answer that does
-  not parse, the wrong form, a wrong value). The feedback never contains the gold answer;
+* **the loss** is a metric, passed in, that returns a score *and* a feedback text naming what went
+  wrong in checkable terms (for MATH, :func:`rosa2_dspy.math.feedback.math_feedback_metric`: no
+  ``\\boxed{}`` answer, an answer that does not parse, the wrong form, a wrong value; never the gold);
 * **the gradient** is a critique of the words: a critic LM reads one predictor's instruction and
   a minibatch of its inputs, outputs, scores and feedback, and says what in the instruction led
   to these failures (:func:`textual_gradient`);
@@ -44,7 +44,8 @@ from dspy.teleprompt.teleprompt import Teleprompter
 from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.adapters import BoxedAdapter
-from rosa2_dspy.math.grading import grade, last_boxed
+from rosa2_dspy.math.feedback import field_of
+from rosa2_dspy.math.grading import last_boxed
 
 if TYPE_CHECKING:
     from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
@@ -55,167 +56,6 @@ logger = logging.getLogger(__name__)
 FORMAT_MARKERS = ("\\boxed",)
 MAX_FIELD_CHARS = 600  # how much of one input/output the critic sees per example
 ROLLOUT_TIMEOUT = 1800  # seconds before DSPy's executor resubmits a straggling example (CPU generation is slow)
-
-
-# ----------------------------------------------------------------------------- the loss: metric feedback
-
-# Feedback texts. None contains a digit, so none can contain a numeric gold answer; the gold
-# itself is never formatted into any of them.
-FEEDBACK_CORRECT = "Correct: the boxed final answer has the right value."
-FEEDBACK_CORRECT_UNBOXED = ("Correct value, but the final answer was not written inside \\boxed{...}; "
-                            "always end with the final answer boxed.")
-FEEDBACK_NO_PREDICTION = ("No \\boxed{} answer: the reply could not be parsed into a final answer. "
-                          "End the reply with the final answer written as \\boxed{...}.")
-FEEDBACK_NO_BOXED = ("No \\boxed{} answer: the reply never wrote its final answer inside \\boxed{...}. "
-                     "End the reply with the final answer written as \\boxed{...}.")
-FEEDBACK_EMPTY_BOXED = "The \\boxed{} is empty: put the final answer itself inside \\boxed{...}."
-FEEDBACK_UNPARSEABLE = ("The boxed answer does not parse as a mathematical expression ({why}). "
-                        "Box only the final answer: a number or a closed-form expression, no words.")
-FEEDBACK_WRONG_FORM = "Wrong answer in the wrong form: {issues}."
-FEEDBACK_WRONG_VALUE = ("Wrong value: the boxed answer is a well-formed expression but not the right value. "
-                        "Re-check the reasoning and the arithmetic step by step.")
-FEEDBACK_CORRECT_FORM_NOTE = " Note the form, though: {issues}."
-CLARIFY_PREFIX = "The solver's final answer after this rewritten problem: "
-
-_FORM_ISSUES = {
-    "decimal": "the answer is a decimal approximation but this problem expects an exact answer ({kind})",
-    "fraction": "the fraction is not in lowest terms (divide numerator and denominator by their common factor)",
-    "radical": "the radical is not simplified (take square factors out of the square root)",
-}
-
-
-def _field(obj: Any, name: str) -> Any:
-    """``obj.name`` for Predictions, Examples and dicts alike; None when absent."""
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    try:
-        return obj.get(name) if hasattr(obj, "get") else getattr(obj, name, None)
-    except Exception:  # noqa: BLE001 - a prediction-like object without the field
-        return getattr(obj, name, None)
-
-
-def _exact_kind(gold: str) -> str | None:
-    """The kind of exact answer the gold is written as (fraction, radical, pi), else None."""
-    if re.search(r"\d\.\d|^\.\d", gold):
-        return None  # the gold itself is a decimal
-    if "\\pi" in gold or "π" in gold:
-        return "an expression in pi"
-    if "\\sqrt" in gold or "√" in gold:
-        return "a radical"
-    if "frac" in gold or re.search(r"\d\s*/\s*\d", gold):
-        return "a fraction"
-    return None
-
-
-def _integer_fractions(text: str) -> list[tuple[int, int]]:
-    pairs = [(int(a), int(b)) for a, b in re.findall(r"\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(-?\d+)\s*\}", text)]
-    pairs += [(int(a), int(b)) for a, b in re.findall(r"(?<![\d.}])(\d+)\s*/\s*(\d+)(?![\d.])", text)]
-    return pairs
-
-
-def _has_square_factor(n: int) -> bool:
-    return any(n % (k * k) == 0 for k in range(2, math.isqrt(n) + 1)) if n >= 4 else False
-
-
-def form_issues(extracted: str, gold: str) -> list[str]:
-    """Checkable form problems of an extracted answer: decimal for an exact gold, unsimplified
-    fraction, unsimplified radical. Only the *kind* of the gold is used, never its text."""
-    issues = []
-    kind = _exact_kind(gold)
-    if kind and re.search(r"\d*\.\d+", extracted):
-        issues.append(_FORM_ISSUES["decimal"].format(kind=kind))
-    if any(b == 0 or b == 1 or b < 0 or math.gcd(a, b) > 1 for a, b in _integer_fractions(extracted)):
-        issues.append(_FORM_ISSUES["fraction"])
-    roots = [int(n) for n in re.findall(r"\\sqrt\s*\{\s*(\d+)\s*\}", extracted)]
-    roots += [int(n) for n in re.findall(r"\\sqrt\s*(\d)(?!\d)", extracted)]
-    if any(_has_square_factor(n) for n in roots):
-        issues.append(_FORM_ISSUES["radical"])
-    return issues
-
-
-def parse_problem(extracted: str) -> str | None:
-    """Why an extracted answer cannot be a mathematical expression (a simple syntactic check), or None."""
-    text = extracted.strip()
-    if text.count("{") != text.count("}"):
-        return "unbalanced braces"
-    if text.count("(") + text.count("[") != text.count(")") + text.count("]"):
-        return "unbalanced brackets"
-    if "..." in text or "?" in text:
-        return "it is incomplete"
-    if re.search(r"(?:[+*/^=,]|\\cdot|\\times|\\frac|\\sqrt)\s*$", text) or re.match(r"^\s*[*/^=,]", text):
-        return "it starts or ends with an operator"
-    plain = re.sub(r"\\(?:text|mbox|mathrm|textbf|operatorname)\s*\{[^{}]*\}", " ", text)
-    plain = re.sub(r"\\[A-Za-z]+", " ", plain)
-    words = [w for w in re.findall(r"[A-Za-z]{2,}", plain)]
-    if len(words) >= 3:
-        return "it is words, not an expression"
-    return None
-
-
-def math_feedback(example: Any, prediction: Any) -> tuple[float, str]:
-    """Score (1.0 or 0.0) and feedback for one MATH prediction against ``example.answer``.
-
-    ``prediction`` may be a ``dspy.Prediction`` with an ``answer`` field, None (the program
-    failed), a ``FailedPrediction`` (a parse failure captured in a trace) or anything else
-    without an answer. The feedback names the checkable failure and never contains the gold.
-    """
-    gold = _field(example, "answer")
-    if gold is None:
-        raise ValueError("math_feedback needs an example with an 'answer' field (the gold answer)")
-    gold = str(gold)
-    answer = None if isinstance(prediction, FailedPrediction) else _field(prediction, "answer")
-    if answer is None or not str(answer).strip():
-        return 0.0, _scrub(FEEDBACK_NO_PREDICTION, gold)
-    answer = str(answer)
-    if last_boxed(answer) is None:
-        if "\\boxed" in answer or "\\fbox" in answer:
-            return 0.0, _scrub(FEEDBACK_UNPARSEABLE.format(why="the \\boxed{} is not closed"), gold)
-        judged = grade(answer, gold)
-        if judged.correct:  # evaluation counts an unboxed right value as correct: so does the score
-            return 1.0, _scrub(FEEDBACK_CORRECT_UNBOXED, gold)
-        return 0.0, _scrub(FEEDBACK_NO_BOXED, gold)
-    judged = grade(answer, gold)
-    if not judged.extracted:
-        return 0.0, _scrub(FEEDBACK_EMPTY_BOXED, gold)
-    issues = form_issues(judged.extracted, gold)
-    if judged.correct:
-        note = FEEDBACK_CORRECT_FORM_NOTE.format(issues="; ".join(issues)) if issues else ""
-        return 1.0, _scrub(FEEDBACK_CORRECT + note, gold)
-    why = parse_problem(judged.extracted)
-    if why:
-        return 0.0, _scrub(FEEDBACK_UNPARSEABLE.format(why=why), gold)
-    if issues:
-        return 0.0, _scrub(FEEDBACK_WRONG_FORM.format(issues="; ".join(issues)), gold)
-    return 0.0, _scrub(FEEDBACK_WRONG_VALUE, gold)
-
-
-def _scrub(feedback: str, gold: str) -> str:
-    """Belt and braces: the templates hold no digits, but never let a gold answer through."""
-    gold = gold.strip()
-    if gold and (re.search(r"[\d\\]", gold) or len(gold) > 3) and gold in feedback:
-        feedback = feedback.replace(gold, "[withheld]")
-    return feedback
-
-
-def math_feedback_metric(gold: Any, pred: Any, trace: Any = None, pred_name: str | None = None,
-                         pred_trace: Any = None) -> dspy.Prediction:
-    """The MATH metric in GEPA's convention: ``dspy.Prediction(score=..., feedback=...)``.
-
-    Also usable wherever DSPy sums or compares metric values (``dspy.Evaluate``, ``BetterTogether``):
-    a Prediction with a ``score`` converts to float. Note that ``bool()`` of a Prediction is always
-    true; code that tests a metric value for truth should use :func:`math_score`.
-    """
-    score, feedback = math_feedback(gold, pred)
-    if pred_name and "clarify" in pred_name:
-        feedback = CLARIFY_PREFIX + feedback
-    return dspy.Prediction(score=score, feedback=feedback)
-
-
-def math_score(example: Any, pred: Any, trace: Any = None) -> float:
-    """The plain float score of :func:`math_feedback` (for metrics tested for truth)."""
-    return math_feedback(example, pred)[0]
 
 
 def judge(metric: Callable, example: Any, prediction: Any, trace: Any = None, pred_name: str | None = None,
@@ -235,8 +75,8 @@ def judge(metric: Callable, example: Any, prediction: Any, trace: Any = None, pr
         logger.warning("words: the metric failed: %s: %s", type(exc).__name__, exc)
         return 0.0, f"The output could not be scored ({type(exc).__name__})."
     if isinstance(result, dict) or hasattr(result, "score"):
-        score = _field(result, "score")
-        return float(score or 0.0), str(_field(result, "feedback") or "")
+        score = field_of(result, "score")
+        return float(score or 0.0), str(field_of(result, "feedback") or "")
     return float(result or 0.0), ""
 
 
@@ -486,7 +326,7 @@ class TextualGradientOptimizer(Teleprompter):
     instruction after the step (``instruction_after``).
     """
 
-    def __init__(self, metric: Callable = math_feedback_metric, critic_lm: Any = None, rounds: int = 2,
+    def __init__(self, metric: Callable, critic_lm: Any = None, rounds: int = 2,
                  minibatch_size: int = 4, val_size: int = 8, max_instruction_chars: int = 1200,
                  num_threads: int = 4, seed: int = 0, format_credit: float = 0.0):
         super().__init__()
@@ -552,7 +392,7 @@ class TextualGradientOptimizer(Teleprompter):
             return 0.0
         score = sum(r.score for r in results) / len(results)
         if self.format_credit:
-            boxed = sum(1 for r in results if last_boxed(str(_field(r.prediction, "answer") or "")) is not None)
+            boxed = sum(1 for r in results if last_boxed(str(field_of(r.prediction, "answer") or "")) is not None)
             score += self.format_credit * boxed / len(results)
         return score
 

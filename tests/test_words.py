@@ -13,9 +13,9 @@ from dspy.teleprompt.bootstrap_trace import FailedPrediction
 from math_solver import MathSolver
 from rosa2_dspy.engine import request_messages
 from rosa2_dspy.signatures import Answer, Clarify
-from rosa2_dspy.words import (Refinement, Rollout, TextualGradientOptimizer, apply_gradient, math_feedback,
-                              math_feedback_metric, math_score, plain_text_gepa_proposer, refine, textual_gradient,
-                              validate_instruction)
+from rosa2_dspy.math.feedback import math_feedback, math_feedback_metric, math_score
+from rosa2_dspy.words import (Refinement, Rollout, TextualGradientOptimizer, apply_gradient, plain_text_gepa_proposer,
+                              refine, textual_gradient, validate_instruction)
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_WORDS = Answer.instructions
@@ -110,7 +110,8 @@ def compile_with(mode: str, *, clarify: bool = True, rounds: int = 1, **kwargs):
     student_lm, student_engine = script_lm(student_reply)
     critic_lm, critic_engine = script_lm(critic(mode) if mode != "raise" else raising_reply)
     dspy.configure(lm=student_lm)
-    optimizer = TextualGradientOptimizer(critic_lm=critic_lm, rounds=rounds, minibatch_size=4, val_size=4,
+    optimizer = TextualGradientOptimizer(math_feedback_metric,
+                                         critic_lm=critic_lm, rounds=rounds, minibatch_size=4, val_size=4,
                                          num_threads=1, **kwargs)
     student = MathSolver(clarify=clarify)
     compiled = optimizer.compile(student, trainset=TRAIN, valset=VAL)
@@ -311,7 +312,8 @@ def test_held_out_validation_when_no_valset_and_bad_settings():
     student_lm, _ = script_lm(student_reply)
     critic_lm, _ = script_lm(critic("improve"))
     dspy.configure(lm=student_lm)
-    optimizer = TextualGradientOptimizer(critic_lm=critic_lm, rounds=1, minibatch_size=2, val_size=3, num_threads=1)
+    optimizer = TextualGradientOptimizer(math_feedback_metric,
+                                         critic_lm=critic_lm, rounds=1, minibatch_size=2, val_size=3, num_threads=1)
     train, val = optimizer._split(TRAIN + VAL, None)
     assert len(val) == 3 and len(train) == 5 and not {id(x) for x in val} & {id(x) for x in train}
     optimizer.seed = 5  # a compile of several rounds changes the seed: the held-out problems stay the same
@@ -319,7 +321,7 @@ def test_held_out_validation_when_no_valset_and_bad_settings():
     compiled = optimizer.compile(MathSolver(), trainset=TRAIN + VAL)
     assert compiled.words_history and compiled._compiled
     with pytest.raises(ValueError, match="rounds"):
-        TextualGradientOptimizer(rounds=0)
+        TextualGradientOptimizer(math_feedback_metric, rounds=0)
     with pytest.raises(ValueError, match="non-empty trainset"):
         optimizer.compile(MathSolver(), trainset=[])
 
@@ -341,7 +343,8 @@ def test_better_together_runs_with_the_words_optimizer_as_p():
     critic_lm, _ = script_lm(critic("improve"))
     student = MathSolver()
     student.set_lm(student_lm)
-    words = TextualGradientOptimizer(critic_lm=critic_lm, rounds=1, minibatch_size=4, val_size=4, num_threads=1)
+    words = TextualGradientOptimizer(math_feedback_metric,
+                                     critic_lm=critic_lm, rounds=1, minibatch_size=4, val_size=4, num_threads=1)
     optimizer = dspy.BetterTogether(metric=math_feedback_metric, p=words)
     result = optimizer.compile(student, trainset=TRAIN, valset=VAL, strategy="p", num_threads=1, seed=0)
     assert result.flag_compilation_error_occurred is False
@@ -354,7 +357,7 @@ def test_better_together_runs_with_the_words_optimizer_as_p():
 def test_a_tiny_local_model_as_student_and_default_critic_never_breaks_the_program(tiny_engine):
     """The critic defaults to DSPy's LM (the local engine); a random model's raw text is handled and rejected."""
     dspy.configure(lm=tiny_engine.lm(cache=False, max_tokens=24))
-    optimizer = TextualGradientOptimizer(rounds=1, minibatch_size=2, val_size=2, num_threads=2)
+    optimizer = TextualGradientOptimizer(math_feedback_metric, rounds=1, minibatch_size=2, val_size=2, num_threads=2)
     compiled = optimizer.compile(MathSolver(), trainset=TRAIN, valset=VAL)
     answer = entry(compiled.words_history, "answer.predict")
     assert answer["records"] == 2 and answer["critique"]
@@ -468,12 +471,12 @@ def test_the_recipe_files_build_their_optimizers():
 def test_format_credit_breaks_ties_in_favour_of_boxed_answers():
     boxed = [Rollout(None, dspy.Prediction(answer="\\boxed{3}"), [], 0.0, "")]
     bare = [Rollout(None, dspy.Prediction(answer="3"), [], 0.0, "")]
-    with_credit = TextualGradientOptimizer(format_credit=0.1)
-    plain = TextualGradientOptimizer()
+    with_credit = TextualGradientOptimizer(math_feedback_metric, format_credit=0.1)
+    plain = TextualGradientOptimizer(math_feedback_metric)
     with_credit.rollouts = lambda program, examples: boxed
     plain.rollouts = lambda program, examples: boxed
     assert with_credit.score(None, [1]) == pytest.approx(0.1) and plain.score(None, [1]) == 0.0
     with_credit.rollouts = lambda program, examples: bare
     assert with_credit.score(None, [1]) == 0.0
     with pytest.raises(ValueError, match="format_credit"):
-        TextualGradientOptimizer(format_credit=1.5)
+        TextualGradientOptimizer(math_feedback_metric, format_credit=1.5)

@@ -1,4 +1,4 @@
-"""MATH: packaged splits, grading, simulated users and sharded problems.
+"""MATH: packaged splits, grading, feedback, simulated users and sharded problems.
 
 Names are imported on first use, so that importing a submodule (the grading worker imports
 ``rosa2_dspy.math.grading`` alone) does not pull in DSPy and the data loaders.
@@ -7,7 +7,8 @@ Names are imported on first use, so that importing a submodule (the grading work
 import importlib
 
 _EXPORTS = {"SPLITS": "data", "SUBJECTS": "data", "DataError": "data", "load_examples": "data",
-            "Grade": "grading", "grade": "grading", "last_boxed": "grading", "strict_equal": "grading"}
+            "Grade": "grading", "grade": "grading", "last_boxed": "grading", "strict_equal": "grading",
+            "math_feedback": "feedback", "math_feedback_metric": "feedback"}
 
 __all__ = sorted(_EXPORTS)
 

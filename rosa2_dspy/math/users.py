@@ -4,7 +4,7 @@
 * ``vague``: knows it; an incorrect answer gets ambiguous natural-language feedback drawn from
   a fixed set with a seeded generator (same problem, seed and turn: same words).
 * ``hint``: names the kind of failure: no boxed answer, an answer that does not parse, the
-  wrong form, a wrong value (the words of :func:`rosa2_dspy.words.math_feedback`).
+  wrong form, a wrong value (the words of :func:`rosa2_dspy.math.feedback.math_feedback`).
 * ``sharded``: poses the problem with one or two of its conditions withheld
   (:mod:`rosa2_dspy.math.shards`); each rejected answer reveals the next withheld shard in vague
   words ("Oh, I should have said: ..."); once nothing is withheld it complains like ``vague``. A
@@ -102,7 +102,7 @@ class HintUser(User):
     name = "hint"
 
     def complaint(self, example, prediction, turn):
-        from rosa2_dspy.words import math_feedback
+        from rosa2_dspy.math.feedback import math_feedback
 
         return math_feedback(example, prediction)[1]
 
