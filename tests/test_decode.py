@@ -1,8 +1,8 @@
-"""Continuous batching (rosa2_dspy.decode): rows joining and leaving a running batch between steps."""
+"""Continuous batching (rosa2_dspy.engine.continuous): rows joining and leaving a running batch between steps."""
 
 import torch
 
-from rosa2_dspy.decode import ContinuousDecoder, Row
+from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
 
 
 def _prompts(engine, n):

@@ -20,7 +20,7 @@ CPU its SDPA path ran 3.4x slower than a padded batch on 16 prompts of 800 token
 per-request seeds, stop strings or per-row adapters.
 
 Greedy rows pick the argmax; sampled rows draw from their own seeded generator over the top-k and
-top-p candidates (the same draw as :class:`~rosa2_dspy.engine._TopKSampler`), so a seeded row repeats
+top-p candidates (the same draw as :class:`~rosa2_dspy.engine.generation._TopKSampler`), so a seeded row repeats
 whichever rows it runs beside.
 """
 

@@ -1,0 +1,158 @@
+"""LocalEngine: one in-process transformers causal LM behind DSPy's engine contract.
+
+DSPy 3.4 calls a custom engine with one canonical ``dspy.lm15.Request`` and expects one
+``Response`` (``dspy.LM(model, engine=...)``). The engine here:
+
+* renders the request through the tokenizer's chat template and generates with
+  ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop`` and ``seed``;
+* collects requests that arrive concurrently (``dspy.Evaluate(num_threads=...)``,
+  ``dspy.Parallel``, DSPy's ``n`` fan-out) for a short window and runs compatible ones as
+  one left-padded batched ``generate``; one copy of the weights whatever the thread count;
+* owns the LoRA adapter slot: attach, reset, snapshot, restore, save, load. Every change
+  of weights bumps ``version``; ``weights_id`` names the weights by content, and
+  :class:`LocalLM` puts it in the model string so DSPy's cache key changes with the weights.
+
+The package, one job per module (as vLLM splits its engine):
+
+* :mod:`~rosa2_dspy.engine.scheduler`: the request queue, batching worker and usage accounting;
+* :mod:`~rosa2_dspy.engine.generation`: batched ``generate`` (sampler, stop strings, padding);
+* :mod:`~rosa2_dspy.engine.continuous`: continuous batching, rows joining and leaving a running batch;
+* :mod:`~rosa2_dspy.engine.slot`: the LoRA adapter slot, weights ids and pinned weights;
+* :mod:`~rosa2_dspy.engine.lm`: DSPy's engine contract and :class:`LocalLM`;
+* :mod:`~rosa2_dspy.engine.settings`: the settings and completions passed between them;
+
+and here :class:`LocalEngine`, assembled from them, with its construction and registry.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from concurrent.futures import Future
+
+import torch
+
+from rosa2_dspy import models
+from rosa2_dspy.engine.continuous import SAMPLE_TOP_K, ContinuousDecoder, Row, sample_token  # noqa: F401
+from rosa2_dspy.engine.generation import (  # noqa: F401
+    GenerationMixin,
+    _contiguous_input,
+    _load_malloc_trim,
+    _malloc_trim,
+    _StopOnStrings,
+    _TopKSampler,
+    left_pad,
+    release_free_memory,
+)
+from rosa2_dspy.engine.lm import AsyncLocalEngine, EngineContractMixin, LocalLM, _PinHold, request_messages  # noqa: F401
+from rosa2_dspy.engine.scheduler import SchedulerMixin, _Job, _share_result, _usage, count_usage, usage_scope  # noqa: F401
+from rosa2_dspy.engine.settings import Completion, GenSettings  # noqa: F401
+from rosa2_dspy.engine.slot import AdapterSlotMixin, _add_row_updates, _hash_tensors, lora_layers  # noqa: F401
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterSlotMixin):
+    """A local causal LM served to DSPy in process, with a LoRA adapter slot.
+
+    Build one with :meth:`from_pretrained` (``"default"`` is the embedded Qwen2.5-Coder-1.5B-Instruct,
+    ``"tiny"`` SmolLM2-135M-Instruct) or from a model and tokenizer you already hold; get a ``dspy.LM``
+    for it with :meth:`lm`.
+    """
+
+    _registry: dict[tuple, LocalEngine] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, model, tokenizer, *, name: str = "model", fingerprint: str | None = None,
+                 spec: str | None = None, max_batch: int = 32, batch_window: float = 0.02,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, info: dict | None = None,
+                 continuous: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.spec = spec
+        self.info = dict(info or {})
+        self.base_fingerprint = fingerprint or self._hash_parameters(model)
+        self.max_batch = max_batch
+        self.continuous = continuous  # serve with continuous batching (rosa2_dspy.engine.continuous)
+        self.batch_window = batch_window
+        self.batch_window_max = 0.25  # a window stays open while requests keep arriving, up to this long
+        self.default_max_tokens = default_max_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_token_ids = self._eos_ids()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None:  # see _contiguous_input
+            head.register_forward_pre_hook(_contiguous_input)
+        self.device = next(model.parameters()).device
+        self.weights_lock = threading.RLock()  # held while generating and while weights change
+        self._updates = threading.Condition()  # counts the weight changes announced through updating()
+        self._updates_waiting = 0
+        self.version = 0
+        self._pins: dict[str, dict[str, torch.Tensor]] = {}
+        # the pin registry has its own lock: holds on pinned weights are taken and released (a conversation
+        # starting or ending) without waiting for the generation batch that holds weights_lock
+        self._pins_lock = threading.Lock()
+        self._pin_counts: collections.Counter[str] = collections.Counter()
+        self.peft_model = None
+        self._pristine_adapter: dict[str, torch.Tensor] | None = None
+        self._weights_id_cache: tuple[int, str] | None = None
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._pending: list[_Job] = []
+        # greedy requests for pinned weights now queued or generating, by (prompt, settings, stops): an identical
+        # one joins the first instead of generating again (every method's turn 1 of a comparison, for one)
+        self._inflight: dict[tuple, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
+                      "waits_for_updates": 0, "joined": 0}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
+                        dtype: str | None = None, **kwargs) -> LocalEngine:
+        loaded = models.load_model(spec, device=device, dtype=dtype)
+        info = {"source": loaded.source, "device": loaded.device, "dtype": loaded.dtype,
+                "load_seconds": round(loaded.load_seconds, 2), **loaded.info}
+        return cls(loaded.model, loaded.tokenizer, name=loaded.name, fingerprint=loaded.fingerprint,
+                   spec=spec, info=info, **kwargs)
+
+    @classmethod
+    def shared(cls, spec: str = models.DEFAULT_MODEL, *, device: str | None = None,
+               dtype: str | None = None, continuous: bool | None = None) -> LocalEngine:
+        """One engine per model per process: everything that needs the model borrows this one.
+
+        ``continuous`` picks the serving mode (see :meth:`_serve_continuous`) before serving starts."""
+        embedded = models.embedded_model(spec)  # 'default' and its name are one model: load it once
+        key = (embedded.name if embedded else spec, device or "auto", dtype or "auto")
+        with cls._registry_lock:
+            if key not in cls._registry:
+                cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
+            engine = cls._registry[key]
+        if continuous is not None and continuous != engine.continuous:
+            with engine._worker_lock:
+                if engine._worker is not None and engine._worker.is_alive():
+                    raise ValueError("this engine is already serving in the other batching mode")
+                engine.continuous = continuous
+        return engine
+
+    def __deepcopy__(self, memo):
+        # The engine is a shared resource, like an HTTP client: copies of programs and LMs borrow it.
+        return self
+
+    def lm(self, **kwargs) -> LocalLM:
+        """A ``dspy.LM`` served by this engine, whose cache key follows the weights."""
+        return LocalLM(self, **kwargs)
+
+    # DSPy saves a custom engine as its class path plus this state (dspy.LM.dump_state).
+    def dump_state(self) -> dict:
+        if self.spec is None:
+            raise ValueError("this engine was built from an in-memory model and cannot be saved by reference")
+        return {"spec": self.spec}
+
+    @classmethod
+    def load_state(cls, state: dict) -> LocalEngine:
+        return cls.shared(state["spec"])

@@ -1,0 +1,255 @@
+"""The engine's scheduler: the request queue, the batching worker and the usage accounting.
+
+Requests (token ids and :class:`~rosa2_dspy.engine.settings.GenSettings`) are queued as jobs; one worker
+thread per engine collects them into batches (:meth:`SchedulerMixin._serve`) or a continuously refilled
+running batch (:meth:`SchedulerMixin._serve_continuous`), and holds batches back while weight updates
+are announced (:meth:`SchedulerMixin.updating`). Identical greedy requests for pinned weights join the
+one in flight. :func:`usage_scope` counts what a thread's requests spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+from rosa2_dspy.engine.settings import Completion, GenSettings
+
+_usage = threading.local()
+
+
+@contextlib.contextmanager
+def usage_scope():
+    """Count the tokens that local engines spend on behalf of this thread inside the block, and the
+    machine time they take (``compute_seconds``: each batch's time shared among its rows)."""
+    outer = getattr(_usage, "counter", None)
+    counter = {"input_tokens": 0, "output_tokens": 0, "calls": 0, "compute_seconds": 0.0}
+    _usage.counter = counter
+    try:
+        yield counter
+    finally:
+        _usage.counter = outer
+        if outer is not None:
+            for key, value in counter.items():
+                outer[key] += value
+
+
+def count_usage(completion: "Completion") -> None:
+    """Add a completion to the thread's :func:`usage_scope` (done for you by ``generate_one``)."""
+    counter = getattr(_usage, "counter", None)
+    if counter is not None:
+        counter["input_tokens"] += completion.input_tokens
+        counter["output_tokens"] += completion.output_tokens
+        counter["calls"] += 1
+        counter["compute_seconds"] += completion.compute_seconds
+
+
+@dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
+class _Job:
+    input_ids: list[int]
+    settings: GenSettings
+    stop: tuple[str, ...]
+    future: Future = field(default_factory=Future)
+
+
+def _share_result(first: Future, joined: Future) -> None:
+    """Complete a joined request with its first request's outcome (a completion of its own, marked shared)."""
+    exc = first.exception()
+    if exc is not None:
+        joined.set_exception(exc)
+        return
+    done = first.result()
+    joined.set_result(replace(done, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True))
+
+
+class SchedulerMixin:
+    """The queue and the batching worker of :class:`~rosa2_dspy.engine.LocalEngine`."""
+
+    def generate_one(self, messages: list[dict], settings: GenSettings, stop: tuple[str, ...] = ()) -> Completion:
+        """Queue one chat for generation and wait for it (batched with concurrent callers)."""
+        completion = self.submit(self.encode_chat(messages), settings, stop).result()
+        count_usage(completion)
+        return completion
+
+    def submit(self, input_ids: list[int], settings: GenSettings, stop: tuple[str, ...] = ()) -> Future:
+        """Queue one prompt (token ids); the future gives its :class:`Completion`. Prompts queued
+        together (by one caller or by many threads) share batches where their settings allow."""
+        # Greedy decoding of pinned weights (ids are content hashes) is a function of the request: an identical
+        # request in flight joins it, as DSPy's cache would answer it had the first one finished. Its
+        # completion says ``shared`` and counts no tokens or time (the first request's thread counted them).
+        key = (tuple(input_ids), settings, tuple(stop)) if not settings.do_sample and settings.weights else None
+        with self._inflight_lock:
+            first = self._inflight.get(key) if key is not None else None
+            if first is not None:
+                self.stats["joined"] += 1
+                joined: Future = Future()
+                first.add_done_callback(lambda done: _share_result(done, joined))
+                return joined
+            job = _Job(list(input_ids), settings, stop)
+            if key is not None:
+                self._inflight[key] = job.future
+                job.future.add_done_callback(lambda done: self._forget_inflight(key, done))
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.future
+
+    def _forget_inflight(self, key: tuple, future: Future) -> None:
+        with self._inflight_lock:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    def _ensure_worker(self) -> None:
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                serve = self._serve_continuous if self.continuous else self._serve
+                self._worker = threading.Thread(target=serve, name=f"LocalEngine[{self.name}]", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        """Collect concurrent requests for a short window (kept open while they keep arriving) and run
+        compatible ones together.
+
+        While weight updates are announced (:meth:`updating`), no batch starts: requests keep
+        arriving meanwhile, and run together once the updates have landed."""
+        while True:
+            if not self._pending:
+                self._pending.append(self._queue.get())
+            opened = time.monotonic()
+            deadline = opened + self.batch_window
+            while len(self._pending) < self.max_batch * 4:
+                remaining = deadline - time.monotonic()
+                try:
+                    self._pending.append(self._queue.get(timeout=max(remaining, 0)) if remaining > 0
+                                         else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                # callers still arriving (threads starting up, conversations leaving an update): wait for them
+                deadline = min(time.monotonic() + self.batch_window,
+                               opened + max(self.batch_window, self.batch_window_max))
+            if self._wait_for_updates():
+                continue  # collect what arrived while the updates ran (their callers' next requests)
+            head = self._pending[0].settings.batch_key()
+            batch = [job for job in self._pending if job.settings.batch_key() == head][: self.max_batch]
+            self._pending = [job for job in self._pending if job not in batch]
+            self._run(batch)
+
+    def _serve_continuous(self) -> None:
+        """Continuous batching: one running batch that requests join as slots free up and leave as they end
+        (:class:`~rosa2_dspy.engine.continuous.ContinuousDecoder`). Greedy and sampled requests, budgets and stop
+        strings mix freely; rows asking for different pinned weights get their own LoRA update per row.
+
+        Weight updates: while one is announced no request joins; the running rows finish under the
+        weights they started with, then the updates land, then joining resumes (as a batch in
+        :meth:`_serve` finishes before an update)."""
+        from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
+
+        def fresh() -> ContinuousDecoder:
+            return ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids, self.tokenizer.pad_token_id,
+                                     max_rows=self.max_batch, forward_context=self._rows_context)
+
+        decoder = fresh()
+        while True:
+            if not decoder.rows:
+                if not self._pending:
+                    self._pending.append(self._queue.get())
+                if self._wait_for_updates():
+                    continue
+            while True:  # whatever else has arrived
+                try:
+                    self._pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            joining = []
+            if not self._updates_waiting:
+                live = [job for job in self._pending[: decoder.free] if job.future.set_running_or_notify_cancel()]
+                self._pending = self._pending[decoder.free:]
+                joining = [Row(job.input_ids, job.settings.max_tokens,
+                               temperature=job.settings.temperature if job.settings.do_sample else 0.0,
+                               top_p=job.settings.top_p, top_k=job.settings.top_k, seed=job.settings.seed,
+                               stop=job.stop, tag=job) for job in live]
+            if not joining and not decoder.rows:
+                continue
+            try:
+                with self.weights_lock:
+                    finished = decoder.step(joining)
+            except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
+                for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
+                    if not row.tag.future.done():
+                        row.tag.future.set_exception(exc)
+                decoder = fresh()
+                continue
+            self.stats["requests"] += len(finished)
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(decoder.rows) + len(finished))
+            for row in finished:
+                row.tag.future.set_result(Completion(decoder.text_of(row), len(row.input_ids), len(row.generated),
+                                                     row.finish, row.seconds))
+
+    def _rows_context(self, rows) -> contextlib.AbstractContextManager:
+        """The weights each row of a continuous batch asks for, around one forward (see :meth:`_weights_for`)."""
+        row_weights = self._weights_for([row.tag.settings.weights for row in rows])
+        if row_weights is None:
+            return contextlib.nullcontext()
+        self.stats["mixed_weights_batches"] += 1
+        return self._per_row_adapters(row_weights)
+
+    def _wait_for_updates(self) -> bool:
+        """Block while weight updates are announced; True if it waited."""
+        with self._updates:
+            if not self._updates_waiting:
+                return False
+            self.stats["waits_for_updates"] += 1
+            while self._updates_waiting:
+                self._updates.wait()
+            return True
+
+    @contextlib.contextmanager
+    def updating(self):
+        """Hold the weights for a change that goes ahead of queued generation.
+
+        Plain ``weights_lock`` alternates: one update, then a batch of whoever is ready (often one
+        row), then the next update. Announced updates instead land back to back while the
+        batching worker waits, so generation resumes as one large batch. Re-entrant."""
+        with self._updates:
+            self._updates_waiting += 1
+        try:
+            with self.weights_lock:
+                self._weights_changing()
+                yield
+        finally:
+            with self._updates:
+                self._updates_waiting -= 1
+                self._updates.notify_all()
+
+    def _run(self, batch: list[_Job]) -> None:
+        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            with self.weights_lock:  # no update may land between choosing the weights and generating
+                row_weights = self._weights_for([j.settings.weights for j in live])
+                results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live],
+                                              [j.settings.seed for j in live], row_weights)
+        except BaseException as exc:  # noqa: BLE001 - a failed batch fails each of its callers, not the worker
+            if len(live) > 1:  # retry one by one so that one bad request fails only itself
+                for job in live:
+                    self._run_single(job)
+                return
+            live[0].future.set_exception(exc)
+            return
+        self.stats["batches"] += 1
+        self.stats["mixed_weights_batches"] += row_weights is not None
+        self.stats["requests"] += len(live)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
+        for job, result in zip(live, results):
+            job.future.set_result(result)
+
+    def _run_single(self, job: _Job) -> None:
+        try:
+            with self.weights_lock:
+                self._weights_for([job.settings.weights])
+                job.future.set_result(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
+        except BaseException as exc:  # noqa: BLE001
+            job.future.set_exception(exc)
