@@ -246,7 +246,7 @@ def cmd_eval(args) -> int:
     config = {
         "command": "eval", "program": args.program, "program_kwargs": kwargs,
         "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_data_identity(args),
-        "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        **_model_identity(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
         "compile_overlap": overlap,
     }
     if args.method:
@@ -429,6 +429,16 @@ class _MethodItem:
         return self.example.unique_id
 
 
+def _model_identity(args) -> dict:
+    """The model and the precision and device it runs in, resolved (``auto`` differs between machines: a run
+    resumed where bf16 is not native would mix float32 answers into a bf16 run)."""
+    from rosa2_dspy.models import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    return {"model": args.model, "device": device.split(":")[0],
+            "dtype": str(pick_dtype(device, args.dtype)).removeprefix("torch.")}
+
+
 def _program_kwargs(args) -> dict:
     kwargs = {}
     if getattr(args, "clarify", False):
@@ -579,7 +589,7 @@ def _bench_compile(args) -> int:
     config = {"command": "bench compile", "compile_overlap": overlap, "split": args.split, "level": args.level,
               "limit": args.limit,
               "val_limit": args.val_limit, "eval_split": args.eval_split, "eval_level": args.eval_level,
-              "seed": args.seed, "model": args.model, "program": args.program, "max_tokens": args.max_tokens}
+              "seed": args.seed, **_model_identity(args), "program": args.program, "max_tokens": args.max_tokens}
     out = prepare_run_dir(args.out, config,
                           resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
     engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
@@ -768,7 +778,7 @@ def _bench_compare(args) -> int:
         meta = read_meta(args.compiled)
         overlap = _compile_overlap(_seen_by(meta), examples, args.allow_overlap, f"the compile of {args.compiled}")
         program_spec, kwargs = meta.get("program", program_spec), meta.get("program_kwargs") or {}
-    config = {"command": "bench compare", **_data_identity(args), "model": args.model, "program": program_spec,
+    config = {"command": "bench compare", **_data_identity(args), **_model_identity(args), "program": program_spec,
               "program_kwargs": kwargs, "max_tokens": args.max_tokens, "compile_overlap": overlap,
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **_session_config(args)}
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change

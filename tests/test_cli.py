@@ -148,6 +148,9 @@ def test_eval_writes_results_resumes_and_repairs_a_torn_line(tmp_path, tiny_mode
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     assert run(*common[:-1], str(out), "--seed", "9") == 2
     assert run(*common, "--no-shuffle") == 2 and "shuffle: True -> False" in capsys.readouterr().err
+    # the precision is part of a run (`auto` resolves per machine): another one is refused before any answer
+    other = "bfloat16" if json.loads((out / "config.json").read_text())["dtype"] == "float32" else "float32"
+    assert run(*common, "--dtype", other) == 2 and f"-> '{other}'" in capsys.readouterr().err
     # a smaller limit reports only its problems, and no throughput: this invocation generated nothing
     assert run(*common) == 0
     summary = json.loads((out / "summary.json").read_text())
