@@ -18,7 +18,8 @@ _EXPORTS = {
     "LoRAUpdater": "weights", "LoRAFinetune": "weights", "UpdateConfig": "weights", "LocalProvider": "weights",
     "adapter_shift": "weights",
     # both: multi-turn sessions (test time) and the compile-time teleprompter
-    "Session": "coadapt", "SessionConfig": "coadapt", "ROSA2": "coadapt", "POLICIES": "coadapt",
+    "Session": "coadapt", "SessionConfig": "coadapt", "POLICIES": "coadapt", "ROSA2": "teleprompt",
+    "Sequential": "teleprompt",
     # MATH: data, grading, simulated users, sharded problems
     "load_examples": "math.data", "grade": "math.grading", "make_user": "math.users", "shard": "math.shards",
     "math_feedback_metric": "math.feedback",

@@ -1,4 +1,4 @@
-"""Co-adaptation: ROSA2 multi-turn sessions at test time, and the ROSA2 compile-time optimizer.
+"""Co-adaptation at test time: ROSA2 multi-turn sessions (the compile-time optimizer is in teleprompt.py).
 
 A session is one conversation about one problem (:meth:`Session.run`, the whole turn loop):
 
@@ -28,6 +28,7 @@ and ``rosa2`` (both every turn, words first, the update on the rewritten prompt)
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 import traceback
@@ -40,7 +41,7 @@ from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, count_usage, usage_scope
 from rosa2_dspy.math.grading import last_boxed, strict_normalize
-from rosa2_dspy.weights import LoRAFinetune, LoRAUpdater, UpdateConfig, adapter_shift, kto_row
+from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, adapter_shift, kto_row
 
 logger = logging.getLogger(__name__)
 
@@ -331,25 +332,20 @@ class Session:
             record["posed"] = posed
             record["semantic_gap"] = bool(posed.get("semantic_gap"))
         try:
-            record.update(self._converse(conv, record["turns"]))
+            record.update(self._converse(conv, record["turns"]))  # the turns so far stay if it fails
         except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded; the run goes on
-            record["error"] = f"{type(exc).__name__}: {exc}"
-            record["traceback"] = traceback.format_exc(limit=5)
-            record.setdefault("solved", False)
-            record.setdefault("turns_used", len(record["turns"]))
+            record.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5),
+                          solved=False, turns_used=len(record["turns"]))
         finally:
             record["l2_shift"] = round(self.end(conv), 6)
+        turns = record["turns"]
         record["seconds"] = round(time.perf_counter() - started, 3)
-        for turn in record["turns"]:
-            turn["seconds"] = {k: round(v, 3) for k, v in turn["seconds"].items()}
-            turn["compute_seconds"] = {k: round(v, 3) for k, v in turn["compute_seconds"].items()}
-        record["seconds_split"] = {k: round(sum(t["seconds"][k] for t in record["turns"]), 3)
-                                   for k in ("generation", "words", "weights")}
-        record["boxed_rate"] = (sum(t["boxed"] for t in record["turns"]) / len(record["turns"])
-                                if record["turns"] else 0.0)
+        record["seconds_split"] = {k: round(sum(t["seconds"][k] for t in turns), 3) for k in STEPS}
+        record["boxed_rate"] = sum(t["boxed"] for t in turns) / len(turns) if turns else 0.0
         return record
 
     def _converse(self, conv: Conversation, turns: list[dict]) -> dict:
+        """The turn loop: answer, judge; after a failed turn the policy's words and weights steps; again."""
         cfg, policy, example = self.config, self.policy, conv.example
         budget = 1 if policy.single_turn else cfg.turns
         # the user's first message: the problem, or a sharded user's first turn (the `whole` method: the problem)
@@ -360,19 +356,14 @@ class Session:
         rejected_answers: set[str] = set()
         rejected_replies: list[str] = []
         for turn in range(1, budget + 1):
-            t0 = time.perf_counter()
-            with usage_scope() as usage:  # no tokens: DSPy's cache answered (say, a turn 1 shared by methods)
+            entry = _turn_entry(turn, statement)
+            turns.append(entry)
+            with _timed(entry, "generation") as usage:  # no tokens: answered by DSPy's cache or a joined request
                 prediction, reply = self.answer(conv, statement)
-            # wall seconds (waits for other conversations included) and machine seconds (this turn's share)
-            seconds = {"generation": time.perf_counter() - t0, "words": 0.0, "weights": 0.0}
-            compute = {"generation": usage["compute_seconds"], "words": 0.0, "weights": 0.0}
             verdict = self.user.judge(example, prediction, turn)
             answer = getattr(prediction, "answer", None) if prediction is not None else None
-            entry = {"turn": turn, "statement": statement, "reply": reply, "answer": answer,
-                     "boxed": verdict.boxed, "correct": verdict.correct, "accepted": verdict.accepted,
-                     "feedback": verdict.feedback, "words": None, "weights": None,
-                     "generated_tokens": usage["output_tokens"], "seconds": seconds, "compute_seconds": compute}
-            turns.append(entry)
+            entry.update(reply=reply, answer=answer, boxed=verdict.boxed, correct=verdict.correct,
+                         accepted=verdict.accepted, feedback=verdict.feedback, generated_tokens=usage["output_tokens"])
             shown = getattr(verdict, "revealed", None)  # a user needs only accepted/feedback/correct/boxed
             if shown:
                 entry["revealed"] = shown
@@ -391,100 +382,40 @@ class Session:
             answered = statement  # the prompt this turn's answer was given
             do_words, do_weights = policy.steps(turn, budget)
             if do_words:  # 3. words step
-                t0 = time.perf_counter()
-                with usage_scope() as usage:
+                with _timed(entry, "words"):
                     refinement = self.words_step(conv, problem, history, verdict.feedback, revealed)
-                compute["words"] = usage["compute_seconds"]
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()
-                seconds["words"] = time.perf_counter() - t0
             elif policy.words == "never":  # weights only: the raw feedback goes into the prompt
                 statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
                             " ".join(h["feedback"] for h in history)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
-                t0 = time.perf_counter()
                 trained_on = statement if policy.weights_on == "next" else answered
-                entry["weights"] = self.weights_step(conv, self.prompt_messages(trained_on), rejected_replies,
-                                                     rejected_answers, turn)
+                with _timed(entry, "weights"):
+                    entry["weights"] = self.weights_step(conv, self.prompt_messages(trained_on), rejected_replies,
+                                                         rejected_answers, turn)
                 entry["weights"]["trained_on"] = trained_on
-                seconds["weights"] = time.perf_counter() - t0
-                compute["weights"] = entry["weights"].get("compute_seconds", 0.0)
+                # sampling's share of batches plus the whole update, which holds the machine alone
+                entry["compute_seconds"]["weights"] = round(entry["weights"].get("compute_seconds", 0.0), 3)
         return {"solved": False, "turns_used": budget}
 
 
-# ----------------------------------------------------------------------------- compile time
+STEPS = ("generation", "words", "weights")
 
 
-class ROSA2(dspy.teleprompt.Teleprompter):
-    """Compile-time co-adaptation: rounds of a words step then a weights step on a trainset.
-
-    Each round rewrites the instructions (:class:`~rosa2_dspy.words.TextualGradientOptimizer`,
-    one round), then fine-tunes the adapter (:class:`~rosa2_dspy.weights.LoRAFinetune`) on
-    traces generated under the just-rewritten instructions. ``history`` has, per round, the
-    instructions, the validation accuracy and the adapter's L2 shift.
-    """
-
-    def __init__(self, metric=None, critic_lm=None, config: UpdateConfig | None = None, rounds: int = 2,
-                 num_threads: int = 8, minibatch_size: int = 4, val_size: int = 8, keep: str = "correct",
-                 sources: tuple[str, ...] | list[str] = ("bootstrap",), max_instruction_chars: int = 1200):
-        from rosa2_dspy.evaluation import math_metric
-        from rosa2_dspy.math.feedback import math_feedback_metric
-        from rosa2_dspy.words import TextualGradientOptimizer
-
-        super().__init__()
-        self.rounds = rounds
-        self.words = TextualGradientOptimizer(metric=metric or math_feedback_metric, critic_lm=critic_lm, rounds=1,
-                                              minibatch_size=minibatch_size, val_size=val_size,
-                                              max_instruction_chars=max_instruction_chars, num_threads=num_threads)
-        self.weights = LoRAFinetune(math_metric(keep), config=config or UpdateConfig(objective="sft"),
-                                    num_threads=num_threads, sources=sources)
-        self.history: list[dict] = []
-
-    def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
-        from rosa2_dspy.artifacts import instructions_of
-        from rosa2_dspy.weights import engine_of
-        from rosa2_dspy.words import hold_out
-
-        engine = engine_of(student)
-        program = student
-        # one split for the whole compile: every round validates on the same problems, never trained on
-        train, val = hold_out(trainset, valset, self.words.val_size)
-        val = val[: self.words.val_size]
-        for round_index in range(1, self.rounds + 1):
-            self.words.seed = round_index  # each round critiques a different minibatch
-            program = self.words.compile(program, trainset=train, valset=val)
-            program = self.weights.compile(program, trainset=train)
-            scored = self.words.score(program, val)
-            self.history.append({"round": round_index, "instructions": instructions_of(program),
-                                 "val_score": scored, "l2_shift": engine_shift(engine),
-                                 "train_ids": [e.get("unique_id") for e in train],
-                                 "val_ids": [e.get("unique_id") for e in val],
-                                 "words": self.words.history[-len(program.named_predictors()):],
-                                 "weights": self.weights.history[-1]})
-        program.words_history = self.history
-        return program
+def _turn_entry(turn: int, statement: str) -> dict:
+    """A turn's record before it runs: the prompt it answers; no reply, verdict or steps yet; zero seconds."""
+    return {"turn": turn, "statement": statement, "reply": None, "answer": None, "boxed": False, "correct": False,
+            "accepted": False, "feedback": None, "words": None, "weights": None, "generated_tokens": 0,
+            "seconds": dict.fromkeys(STEPS, 0.0), "compute_seconds": dict.fromkeys(STEPS, 0.0)}
 
 
-class Sequential(dspy.teleprompt.Teleprompter):
-    """The sequential baseline p -> w: every words round first, then one weights step."""
-
-    def __init__(self, p: dspy.teleprompt.Teleprompter, w: dspy.teleprompt.Teleprompter):
-        super().__init__()
-        self.p, self.w = p, w
-        self.history: list[dict] = []
-
-    def compile(self, student: dspy.Module, *, trainset: list, valset: list | None = None, teacher=None):
-        from rosa2_dspy.words import hold_out
-
-        # the words step validates on problems the weights step never trains on
-        trainset, valset = hold_out(trainset, valset, getattr(self.p, "val_size", 8))
-        program = self.p.compile(student, trainset=trainset, valset=valset)
-        program = self.w.compile(program, trainset=trainset)
-        self.history = [{"words": getattr(self.p, "history", None), "weights": getattr(self.w, "history", None)}]
-        return program
-
-
-def engine_shift(engine: LocalEngine) -> float:
-    from rosa2_dspy.weights import adapter_shift
-
-    return round(adapter_shift(engine).total, 6)
+@contextlib.contextmanager
+def _timed(entry: dict, step: str):
+    """Time one step of a turn into its entry: wall seconds (waits for other conversations included) and
+    machine seconds (this conversation's share of the engine's batches). Yields the step's token usage."""
+    started = time.perf_counter()
+    with usage_scope() as usage:
+        yield usage
+    entry["seconds"][step] = round(time.perf_counter() - started, 3)
+    entry["compute_seconds"][step] = round(usage["compute_seconds"], 3)

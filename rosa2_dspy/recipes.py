@@ -98,13 +98,13 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
         if recipe.kind == "gepa":
             return _gepa(recipe, engine, settings, num_threads)
         if recipe.kind == "rosa2":
-            from rosa2_dspy.coadapt import ROSA2
+            from rosa2_dspy.teleprompt import ROSA2
             from rosa2_dspy.math.feedback import math_feedback_metric
 
             return ROSA2(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
                          config=update_config(recipe, objective="sft"), num_threads=num_threads, **settings)
         if recipe.kind == "p-then-w":
-            from rosa2_dspy.coadapt import Sequential
+            from rosa2_dspy.teleprompt import Sequential
             from rosa2_dspy.evaluation import math_metric
             from rosa2_dspy.math.feedback import math_feedback_metric
             from rosa2_dspy.words import TextualGradientOptimizer

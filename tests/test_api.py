@@ -8,7 +8,8 @@ import rosa2_dspy
 
 def test_every_public_name_imports_from_the_package():
     from rosa2_dspy import ROSA2, LocalEngine, Session
-    from rosa2_dspy.coadapt import ROSA2 as rosa2, Session as session
+    from rosa2_dspy.coadapt import Session as session
+    from rosa2_dspy.teleprompt import ROSA2 as rosa2
     from rosa2_dspy.engine import LocalEngine as engine
 
     assert (ROSA2, Session, LocalEngine) == (rosa2, session, engine)

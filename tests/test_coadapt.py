@@ -194,7 +194,7 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
 def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     from test_words import critic, script_lm
 
-    from rosa2_dspy.coadapt import ROSA2
+    from rosa2_dspy.teleprompt import ROSA2
 
     lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
     dspy.configure(lm=lm)
@@ -223,7 +223,7 @@ def test_rosa2_compile_trains_each_round_under_that_rounds_words(tiny_engine, mo
     """The interleaving test above cannot tell which words the weights trained under (with a random student
     every rewrite is rejected). Here each round's words step accepts a rewrite, and every row the weights step
     trains on must carry that round's instructions."""
-    from rosa2_dspy.coadapt import ROSA2
+    from rosa2_dspy.teleprompt import ROSA2
     from rosa2_dspy.weights import LoRAUpdater
 
     lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
