@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 EXIT_BAD_INPUT = 2
 
@@ -69,27 +65,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default); continuous: requests join and leave one running batch step by step")
 
 
-def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, samples: int = 2) -> None:
-    from rosa2_dspy.coadapt import POLICIES
+def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, **defaults) -> None:
+    """The session's flags, from :data:`rosa2_dspy.experiments.SESSION_SETTINGS` (its type, default and help);
+    ``defaults`` overrides a default for this command."""
+    from rosa2_dspy.experiments import SESSION_SETTINGS, session_defaults, session_setting_type
 
     if method_default is None:
         p.add_argument("--method", help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2, or a session recipe "
                                        "(optimizers/rosa2.toml); default: one plain pass")
-    p.add_argument("--turns", type=int, default=3, help="turn budget T per conversation (default 3)")
     p.add_argument("--user", default="vague",
                    help="simulated user: oracle ('Incorrect.'), vague (default: a contentless complaint), hint (the "
                         "failure kind), sharded (withholds one or two conditions and reveals one per failed turn)")
-    p.add_argument("--samples", type=int, default=samples, help=f"replies sampled per weights step (default {samples})")
-    p.add_argument("--update-steps", type=int, default=1, help="optimizer steps per weights step (default 1)")
-    p.add_argument("--update-batch", type=int, default=4,
-                   help="rows per optimizer step, at most the rows there are (default 4: a turn's rows fit one "
-                        "step; KTO takes at least 2)")
-    p.add_argument("--objective", choices=["apo_zero_unpaired", "kto", "sft"],
-                   help="weights step objective (default apo_zero_unpaired; TRL's KTOTrainer runs it and kto, "
-                        "SFTTrainer sft; see rosa2_dspy.coadapt.session_update_config)")
-    p.add_argument("--max-shift", type=float, default=None, help="trust region: max L2 shift per conversation")
-    p.add_argument("--learning-rate", type=float, default=None,
-                   help="weights step learning rate (default 2e-4, rosa2_dspy.coadapt.session_update_config)")
+    values = {**session_defaults(), **defaults}
+    for name, setting in SESSION_SETTINGS.items():
+        default = values[name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=session_setting_type(name), default=default,
+                       choices=setting.choices,
+                       help=setting.help + ("" if default is None else f" (default {default})"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize
+    from rosa2_dspy.evaluation import prepare_run_dir
     from rosa2_dspy.fsutil import write_json_atomic
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
@@ -255,35 +247,16 @@ def cmd_eval(args) -> int:
     out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
     if args.method:
         return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap)
+    from rosa2_dspy.experiments import evaluate
 
-    import dspy
-
-    from rosa2_dspy.engine import LocalEngine
-
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                                continuous=args.batching == "continuous")
+    engine = _engine(args)
     if args.compiled:
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(args.compiled, program, engine)
-    lm = engine.lm(cache=args.cache, max_tokens=args.max_tokens, temperature=args.temperature)
-    dspy.configure(lm=lm)
-    results = ResultsFile(out / "results.jsonl")
-    ran_now = [e.unique_id for e in examples if e.unique_id not in results.records]
-    done_before = len(examples) - len(ran_now)
-    if done_before:
-        print(f"resuming: {done_before} of {len(examples)} problems already in {out / 'results.jsonl'}")
-    wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=args.threads,
-                     description="eval", progress=not args.no_progress)
-    # only the requested problems (a run folder may hold more, from a larger --limit); throughput only from
-    # the problems this invocation ran, and none at all when it ran none
-    records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
-    ran = [results.records[uid] for uid in ran_now if uid in results.records]
-    summary = summarize(records, wall_seconds=wall, new_records=ran, max_tokens=args.max_tokens)
-    summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
-                    "batching": args.batching, "threads": args.threads,
-                    "dtype": engine.info.get("dtype"), "program": args.program, "split": args.split,
-                    "engine_batches": dict(engine.stats)})
+    summary = evaluate(program, examples, out, engine=engine, threads=args.threads, max_tokens=args.max_tokens,
+                       temperature=args.temperature, cache=args.cache, progress=not args.no_progress)
+    summary.update({"batching": args.batching, "program": args.program, "split": args.split})
     if args.compiled:
         from rosa2_dspy.artifacts import instructions_of
         from rosa2_dspy.weights import adapter_shift
@@ -336,8 +309,9 @@ def _apply_session_recipe(args) -> None:
         table = tomllib.loads(path.read_text()).get("session") or {}
     except tomllib.TOMLDecodeError as exc:
         raise CLIError(f"{path} is not valid TOML: {exc}") from None
-    known = {"method", "turns", "user", "samples", "update_steps", "update_batch", "objective", "max_shift",
-             "learning_rate"}
+    from rosa2_dspy.experiments import SESSION_SETTINGS
+
+    known = {"method", "user", *SESSION_SETTINGS}
     unknown = sorted(set(table) - known)
     if unknown or "method" not in table:
         raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
@@ -347,9 +321,10 @@ def _apply_session_recipe(args) -> None:
 
 
 def _session_config(args) -> dict:
-    from rosa2_dspy.coadapt import POLICIES, SESSION_OBJECTIVE, session_update_config
+    """The session settings of a run (checked): part of its folder's identity."""
+    from rosa2_dspy.coadapt import POLICIES
+    from rosa2_dspy.experiments import SESSION_SETTINGS
 
-    args.objective = args.objective or SESSION_OBJECTIVE
     if getattr(args, "method", None) and args.method not in POLICIES:
         raise CLIError(f"unknown method {args.method!r}; choose from: {', '.join(POLICIES)} or a recipe .toml")
     if args.turns < 1 or args.samples < 0 or args.update_steps < 1 or args.update_batch < 2:
@@ -358,75 +333,33 @@ def _session_config(args) -> dict:
 
     if args.user not in USERS:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
-    return {"turns": args.turns, "user": args.user, "samples": args.samples, "update_steps": args.update_steps,
-            "update_batch": args.update_batch,
-            "objective": args.objective, "max_shift": args.max_shift,
-            "learning_rate": session_update_config(learning_rate=args.learning_rate).learning_rate}
+    return {"user": args.user, **{name: getattr(args, name) for name in SESSION_SETTINGS}}
 
 
 def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None,
                  overlap: int | None = None) -> int:
-    """Run each method's sessions on the same problems; results per method, then the report."""
-    import dspy
+    """Run each method's sessions on the same problems (experiments.compare_methods); print the report."""
+    from rosa2_dspy.experiments import compare_methods, session_configs
 
-    from rosa2_dspy.coadapt import Session, SessionConfig, get_policy, session_update_config
-    from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.evaluation import ResultsFile, run_items
-    from rosa2_dspy.math.users import make_user
-    from rosa2_dspy.report import build_report
-    from rosa2_dspy.weights import LoRAUpdater
-
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                                continuous=args.batching == "continuous")
+    engine = _engine(args)
     if compiled:
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(compiled, program, engine)
-    # DSPy's cache, in memory for this run only: a request repeated under the same weights (turn 1 is
-    # the same for every method) is answered once; a rerun measures afresh. Weights are in the key.
-    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
-    lm = engine.lm(cache=True, max_tokens=args.max_tokens, temperature=0.0)
-    dspy.configure(lm=lm)
-    session_cfg = SessionConfig(turns=args.turns, samples=args.samples, max_tokens=args.max_tokens, seed=args.seed)
-    update_cfg = session_update_config(objective=args.objective, steps=args.update_steps,
-                                       batch_size=args.update_batch, max_shift_per_session=args.max_shift,
-                                       learning_rate=args.learning_rate,
-                                       max_length=args.max_tokens + 512)  # a whole reply and its prompt
-    updater = LoRAUpdater(engine, update_cfg)
-    results = {}
-    for method in methods:
-        (out / method).mkdir(parents=True, exist_ok=True)
-        results[method] = ResultsFile(out / method / "results.jsonl")
-        done = sum(1 for e in examples if e.unique_id in results[method].records)
-        if done:
-            print(f"{method}: resuming, {done} of {len(examples)} problems already done")
-    with contextlib.ExitStack() as stack:
-        sessions = {m: stack.enter_context(Session(program, engine, get_policy(m), make_user(args.user, args.seed),
-                                                   session_cfg, updater=updater)) for m in methods}
-        # Every method's conversations in one pool, problem by problem: the engine batches them together (no
-        # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
-        # for every method, is generated once (the engine joins identical requests in flight).
-        items = [_MethodItem(m, e) for e in examples for m in methods]
-        run_items(items, lambda item: sessions[item.method].run(item.example), lambda item: results[item.method],
-                  threads=args.threads * len(methods), description=", ".join(methods), progress=not args.no_progress)
+    session, update = session_configs(vars(args), max_tokens=args.max_tokens, seed=args.seed)
     notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
                                         "were among its training or validation problems."]
-    report = build_report(out, methods, args.turns, title=f"rosa2 - {args.user} user, T={args.turns}",
-                          ids=[e.unique_id for e in examples], notes=notes)
+    report = compare_methods(program, examples, methods, out, engine=engine, user=args.user, session=session,
+                             update=update, threads=args.threads, notes=notes, progress=not args.no_progress)
     print(report.read_text())
     return 0
 
 
-@dataclass(frozen=True)
-class _MethodItem:
-    """One conversation of a comparison: a method and a problem."""
+def _engine(args):
+    from rosa2_dspy.engine import LocalEngine
 
-    method: str
-    example: Any
-
-    @property
-    def unique_id(self) -> str:
-        return self.example.unique_id
+    return LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                              continuous=args.batching == "continuous")
 
 
 def _model_identity(args) -> dict:
@@ -446,87 +379,6 @@ def _program_kwargs(args) -> dict:
     if getattr(args, "adapter", None):
         kwargs["adapter"] = args.adapter
     return kwargs
-
-
-class _DSPyErrors:
-    """Collects the errors DSPy's optimizers log and carry on from while compiling (BetterTogether, for one,
-    logs a failed step and returns the best program so far); DSPy's log stream is off in this CLI. First line
-    of each, without colour codes; the per-example parse failures of evaluation are not collected."""
-
-    def __enter__(self):
-        import logging
-
-        self.messages: list[str] = []
-        handler = logging.Handler(level=logging.ERROR)
-        handler.emit = lambda record: self.messages.append(
-            re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).strip().split("\n")[0][:500])
-        self._handler, self._logger = handler, logging.getLogger("dspy.teleprompt")
-        self._logger.addHandler(handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self._handler)
-        self.messages = [m for m in self.messages if m and m != "Traceback:"]
-
-
-def compile_to_artifact(args, recipe_path: str, trainset: list, valset: list, out: str | Path) -> tuple[dict, dict]:
-    """Compile ``args.program`` with a recipe from the engine's base weights; save the artifact.
-
-    Returns (compile meta, instructions after)."""
-    import inspect
-
-    import dspy
-
-    from rosa2_dspy.artifacts import instructions_of, save_compiled
-    from rosa2_dspy.engine import LocalEngine, LocalLM
-    from rosa2_dspy.program_loader import load_program
-    from rosa2_dspy.recipes import build_optimizer, load_recipe, update_config
-    from rosa2_dspy.weights import adapter_shift, local_finetunable_lm
-
-    recipe = load_recipe(recipe_path)
-    kwargs = _program_kwargs(args)
-    program = load_program(args.program, **kwargs)
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                                continuous=args.batching == "continuous")
-    if engine.has_adapter:
-        engine.reset_adapter()  # every compile starts from the base weights
-    lm = local_finetunable_lm(engine, update_config(recipe, objective="sft"), pinned=True, cache=False,
-                              max_tokens=args.max_tokens, temperature=0.0)
-    dspy.configure(lm=lm)
-    program.set_lm(lm)
-    before = instructions_of(program)
-    optimizer = build_optimizer(recipe, engine, num_threads=args.threads)
-    accepted = inspect.signature(optimizer.compile).parameters
-    compile_kwargs = {"trainset": trainset, **getattr(optimizer, "compile_kwargs", {})}
-    if valset and "valset" in accepted:
-        compile_kwargs["valset"] = valset
-    started = time.perf_counter()
-    with _DSPyErrors() as dspy_errors:
-        compiled = optimizer.compile(program, **compile_kwargs)
-    seconds = round(time.perf_counter() - started, 1)
-    history = getattr(optimizer, "history", None) or getattr(compiled, "words_history", None)
-    if getattr(compiled, "candidate_programs", None):  # BetterTogether: each strategy's score
-        history = [{"strategy": c.get("strategy") or "original", "score": c.get("score")}
-                   for c in compiled.candidate_programs]
-    for message in dspy_errors.messages:
-        print(f"{Path(recipe_path).stem}: DSPy reported: {message}", file=sys.stderr)
-    meta = {
-        "command": "compile", "program": args.program, "program_kwargs": kwargs, "model": args.model,
-        "recipe": recipe.to_dict(), "recipe_text": recipe.text, "split": args.split, "seed": args.seed,
-        "train_ids": [e.unique_id for e in trainset], "val_ids": [e.unique_id for e in valset],
-        "instructions_before": before, "seconds": seconds, "history": history, "dspy_errors": dspy_errors.messages,
-    }
-    # the compiled program's LM is pinned to its weights; make them current before saving
-    pinned = next((p.lm.pinned_weights for p in compiled.predictors() if getattr(p.lm, "pinned_weights", None)),
-                  None)
-    if pinned:
-        engine.use_pinned(pinned)
-    meta["adapter_l2_shift"] = round(adapter_shift(engine).total, 6)
-    save_compiled(out, compiled, engine, meta)
-    for held in {id(p.lm): p.lm for p in compiled.predictors() if isinstance(p.lm, LocalLM)}.values():
-        held.close()  # the artifact holds the weights now; release the compiled program's and the student's holds
-    lm.close()
-    return meta, instructions_of(compiled)
 
 
 def _train_val(args) -> tuple[list, list]:
@@ -551,21 +403,26 @@ def cmd_compile(args) -> int:
 
     trainset, valset = _train_val(args)
     load_recipe(args.optimizer)  # a bad recipe fails before the model loads
-    meta, after = compile_to_artifact(args, args.optimizer, trainset, valset, args.out)
+    meta, after = _compile(args, args.optimizer, trainset, valset, args.out)
     _print_compile(meta, after, Path(args.out))
     return 0
 
 
+def _compile(args, recipe: str, trainset: list, valset: list, out) -> tuple[dict, dict]:
+    from rosa2_dspy.experiments import compile_program
+
+    return compile_program(args.program, recipe, trainset, valset, out, engine=_engine(args),
+                           program_kwargs=_program_kwargs(args), max_tokens=args.max_tokens, threads=args.threads,
+                           meta={"model": args.model, "split": args.split, "seed": args.seed})
+
+
 def _bench_compile(args) -> int:
     """Each recipe compiled from the base weights on the same training problems, then evaluated on the
-    same held-out problems; plus the uncompiled baseline. Resumable: finished artifacts and results are kept."""
-    import dspy
-
-    from rosa2_dspy.artifacts import load_compiled, read_meta
-    from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.evaluation import ResultsFile, prepare_run_dir, run_items, solve_math, summarize
+    same held-out problems; plus the uncompiled baseline (experiments.compare_compiled). Resumable."""
+    from rosa2_dspy.artifacts import read_meta
+    from rosa2_dspy.evaluation import prepare_run_dir
+    from rosa2_dspy.experiments import compare_compiled
     from rosa2_dspy.math.data import load_examples
-    from rosa2_dspy.program_loader import load_program
     from rosa2_dspy.recipes import load_recipe
     from rosa2_dspy.report import build_compile_report
 
@@ -592,41 +449,10 @@ def _bench_compile(args) -> int:
               "seed": args.seed, **_model_identity(args), "program": args.program, "max_tokens": args.max_tokens}
     out = prepare_run_dir(args.out, config,
                           resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
-    engine = LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                                continuous=args.batching == "continuous")
-    summaries = {}
-    for name, recipe in methods.items():
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {}
-        if recipe is not None:
-            artifact = folder / "artifact"
-            if not (artifact / "compile.json").exists():
-                print(f"{name}: compiling on {len(trainset)} problems")
-                try:
-                    compile_to_artifact(args, recipe, trainset, valset, artifact)
-                except Exception as exc:  # noqa: BLE001 - one method failing is a result; the others still run
-                    print(f"{name}: compile failed: {type(exc).__name__}: {exc}")
-                    summaries[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    continue
-            meta = read_meta(artifact)
-        program = load_program(args.program, **_program_kwargs(args))
-        if engine.has_adapter:
-            engine.reset_adapter()
-        if recipe is not None:
-            load_compiled(folder / "artifact", program, engine)
-        dspy.configure(lm=engine.lm(cache=False, max_tokens=args.max_tokens, temperature=0.0))
-        results = ResultsFile(folder / "results.jsonl")
-        ran_now = [e.unique_id for e in tests if e.unique_id not in results.records]
-        wall = run_items(tests, lambda ex: solve_math(program, ex), results, threads=args.threads,
-                         description=f"eval {name}", progress=not args.no_progress)
-        records = [results.records[e.unique_id] for e in tests if e.unique_id in results.records]
-        summary = summarize(records, wall_seconds=wall, new_records=[results.records[u] for u in ran_now
-                                                                     if u in results.records])
-        summary.update({"compile_seconds": meta.get("seconds"), "adapter_l2_shift": meta.get("adapter_l2_shift", 0.0),
-                        "instructions_changed": sorted(k for k, v in (meta.get("instructions") or {}).items()
-                                                       if v != (meta.get("instructions_before") or {}).get(k))})
-        summaries[name] = summary
+    summaries = compare_compiled(methods, args.program, trainset, valset, tests, out, engine=_engine(args),
+                                 program_kwargs=_program_kwargs(args), max_tokens=args.max_tokens,
+                                 threads=args.threads, meta={"model": args.model, "split": args.split,
+                                                             "seed": args.seed}, progress=not args.no_progress)
     report = build_compile_report(out, summaries, overlap=overlap)
     print(report.read_text())
     return 0

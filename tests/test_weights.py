@@ -162,10 +162,10 @@ def test_interrupt_mid_update_restores_the_weights(tiny_engine, monkeypatch):
 
 
 def test_freed_training_memory_is_handed_back_after_every_update(tiny_engine, monkeypatch):
-    from rosa2_dspy import weights
+    from rosa2_dspy.weights import updater as weights_updater
 
     trims = []
-    monkeypatch.setattr(weights, "release_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(weights_updater, "release_free_memory", lambda: trims.append(1))
     updater = LoRAUpdater(tiny_engine, fast(steps=1))
     updater.update([sft_row(PROMPT, GOOD)])
     monkeypatch.setattr(updater._trainers["sft"], "training_step", lambda *a, **k: (_ for _ in ()).throw(

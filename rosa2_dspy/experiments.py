@@ -1,0 +1,301 @@
+"""Experiments as a library: evaluate a program, compare multi-turn methods, compile with a recipe, compare
+compile-time methods. The ``rosa2`` command parses flags, checks them, names the run folder and calls these.
+
+Each function takes the problems, an engine and a run folder, appends one JSON line per finished item (so a
+rerun resumes) and writes its summary and report there::
+
+    engine = LocalEngine.shared("default")
+    examples = load_examples("test", levels="1,2,3", limit=100)
+    compare_methods(load_program("programs/math_solver.py"), examples, ["single", "rosa2"], "runs/cmp",
+                    engine=engine, user="sharded", session=SessionConfig(turns=3))
+
+The settings a session takes from a command line or a ``[session]`` recipe table are declared once, in
+:data:`SESSION_SETTINGS`: each names its field of :class:`~rosa2_dspy.coadapt.SessionConfig` or
+:class:`~rosa2_dspy.weights.UpdateConfig` (the weights step's defaults: ``session_update_config``), which
+gives its type and default; the flags, the recipe keys and a run's identity all come from that table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+@dataclass(frozen=True)
+class Setting:
+    """A session setting: the config it belongs to (``session``: SessionConfig, ``update``: UpdateConfig), its
+    field there (which gives its type and default), what it does, and the values it may take."""
+
+    config: str
+    field: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+# name (the flag --name-with-dashes, the [session] recipe key, the run folder's config.json key) -> setting
+SESSION_SETTINGS: dict[str, Setting] = {
+    "turns": Setting("session", "turns", "turn budget T per conversation"),
+    "samples": Setting("session", "samples", "replies sampled per weights step (candidate desirable rows)"),
+    "words_max_tokens": Setting("session", "words_max_tokens", "tokens per words-step call (critique, rewrite)"),
+    "objective": Setting("update", "objective", "weights step objective (TRL's KTOTrainer runs apo_zero_unpaired "
+                                                "and kto, SFTTrainer sft)", ("apo_zero_unpaired", "kto", "sft")),
+    "update_steps": Setting("update", "steps", "optimizer steps per weights step"),
+    "update_batch": Setting("update", "batch_size", "rows per optimizer step, at most the rows there are (a turn's "
+                                                    "rows fit one step; kto takes at least 2)"),
+    "learning_rate": Setting("update", "learning_rate", "weights step learning rate"),
+    "max_shift": Setting("update", "max_shift_per_session", "trust region: max L2 shift per conversation (default: "
+                                                            "none)"),
+}
+
+
+def session_defaults() -> dict[str, Any]:
+    """Each session setting's default: the session's, and the weights step's (:func:`session_update_config`)."""
+    from rosa2_dspy.coadapt import SessionConfig, session_update_config
+
+    configs = {"session": SessionConfig(), "update": session_update_config()}
+    return {name: getattr(configs[s.config], s.field) for name, s in SESSION_SETTINGS.items()}
+
+
+def session_setting_type(name: str):
+    """The Python type of a session setting, from its dataclass field (``float | None`` -> float)."""
+    from rosa2_dspy.coadapt import SessionConfig
+    from rosa2_dspy.weights import UpdateConfig
+
+    setting = SESSION_SETTINGS[name]
+    hint = typing.get_type_hints(SessionConfig if setting.config == "session" else UpdateConfig)[setting.field]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def session_configs(values: dict[str, Any], *, max_tokens: int, seed: int = 0):
+    """(SessionConfig, UpdateConfig) from session settings by name (missing or None: the default). The weights
+    step's ``max_length`` covers a whole reply of ``max_tokens`` and its prompt."""
+    from rosa2_dspy.coadapt import SessionConfig, session_update_config
+
+    chosen = {"session": {}, "update": {}}
+    for name, value in values.items():
+        if name in SESSION_SETTINGS and value is not None:
+            setting = SESSION_SETTINGS[name]
+            chosen[setting.config][setting.field] = value
+    session = SessionConfig(**chosen["session"], max_tokens=max_tokens, seed=seed)
+    update = session_update_config(**chosen["update"], max_length=max_tokens + 512)
+    return session, update
+
+
+# ----------------------------------------------------------------------------- multi-turn methods
+
+
+@dataclass(frozen=True)
+class _MethodItem:
+    """One conversation of a comparison: a method and a problem."""
+
+    method: str
+    example: Any
+
+    @property
+    def unique_id(self) -> str:
+        return self.example.unique_id
+
+
+def compare_methods(program, examples: list, methods: list[str], out: str | Path, *, engine, user: str = "vague",
+                    session=None, update=None, threads: int = 32, notes: list[str] | None = None,
+                    progress: bool = True) -> Path:
+    """Each method's conversations on the same problems, seeds and turn budget, every one from the engine's
+    weights now; ``out/<method>/results.jsonl`` (resumable), then summary.json, report.md and report.html.
+    ``threads``: conversations in flight per method. Returns the report's path."""
+    import dspy
+
+    from rosa2_dspy.coadapt import Session, SessionConfig, get_policy, session_update_config
+    from rosa2_dspy.evaluation import ResultsFile, run_items
+    from rosa2_dspy.math.users import make_user
+    from rosa2_dspy.report import build_report
+    from rosa2_dspy.weights import LoRAUpdater
+
+    out = Path(out)
+    session = session or SessionConfig()
+    # DSPy's cache, in memory for this run only: a request repeated under the same weights (turn 1 is
+    # the same for every method) is answered once; a rerun measures afresh. Weights are in the key.
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
+    dspy.configure(lm=engine.lm(cache=True, max_tokens=session.max_tokens, temperature=0.0))
+    updater = LoRAUpdater(engine, update or session_update_config(max_length=session.max_tokens + 512))
+    results = {}
+    for method in methods:
+        (out / method).mkdir(parents=True, exist_ok=True)
+        results[method] = ResultsFile(out / method / "results.jsonl")
+        done = sum(1 for e in examples if e.unique_id in results[method].records)
+        if done:
+            print(f"{method}: resuming, {done} of {len(examples)} problems already done")
+    with contextlib.ExitStack() as stack:
+        sessions = {m: stack.enter_context(Session(program, engine, get_policy(m), make_user(user, session.seed),
+                                                   session, updater=updater)) for m in methods}
+        # Every method's conversations in one pool, problem by problem: the engine batches them together (no
+        # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
+        # for every method, is generated once (the engine joins identical requests in flight).
+        items = [_MethodItem(m, e) for e in examples for m in methods]
+        run_items(items, lambda item: sessions[item.method].run(item.example), lambda item: results[item.method],
+                  threads=threads * len(methods), description=", ".join(methods), progress=progress)
+    return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
+                        ids=[e.unique_id for e in examples], notes=notes)
+
+
+# ----------------------------------------------------------------------------- one pass
+
+
+def evaluate(program, examples: list, out: str | Path, *, engine, threads: int = 32, max_tokens: int = 1024,
+             temperature: float = 0.0, cache: bool = False, progress: bool = True, description: str = "eval") -> dict:
+    """One pass of ``program`` over ``examples`` on ``engine``, graded; ``out/results.jsonl`` (resumable).
+    Returns the summary of the requested problems (throughput only from those this call ran)."""
+    import dspy
+
+    from rosa2_dspy.evaluation import ResultsFile, run_items, solve_math, summarize
+
+    out = Path(out)
+    dspy.configure(lm=engine.lm(cache=cache, max_tokens=max_tokens, temperature=temperature))
+    results = ResultsFile(out / "results.jsonl")
+    ran_now = [e.unique_id for e in examples if e.unique_id not in results.records]
+    if len(ran_now) < len(examples):
+        print(f"resuming: {len(examples) - len(ran_now)} of {len(examples)} problems already in "
+              f"{out / 'results.jsonl'}")
+    wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=threads,
+                     description=description, progress=progress)
+    # only the requested problems (a run folder may hold more, from a larger --limit)
+    records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
+    ran = [results.records[uid] for uid in ran_now if uid in results.records]
+    summary = summarize(records, wall_seconds=wall, new_records=ran, max_tokens=max_tokens)
+    summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
+                    "dtype": engine.info.get("dtype"), "threads": threads, "engine_batches": dict(engine.stats)})
+    return summary
+
+
+# ----------------------------------------------------------------------------- compile time
+
+
+class _DSPyErrors:
+    """Collects the errors DSPy's optimizers log and carry on from while compiling (BetterTogether, for one,
+    logs a failed step and returns the best program so far); DSPy's log stream is off in this CLI. First line
+    of each, without colour codes; the per-example parse failures of evaluation are not collected."""
+
+    def __enter__(self):
+        self.messages: list[str] = []
+        handler = logging.Handler(level=logging.ERROR)
+        handler.emit = lambda record: self.messages.append(
+            re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).strip().split("\n")[0][:500])
+        self._handler, self._logger = handler, logging.getLogger("dspy.teleprompt")
+        self._logger.addHandler(handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self._handler)
+        self.messages = [m for m in self.messages if m and m != "Traceback:"]
+
+
+def compile_program(program_spec: str, recipe_path: str, trainset: list, valset: list, out: str | Path, *,
+                    engine, program_kwargs: dict | None = None, max_tokens: int = 1024, threads: int = 8,
+                    meta: dict | None = None) -> tuple[dict, dict]:
+    """Compile the program at ``program_spec`` with a recipe from the engine's base weights; save the artifact
+    (``out``: program.json, adapter/, compile.json with ``meta`` and what the compile did).
+
+    Returns (compile meta, instructions after)."""
+    import dspy
+
+    from rosa2_dspy.artifacts import instructions_of, save_compiled
+    from rosa2_dspy.engine import LocalLM
+    from rosa2_dspy.program_loader import load_program
+    from rosa2_dspy.recipes import build_optimizer, load_recipe, update_config
+    from rosa2_dspy.weights import adapter_shift, local_finetunable_lm
+
+    recipe = load_recipe(recipe_path)
+    program_kwargs = dict(program_kwargs or {})
+    program = load_program(program_spec, **program_kwargs)
+    if engine.has_adapter:
+        engine.reset_adapter()  # every compile starts from the base weights
+    lm = local_finetunable_lm(engine, update_config(recipe, objective="sft"), pinned=True, cache=False,
+                              max_tokens=max_tokens, temperature=0.0)
+    dspy.configure(lm=lm)
+    program.set_lm(lm)
+    before = instructions_of(program)
+    optimizer = build_optimizer(recipe, engine, num_threads=threads)
+    accepted = inspect.signature(optimizer.compile).parameters
+    compile_kwargs = {"trainset": trainset, **getattr(optimizer, "compile_kwargs", {})}
+    if valset and "valset" in accepted:
+        compile_kwargs["valset"] = valset
+    started = time.perf_counter()
+    with _DSPyErrors() as dspy_errors:
+        compiled = optimizer.compile(program, **compile_kwargs)
+    seconds = round(time.perf_counter() - started, 1)
+    history = getattr(optimizer, "history", None) or getattr(compiled, "words_history", None)
+    if getattr(compiled, "candidate_programs", None):  # BetterTogether: each strategy's score
+        history = [{"strategy": c.get("strategy") or "original", "score": c.get("score")}
+                   for c in compiled.candidate_programs]
+    for message in dspy_errors.messages:
+        print(f"{Path(recipe_path).stem}: DSPy reported: {message}", file=sys.stderr)
+    meta = {
+        "command": "compile", "program": program_spec, "program_kwargs": program_kwargs, **(meta or {}),
+        "recipe": recipe.to_dict(), "recipe_text": recipe.text,
+        "train_ids": [e.unique_id for e in trainset], "val_ids": [e.unique_id for e in valset],
+        "instructions_before": before, "seconds": seconds, "history": history, "dspy_errors": dspy_errors.messages,
+    }
+    # the compiled program's LM is pinned to its weights; make them current before saving
+    pinned = next((p.lm.pinned_weights for p in compiled.predictors() if getattr(p.lm, "pinned_weights", None)),
+                  None)
+    if pinned:
+        engine.use_pinned(pinned)
+    meta["adapter_l2_shift"] = round(adapter_shift(engine).total, 6)
+    save_compiled(out, compiled, engine, meta)
+    for held in {id(p.lm): p.lm for p in compiled.predictors() if isinstance(p.lm, LocalLM)}.values():
+        held.close()  # the artifact holds the weights now; release the compiled program's and the student's holds
+    lm.close()
+    return meta, instructions_of(compiled)
+
+
+def compare_compiled(methods: dict[str, str | None], program_spec: str, trainset: list, valset: list, tests: list,
+                     out: str | Path, *, engine, program_kwargs: dict | None = None, max_tokens: int = 1024,
+                     threads: int = 8, meta: dict | None = None, progress: bool = True) -> dict[str, dict]:
+    """Each recipe (``methods``: name -> recipe path; None: the uncompiled baseline) compiled from the base
+    weights on the same training problems, then evaluated on the same held-out problems. Resumable: finished
+    artifacts (``out/<name>/artifact``) and results are kept. Returns each method's summary (or its error)."""
+    from rosa2_dspy.artifacts import load_compiled, read_meta
+    from rosa2_dspy.program_loader import load_program
+
+    out = Path(out)
+    summaries = {}
+    for name, recipe in methods.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        compiled = {}
+        if recipe is not None:
+            artifact = folder / "artifact"
+            if not (artifact / "compile.json").exists():
+                print(f"{name}: compiling on {len(trainset)} problems")
+                try:
+                    compile_program(program_spec, recipe, trainset, valset, artifact, engine=engine,
+                                    program_kwargs=program_kwargs, max_tokens=max_tokens, threads=threads, meta=meta)
+                except Exception as exc:  # noqa: BLE001 - one method failing is a result; the others still run
+                    print(f"{name}: compile failed: {type(exc).__name__}: {exc}")
+                    summaries[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    continue
+            compiled = read_meta(artifact)
+        program = load_program(program_spec, **(program_kwargs or {}))
+        if engine.has_adapter:
+            engine.reset_adapter()
+        if recipe is not None:
+            load_compiled(folder / "artifact", program, engine)
+        summary = evaluate(program, tests, folder, engine=engine, threads=threads, max_tokens=max_tokens,
+                           progress=progress, description=f"eval {name}")
+        summary.update({"compile_seconds": compiled.get("seconds"),
+                        "adapter_l2_shift": compiled.get("adapter_l2_shift", 0.0),
+                        "instructions_changed": sorted(k for k, v in (compiled.get("instructions") or {}).items()
+                                                       if v != (compiled.get("instructions_before") or {}).get(k))})
+        summaries[name] = summary
+    return summaries
+
+
+__all__ = ["SESSION_SETTINGS", "Setting", "compare_compiled", "compare_methods", "compile_program", "evaluate",
+           "session_configs", "session_defaults"]

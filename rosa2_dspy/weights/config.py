@@ -1,0 +1,99 @@
+"""What one LoRA update does and what it reports: the objectives, :class:`UpdateConfig`,
+:class:`UpdateError`, :class:`Shift` and :class:`UpdateResult`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+OBJECTIVES = ("sft", "kto", "apo_zero_unpaired", "dpo")
+# unpaired objectives: rows of (prompt, completion, label); both run on TRL's KTOTrainer, apo_zero_unpaired as its
+# loss_type, which drops KTO's KL reference point and with it the two KL forwards per step (and batch >= 2)
+UNPAIRED = ("kto", "apo_zero_unpaired")
+
+
+class UpdateError(ValueError):
+    """Bad update data or configuration (user-facing, one line)."""
+
+
+@dataclass
+class UpdateConfig:
+    """What one LoRA update does. Every field can be set from a recipe (``optimizers/*.toml``)."""
+
+    objective: str = "kto"
+    # the adapter (used when the engine has none yet)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    # the optimisation
+    steps: int = 4
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    max_grad_norm: float = 1.0
+    max_length: int = 1024
+    beta: float = 0.1  # KTO / DPO: strength of the pull towards the reference (base) policy
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    seed: int = 0
+    balance: bool = True  # KTO: weigh the scarcer label up so both kinds count equally (TRL's recommended range)
+    # the trust region (None: unbounded)
+    max_shift_per_update: float | None = None
+    max_shift_per_session: float | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise UpdateError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("steps", "batch_size", "r", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise UpdateError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective == "kto" and self.batch_size < 2:
+            raise UpdateError("kto needs batch_size >= 2 (its KL estimate pairs completions within a batch)")
+        for name in ("max_shift_per_update", "max_shift_per_session"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UpdateError(f"{name} must be > 0 or unset, got {value}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> UpdateConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UpdateError(f"unknown update setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
+
+@dataclass
+class Shift:
+    """The L2 norm of the weight change an adapter represents, total and per module."""
+
+    total: float
+    modules: dict[str, float] = field(default_factory=dict)
+
+    def __float__(self) -> float:
+        return self.total
+
+
+@dataclass
+class UpdateResult:
+    objective: str
+    rows: int
+    steps: int
+    losses: list[float]
+    seconds: float
+    prepare_seconds: float  # trainer construction (first update) plus this update's dataset preparation
+    shift_before: float
+    shift_after: float
+    update_shift: float  # how far this update moved the weights
+    scaled_by: float = 1.0  # < 1 when the trust region pulled the update back
+    rolled_back: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)

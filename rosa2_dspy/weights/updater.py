@@ -1,0 +1,279 @@
+"""The updater: :class:`LoRAUpdater` trains the engine's adapter in place through TRL, within a trust region."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from rosa2_dspy import models
+from rosa2_dspy.engine import LocalEngine, release_free_memory
+from rosa2_dspy.faults import failpoint
+from rosa2_dspy.weights.config import OBJECTIVES, UNPAIRED, Shift, UpdateConfig, UpdateError, UpdateResult
+from rosa2_dspy.weights.rows import _to_trl
+from rosa2_dspy.weights.shift import adapter_shift
+
+
+
+class _LossGuard:
+    """A TrainerCallback that stops training at the first non-finite loss or gradient norm."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                for key in ("loss", "grad_norm"):
+                    value = (logs or {}).get(key)
+                    if value is not None and not math.isfinite(float(value)):
+                        guard.bad = f"non-finite {key} ({value}) at step {state.global_step}"
+                        control.should_training_stop = True
+                return control
+
+        self.bad = ""
+        self.callback = _Callback()
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+class LoRAUpdater:
+    """Small LoRA updates of a running engine's adapter, in place, through TRL.
+
+    ``update(rows)`` takes rows built with :func:`sft_row`, :func:`kto_row` or :func:`dpo_row`
+    (chat messages plus a label) and returns an :class:`UpdateResult`. The engine's
+    ``weights_lock`` is held for the whole update, so no generation sees half-updated weights.
+    """
+
+    def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None):
+        self.engine = engine
+        self.config = config or UpdateConfig()
+        engine.attach_adapter(self.config.lora_config(), seed=self.config.seed)
+        self._trainers: dict[str, Any] = {}
+        self._guard = _LossGuard()
+        self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
+        self.session_start = engine.snapshot()
+        self.history: list[UpdateResult] = []
+        self._kto_weights = {"desirable_weight": self.config.desirable_weight,
+                             "undesirable_weight": self.config.undesirable_weight}
+
+    def _balance(self, trl_rows: list[dict]) -> None:
+        """KTO's loss weights for this update: as configured, or balanced so that
+        desirable_weight * n_desirable == undesirable_weight * n_undesirable."""
+        cfg = self.config
+        weights = {"desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
+        desirable = sum(1 for row in trl_rows if row.get("label"))
+        undesirable = len(trl_rows) - desirable
+        if cfg.balance and desirable and undesirable:
+            if undesirable > desirable:
+                weights["desirable_weight"] = cfg.undesirable_weight * undesirable / desirable
+            elif desirable > undesirable:
+                weights["undesirable_weight"] = cfg.desirable_weight * desirable / undesirable
+        self._kto_weights = weights
+
+    # -- shift and sessions -------------------------------------------------------------
+
+    def shift(self, since: dict[str, torch.Tensor] | None = None) -> Shift:
+        """L2 parameter shift of the adapter (from the base model, or from the snapshot ``since``)."""
+        return adapter_shift(self.engine, since)
+
+    def session_shift(self) -> float:
+        return adapter_shift(self.engine, self.session_start).total
+
+    def begin_session(self) -> None:
+        """Start a new trust-region session from the weights now in the engine."""
+        self.session_start = self.engine.snapshot()
+
+    def reset(self) -> None:
+        """Back to the freshly attached adapter (zero shift), and a new session."""
+        self.engine.reset_adapter()
+        self.begin_session()
+
+    # -- TRL plumbing ---------------------------------------------------------------------
+
+    def _training_args(self, objective: str, batch_size: int):
+        from trl import DPOConfig, KTOConfig, SFTConfig
+
+        cfg = self.config
+        device = str(self.engine.device)
+        common = dict(
+            output_dir=self._output_dir, max_steps=cfg.steps, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
+            warmup_steps=0, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, logging_steps=1,
+            report_to="none", save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
+            dataloader_num_workers=0, seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length,
+            use_cpu=device == "cpu",
+            # TRL defaults to bf16=True; on a CPU without native bf16 that is ~13x slower (BENCHMARKS.md)
+            **models.mixed_precision_flags(device, self.engine.model.dtype),
+        )
+        if objective == "sft":
+            return SFTConfig(**common, completion_only_loss=True, packing=False)
+        if objective in UNPAIRED:
+            return KTOConfig(**common, beta=cfg.beta, loss_type=objective, **self._kto_weights)
+        return DPOConfig(**common, beta=cfg.beta)
+
+    def _trainer(self, objective: str, dataset, batch_size: int):
+        """The objective's trainer, built once; later updates only swap in their prepared dataset."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+        trainer = self._trainers.get(objective)
+        if trainer is not None:
+            # the config may have changed since the trainer was built: hand it the new settings
+            # (in place: building new TrainingArguments would reset the accelerator state it uses)
+            args, cfg = trainer.args, self.config
+            for name, value in (("max_steps", cfg.steps), ("per_device_train_batch_size", batch_size),
+                                ("learning_rate", cfg.learning_rate), ("max_grad_norm", cfg.max_grad_norm),
+                                ("seed", cfg.seed), ("data_seed", cfg.seed), ("max_length", cfg.max_length),
+                                ("beta", cfg.beta), ("desirable_weight", self._kto_weights["desirable_weight"]),
+                                ("undesirable_weight", self._kto_weights["undesirable_weight"])):
+                if hasattr(args, name):
+                    setattr(args, name, value)
+                if name in ("beta", "desirable_weight", "undesirable_weight") and hasattr(trainer, name):
+                    setattr(trainer, name, value)
+            trainer._train_batch_size = args.train_batch_size
+            if objective == "sft":
+                prepared = trainer._prepare_dataset(dataset, trainer.processing_class, args, args.packing, None,
+                                                    "train")
+            else:
+                prepared = trainer._prepare_dataset(dataset, trainer.processing_class, args, "train")
+            trainer.train_dataset = prepared
+            trainer.optimizer, trainer.lr_scheduler = None, None  # each update starts a fresh optimizer
+            return trainer
+        cls = {"sft": SFTTrainer, "kto": KTOTrainer, "apo_zero_unpaired": KTOTrainer, "dpo": DPOTrainer}[objective]
+        peft_model = self.engine.peft_model
+        trainer = cls(model=peft_model, args=self._training_args(objective, batch_size), train_dataset=dataset,
+                      processing_class=self.engine.tokenizer)
+        if "ref" in peft_model.peft_config:
+            # KTO/DPO copy the adapter into a "ref" adapter when handed a PeftModel; drop it, so the
+            # reference policy is the adapter-disabled base model (TRL's fallback through PEFT).
+            peft_model.delete_adapter("ref")
+            peft_model.set_adapter("default")
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        trainer.add_callback(self._guard.callback)
+        self._trainers[objective] = trainer
+        return trainer
+
+    def _batch_size(self, objective: str, rows: int) -> int:
+        """The configured batch size, or fewer when there are fewer rows: a batch that repeats a row costs
+        compute and changes no gradient. KTO takes at least 2, as its KL estimate pairs completions across rows."""
+        return min(self.config.batch_size, max(rows, 2 if objective == "kto" else 1))
+
+    @staticmethod
+    def _fill_batches(rows: list[dict], size: int) -> list[dict]:
+        """Cycle the rows up to a whole number of batches (TRL's batch size is fixed per trainer)."""
+        target = max(size, math.ceil(len(rows) / size) * size)
+        return [rows[i % len(rows)] for i in range(target)]
+
+    # -- the update -----------------------------------------------------------------------
+
+    def update(self, rows: list[dict], objective: str | None = None,
+               session_start: dict[str, torch.Tensor] | None = None) -> UpdateResult:
+        """One update of the engine's adapter on ``rows``. ``session_start``: the adapter tensors the
+        per-session trust region is measured from (default: those at :meth:`begin_session`)."""
+        objective = objective or self.config.objective
+        if objective not in OBJECTIVES:
+            raise UpdateError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective == "kto" and self.config.batch_size < 2:
+            raise UpdateError("kto needs batch_size >= 2")
+        trl_rows = _to_trl(rows, objective)
+        if not trl_rows:
+            raise UpdateError(f"no usable {objective} rows (sft needs at least one desirable response)")
+        from datasets import Dataset
+
+        if objective in UNPAIRED:
+            self._balance(trl_rows)
+        engine = self.engine
+        with engine.updating():
+            before = engine.snapshot()
+            shift_before = self.shift().total
+            started = time.perf_counter()
+            peft_model = engine.peft_model
+            try:
+                with _quiet_datasets():
+                    size = self._batch_size(objective, len(trl_rows))
+                    trainer = self._trainer(objective, Dataset.from_list(self._fill_batches(trl_rows, size)), size)
+                prepared = time.perf_counter()
+                self._guard.bad = ""
+                trainer.train()
+                failpoint("update.trained")  # the adapter changed, the update not yet accepted
+                losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+                bad = self._guard.bad
+                if not bad and any(not torch.isfinite(t).all() for t in engine.adapter_state().values()):
+                    bad = "non-finite adapter weights after training"
+                if bad:
+                    engine.restore(before)
+                    result = self._result(objective, rows, trainer, losses, started, prepared, shift_before,
+                                          shift_before, 0.0, 1.0, True, f"rolled back: {bad}")
+                else:
+                    scaled_by = self._trust_region(before, session_start)
+                    engine.mark_changed()
+                    result = self._result(objective, rows, trainer, losses, started, prepared, shift_before,
+                                          self.shift().total, self.shift(before).total, scaled_by, False,
+                                          "" if scaled_by == 1.0 else f"trust region: scaled by {scaled_by:.3f}")
+            except BaseException:
+                engine.restore(before)  # never leave the adapter half-updated (also on KeyboardInterrupt)
+                raise
+            finally:
+                peft_model.eval()
+                release_free_memory()
+        self.history.append(result)
+        return result
+
+    def _result(self, objective, rows, trainer, losses, started, prepared, shift_before, shift_after,
+                update_shift, scaled_by, rolled_back, reason) -> UpdateResult:
+        return UpdateResult(objective=objective, rows=len(rows), steps=int(trainer.state.global_step),
+                            losses=[round(x, 6) for x in losses], seconds=round(time.perf_counter() - started, 4),
+                            prepare_seconds=round(prepared - started, 4), shift_before=shift_before,
+                            shift_after=shift_after, update_shift=update_shift, scaled_by=scaled_by,
+                            rolled_back=rolled_back, reason=reason)
+
+    def _trust_region(self, before: dict[str, torch.Tensor], session_start: dict | None = None) -> float:
+        """Pull the update back along the line before -> after until both bounds hold; returns the factor."""
+        cfg = self.config
+        if cfg.max_shift_per_update is None and cfg.max_shift_per_session is None:
+            return 1.0
+        engine = self.engine
+        session_start = session_start if session_start is not None else self.session_start
+        after = {name: t.detach().clone() for name, t in engine.adapter_state().items()}
+
+        def at(t: float) -> dict[str, torch.Tensor]:
+            return {name: before[name] + t * (after[name] - before[name]) for name in after}
+
+        def excess(t: float) -> float:
+            state = at(t)
+            ratios = []
+            if cfg.max_shift_per_update is not None:
+                ratios.append(adapter_shift(engine, before, state).total / cfg.max_shift_per_update)
+            if cfg.max_shift_per_session is not None:
+                ratios.append(adapter_shift(engine, session_start, state).total / cfg.max_shift_per_session)
+            return max(ratios)
+
+        if excess(1.0) <= 1.0:
+            return 1.0
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            if excess(mid) <= 1.0:
+                low = mid
+            else:
+                high = mid
+        engine.restore(at(low))
+        return low
