@@ -1,0 +1,79 @@
+"""The ``rosa2`` command: ``eval``, ``compile``, ``bench``, ``shards`` and ``info``, a thin shell over the library
+(:mod:`rosa2_dspy.experiments`): ``parser`` declares the flags, ``common`` reads a run's identity from them,
+``run`` and ``tools`` hold the commands, and :func:`main` turns bad input into one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rosa2_dspy.cli.common import CLIError
+from rosa2_dspy.cli.parser import build_parser
+from rosa2_dspy.cli.run import cmd_compile, cmd_eval
+from rosa2_dspy.cli.tools import cmd_bench, cmd_info, cmd_shards
+
+EXIT_BAD_INPUT = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "dspy", "math_verify", "LiteLLM", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import dspy
+
+        dspy.disable_logging()
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _check_ranges(args) -> None:
+    """Flags shared by several commands, refused before anything loads or is written."""
+    for flag, low in (("max_tokens", 1), ("threads", 1), ("turns", 1), ("samples", 0), ("temperature", 0.0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    for flag in ("max_shift", "learning_rate"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if getattr(args, "device", None) is not None:  # a device or dtype that cannot be had, before any run folder
+        from rosa2_dspy.models import pick_device, pick_dtype
+
+        pick_dtype(pick_device(args.device), args.dtype)
+
+
+COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench, "shards": cmd_shards}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from rosa2_dspy.artifacts import ArtifactError
+    from rosa2_dspy.evaluation import RunError
+    from rosa2_dspy.math.data import DataError
+    from rosa2_dspy.models import ModelError
+    from rosa2_dspy.program_loader import ProgramError
+
+    try:
+        _check_ranges(args)
+        return COMMANDS[args.command](args)
+    except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
+        print(f"rosa2: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("rosa2: interrupted; finished problems are saved, rerun the same command to resume", file=sys.stderr)
+        return 130

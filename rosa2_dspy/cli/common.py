@@ -1,0 +1,120 @@
+"""What the commands share: the one-line error, the engine a command runs on, and a run's identity (the
+problems, the model and its precision, the program, the session settings) read from the flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def engine_for(args):
+    from rosa2_dspy.engine import LocalEngine
+
+    return LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
+                              continuous=args.batching == "continuous")
+
+
+def program_kwargs(args) -> dict:
+    kwargs = {}
+    if getattr(args, "clarify", False):
+        kwargs["clarify"] = True
+    if getattr(args, "adapter", None):
+        kwargs["adapter"] = args.adapter
+    return kwargs
+
+
+def model_identity(args) -> dict:
+    """The model and the precision and device it runs in, resolved (``auto`` differs between machines: a run
+    resumed where bf16 is not native would mix float32 answers into a bf16 run)."""
+    from rosa2_dspy.models import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    return {"model": args.model, "device": device.split(":")[0],
+            "dtype": str(pick_dtype(device, args.dtype)).removeprefix("torch.")}
+
+
+def data_identity(args) -> dict:
+    """Everything that selects the problems of a run: part of a run folder's identity."""
+    data_sha256 = None
+    if args.data_file and Path(args.data_file).is_file():
+        import hashlib
+
+        with open(args.data_file, "rb") as handle:
+            data_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"split": args.split, "data_file": str(Path(args.data_file).resolve()) if args.data_file else None,
+            "data_sha256": data_sha256, "input_field": args.input_field, "answer_field": args.answer_field,
+            "subject": args.subject, "level": args.level, "ids": args.ids, "seed": args.seed,
+            "shuffle": not args.no_shuffle, "limit": args.limit}
+
+
+def compile_overlap(seen: list[str], examples: list, allow: bool, what: str) -> int:
+    """How many of ``examples`` a compile trained or validated on (``seen``: their ids); refused unless allowed."""
+    overlap = sorted({e.unique_id for e in examples} & set(seen))
+    if overlap and not allow:
+        raise CLIError(f"{len(overlap)} of the {len(examples)} problems were seen by {what} (training or validation), "
+                       f"e.g. {overlap[0]}: evaluate on other problems, or pass --allow-overlap")
+    return len(overlap)
+
+
+def seen_by(meta: dict) -> list[str]:
+    return list(meta.get("train_ids") or []) + list(meta.get("val_ids") or [])
+
+
+def apply_session_recipe(args) -> None:
+    """``--method path.toml``: the recipe's [session] table sets the method and its settings."""
+    if not args.method or not args.method.endswith(".toml"):
+        return
+    import tomllib
+
+    path = Path(args.method)
+    if not path.is_file():
+        raise CLIError(f"no session recipe at {path}")
+    try:
+        table = tomllib.loads(path.read_text()).get("session") or {}
+    except tomllib.TOMLDecodeError as exc:
+        raise CLIError(f"{path} is not valid TOML: {exc}") from None
+    from rosa2_dspy.experiments import SESSION_SETTINGS
+
+    known = {"method", "user", *SESSION_SETTINGS}
+    unknown = sorted(set(table) - known)
+    if unknown or "method" not in table:
+        raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
+                       f"unknown: {', '.join(unknown) or '-'}")
+    for key, value in table.items():
+        setattr(args, key, value)
+
+
+def session_identity(args) -> dict:
+    """The session settings of a run (checked): part of its folder's identity."""
+    from rosa2_dspy.coadapt import POLICIES
+    from rosa2_dspy.experiments import SESSION_SETTINGS
+
+    if getattr(args, "method", None) and args.method not in POLICIES:
+        raise CLIError(f"unknown method {args.method!r}; choose from: {', '.join(POLICIES)} or a recipe .toml")
+    if args.turns < 1 or args.samples < 0 or args.update_steps < 1 or args.update_batch < 2:
+        raise CLIError("--turns >= 1, --samples >= 0, --update-steps >= 1 and --update-batch >= 2 are needed")
+    from rosa2_dspy.math.users import USERS
+
+    if args.user not in USERS:
+        raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
+    return {"user": args.user, **{name: getattr(args, name) for name in SESSION_SETTINGS}}
+
+
+def train_val(args) -> tuple[list, list]:
+    from rosa2_dspy.math.data import load_examples
+
+    if args.limit is None or args.limit < 1:
+        raise CLIError("--limit must be given and >= 1 (compiling is slow on a CPU: start with 8-16 problems)")
+    if args.val_limit < 0 or args.threads < 1:
+        raise CLIError("--val-limit must be >= 0 and --threads >= 1")
+    examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
+                             answer_field=args.answer_field, subjects=args.subject, levels=args.level,
+                             ids=args.ids, limit=args.limit + args.val_limit,
+                             seed=None if args.no_shuffle else args.seed)
+    trainset, valset = examples[:args.limit], examples[args.limit:]
+    if not trainset:
+        raise CLIError("no problems match the given split and filters")
+    return trainset, valset

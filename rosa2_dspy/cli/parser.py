@@ -1,0 +1,161 @@
+"""The ``rosa2`` command line: every subcommand and its flags (the session's come from
+:data:`rosa2_dspy.experiments.SESSION_SETTINGS`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="math500", help="train, test, math500 (packaged) or a hub dataset id")
+    p.add_argument("--data", dest="data_file", help="your own JSONL file instead of a split")
+    p.add_argument("--input-field", default="problem", help="field holding the problem text (with --data)")
+    p.add_argument("--answer-field", default="answer", help="field holding the gold answer (with --data)")
+    p.add_argument("--subject", help="comma-separated subjects, e.g. 'Algebra,Number Theory'")
+    p.add_argument("--level", help="comma-separated levels 1-5")
+    p.add_argument("--ids", help="comma-separated unique_ids")
+    p.add_argument("--limit", type=int, help="at most this many problems (after filters and shuffle)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the problem shuffle and sampling (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the file order instead of a seeded shuffle")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded Qwen2.5-Coder-1.5B-Instruct), 'tiny' (embedded SmolLM2-135M-Instruct), "
+                        "a local HF folder, or a hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
+    p.add_argument("--batching", choices=["padded", "continuous"], default="padded",
+                   help="padded: concurrent requests run as one left-padded generate that waits for its longest row "
+                        "(default); continuous: requests join and leave one running batch step by step")
+
+
+def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, **defaults) -> None:
+    """The session's flags, from :data:`rosa2_dspy.experiments.SESSION_SETTINGS` (its type, default and help);
+    ``defaults`` overrides a default for this command."""
+    from rosa2_dspy.experiments import SESSION_SETTINGS, session_defaults, session_setting_type
+
+    if method_default is None:
+        p.add_argument("--method", help="multi-turn method: single, pe, ttt, pe-then-ttt, rosa2, or a session recipe "
+                                       "(optimizers/rosa2.toml); default: one plain pass")
+    p.add_argument("--user", default="vague",
+                   help="simulated user: oracle ('Incorrect.'), vague (default: a contentless complaint), hint (the "
+                        "failure kind), sharded (withholds one or two conditions and reveals one per failed turn)")
+    values = {**session_defaults(), **defaults}
+    for name, setting in SESSION_SETTINGS.items():
+        default = values[name]
+        p.add_argument(f"--{name.replace('_', '-')}", type=session_setting_type(name), default=default,
+                       choices=setting.choices,
+                       help=setting.help + ("" if default is None else f" (default {default})"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rosa2", description="Co-adapt the words and weights of a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="evaluate a prompt program on MATH problems")
+    ev.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
+    ev.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
+    ev.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
+    _add_data_args(ev)
+    _add_model_args(ev)
+    ev.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ev.add_argument("--threads", type=int, default=32,
+                    help="problems in flight; the engine batches them (default 32, its largest batch: on 2 cores "
+                         "the 1.5B model gives 1.4x the problems per minute of 16)")
+    ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
+    ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
+    ev.add_argument("--allow-overlap", action="store_true",
+                    help="evaluate --compiled even on problems its compile trained or validated on")
+    _add_session_args(ev, method_default=None)
+    ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
+    ev.add_argument("--no-progress", action="store_true")
+
+    co = sub.add_parser("compile", help="optimize a program's words and/or weights on training problems")
+    co.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
+    co.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
+    co.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
+    co.add_argument("--optimizer", required=True, help="a recipe: optimizers/lora.toml, words.toml, gepa.toml ...")
+    _add_data_args(co)
+    co.set_defaults(split="train")
+    co.add_argument("--val-limit", type=int, default=0,
+                    help="problems after the first --limit held out as the validation set (default: none)")
+    _add_model_args(co)
+    co.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
+    co.add_argument("--threads", type=int, default=8, help="calls in flight; the engine batches them (default 8)")
+    co.add_argument("--out", required=True, help="artifact folder: program.json, adapter/, compile.json")
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    be = bench_sub.add_parser("engine", help="engine throughput against raw transformers and the bandwidth bound")
+    be.add_argument("--model", default="default")
+    be.add_argument("--max-tokens", type=int, default=96)
+    be.add_argument("--concurrency", type=int, default=8)
+    be.add_argument("--cache-variants", action="store_true",
+                    help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
+    be.add_argument("--batch-sizes", default="1,8,16,32",
+                    help="decode and prefill tokens/s against the roofline at these batch sizes (default 1,8,16,32; "
+                         "'' skips)")
+    be.add_argument("--mixed-weights", type=int, default=0, metavar="K",
+                    help="also time a batch whose rows carry K different adapters (2 rows each)")
+    bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
+    bu.add_argument("--model", default="default")
+    bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"])
+    bu.add_argument("--rows", type=int, default=8, help="training rows, 1..8 (fewer than --batch-size: a smaller "
+                    "batch; kto takes at least 2, repeating a lone row)")
+    bu.add_argument("--steps", type=int, default=4)
+    bu.add_argument("--batch-size", type=int, default=4)
+    bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
+    bu.add_argument("--answer-batch", type=int, default=16,
+                    help="update_over_generation: an answer's share of a batch of this many rows (0 skips it)")
+    bu.add_argument("--answer-tokens", type=int, default=1024, help="... an answer of this many tokens (default 1024)")
+
+    bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
+    _add_data_args(bc)
+    bc.set_defaults(split="test", level="1")
+    _add_model_args(bc)
+    _add_session_args(bc, method_default="all", samples=1)
+    bc.add_argument("--methods", help="comma-separated methods (default single,pe,ttt,pe-then-ttt,rosa2; with "
+                                      "--user sharded also whole, the whole problem in one pass)")
+    bc.add_argument("--program", default="programs/math_solver.py")
+    bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
+    bc.add_argument("--allow-overlap", action="store_true",
+                    help="run --compiled even on problems its compile trained or validated on")
+    bc.add_argument("--max-tokens", type=int, default=1024,
+                    help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
+    bc.add_argument("--threads", type=int, default=32,
+                    help="conversations in flight per method (default 32, the engine's largest batch); the methods "
+                         "share one pool, and a problem's turn 1 is generated once for all of them")
+    bc.add_argument("--out", required=True)
+    bc.add_argument("--no-progress", action="store_true")
+
+    bk = bench_sub.add_parser("compile", help="compile-time methods side by side: same training and test problems")
+    _add_data_args(bk)
+    bk.set_defaults(split="train", level="1")
+    bk.add_argument("--val-limit", type=int, default=0, help="validation problems after the first --limit")
+    bk.add_argument("--recipes", default="optimizers/words.toml,optimizers/lora.toml,optimizers/p-then-w.toml,"
+                                         "optimizers/rosa2-compile.toml,optimizers/better-together.toml")
+    bk.add_argument("--eval-split", default="test")
+    bk.add_argument("--eval-level", default="1")
+    bk.add_argument("--eval-limit", type=int, default=20)
+    bk.add_argument("--allow-overlap", action="store_true",
+                    help="evaluate even on problems among the training or validation problems")
+    _add_model_args(bk)
+    bk.add_argument("--program", default="programs/math_solver.py")
+    bk.add_argument("--max-tokens", type=int, default=1024)
+    bk.add_argument("--threads", type=int, default=8)
+    bk.add_argument("--out", required=True)
+    bk.add_argument("--no-progress", action="store_true")
+
+    sh = sub.add_parser("shards", help="how many problems a sharded user poses with a semantic gap (no model)")
+    _add_data_args(sh)
+    sh.set_defaults(split="test", level="1,2,3")
+    sh.add_argument("--show", type=int, default=0, help="also print this many problems as the user poses them")
+
+    info = sub.add_parser("info", help="versions, device, precision and model source")
+    _add_model_args(info)
+    info.add_argument("--load", action="store_true", help="also load the model and time it")
+    return parser
