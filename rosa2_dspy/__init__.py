@@ -23,6 +23,9 @@ _EXPORTS = {
     # MATH: data, grading, simulated users, sharded problems
     "load_examples": "math.data", "grade": "math.grading", "make_user": "math.users", "shard": "math.shards",
     "math_feedback_metric": "math.feedback",
+    # experiments: a program evaluated, methods compared, compiled programs saved and loaded
+    "evaluate": "experiments", "compare_methods": "experiments", "compile_program": "experiments",
+    "load_program": "program_loader", "save_compiled": "artifacts", "load_compiled": "artifacts",
     # reports
     "build_report": "report", "paired_difference": "report",
 }

@@ -157,6 +157,7 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
     from rosa2_dspy.evaluation import ResultsFile, run_items, solve_math, summarize
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     dspy.configure(lm=engine.lm(cache=cache, max_tokens=max_tokens, temperature=temperature))
     results = ResultsFile(out / "results.jsonl")
     ran_now = [e.unique_id for e in examples if e.unique_id not in results.records]
