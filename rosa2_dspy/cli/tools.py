@@ -87,9 +87,11 @@ def cmd_bench(args) -> int:
             raise CLIError("--steps >= 1, --batch-size >= 2, --updates >= 2 and --rows 1..8 are needed")
         if args.answer_batch < 0 or args.answer_tokens < 1:
             raise CLIError("--answer-batch >= 0 and --answer-tokens >= 1 are needed")
-        result = bench.bench_update(args.model, objective=args.objective, steps=args.steps,
-                                    batch_size=args.batch_size, updates=args.updates, rows=args.rows,
-                                    answer_batch=args.answer_batch, answer_tokens=args.answer_tokens)
+        from rosa2_dspy.bench_update import bench_update
+
+        result = bench_update(args.model, objective=args.objective, steps=args.steps,
+                              batch_size=args.batch_size, updates=args.updates, rows=args.rows,
+                              answer_batch=args.answer_batch, answer_tokens=args.answer_tokens)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,0 +1,133 @@
+"""``rosa2 bench update``: seconds per LoRA update through TRL (``LoRAUpdater``) against a minimal raw PyTorch
+LoRA loop, same rows, steps and batch size, interleaved; construction overhead, the shift produced, peak RSS;
+and ``update_over_generation``, an update against one row's share of a batched answer."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rosa2_dspy.bench import peak_rss_mib, prefill_and_step
+
+def _update_rows(limit: int = 8) -> list[dict]:
+    """SFT rows from MATH train problems: the program's prompt, a reference solution as the target."""
+    from rosa2_dspy.adapters import FORMAT_REMINDER
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.signatures import Answer
+    from rosa2_dspy.weights import sft_row
+
+    rows = []
+    for example in load_examples("train", levels="1", limit=limit, seed=0):
+        prompt = [{"role": "system", "content": Answer.instructions},
+                  {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}]
+        rows.append(sft_row(prompt, example.solution))
+    return rows
+
+
+def raw_lora_update(engine, rows: list[dict], *, steps: int, batch_size: int, learning_rate: float,
+                    max_length: int = 1024) -> float:
+    """The minimal PyTorch LoRA SFT loop the TRL path is measured against; returns seconds."""
+    tokenizer = engine.tokenizer
+    encoded = []
+    for row in rows:
+        prompt = engine.encode_chat(row["prompt"])
+        completion = tokenizer.encode(row["completion"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids = (prompt + completion)[:max_length]
+        labels = ([-100] * len(prompt) + completion)[:max_length]
+        encoded.append((ids, labels))
+    model = engine.peft_model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = [encoded[(step * batch_size + i) % len(encoded)] for i in range(batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(batch):  # right padding, as TRL's collator does for training
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, :len(lab)] = torch.tensor(lab)
+            mask[i, :len(ids)] = 1
+        loss = model(input_ids=input_ids.to(engine.device), attention_mask=mask.to(engine.device),
+                     labels=labels.to(engine.device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return time.perf_counter() - started
+
+
+def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens: int, steps: int = 16) -> dict:
+    """Machine time one row's answer of ``tokens`` tokens costs in a batch of ``batch`` rows (the batch's
+    time shared among its rows, as `bench compare` counts a turn): its prefill plus ``tokens - 1`` decode
+    steps, the step time measured over ``steps`` greedy steps. Later steps attend to a longer context;
+    for a 1.5B model at 1024 tokens that adds little to steps dominated by the weight matmuls."""
+    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    prefill, step = prefill_and_step(engine, rows, steps)
+    return {"batch": batch, "tokens": tokens, "prefill_seconds": round(prefill, 3), "step_ms": round(1000 * step, 1),
+            "seconds_per_row": round((prefill + (tokens - 1) * step) / batch, 3)}
+
+
+def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
+                 updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
+                 answer_tokens: int = 1024) -> dict:
+    """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
+    ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
+    (``answer_batch`` rows), measured in the same run (0 skips it)."""
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
+
+    engine = LocalEngine.from_pretrained(spec)
+    rows = _update_rows(limit=rows)
+    if objective in UNPAIRED:  # desirable: the reference solution; undesirable (odd rows): another problem's
+        n = len(rows)          # solution, a wrong reply of realistic length
+        rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
+                for i, r in enumerate(rows)]
+    config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate)
+    updater = LoRAUpdater(engine, config)
+    start_state = engine.snapshot()
+    trl_seconds, raw_seconds, prepare, shifts = [], [], [], []
+    first_update = None
+    for index in range(updates):
+        engine.restore(start_state)
+        result = updater.update(rows)
+        shifts.append(result.update_shift)
+        if index == 0:
+            first_update = result
+        else:
+            trl_seconds.append(result.seconds - result.prepare_seconds)
+            prepare.append(result.prepare_seconds)
+        engine.restore(start_state)
+        if objective == "sft":
+            raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
+                                               learning_rate=learning_rate))
+    engine.restore(start_state)
+    out = {
+        "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
+        "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
+        "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
+        "first_update_seconds": round(first_update.seconds, 3),
+        "construction_seconds_first_update": round(first_update.prepare_seconds, 3),
+        "prepare_seconds_per_update": round(sum(prepare) / len(prepare), 3),
+        "trl_train_seconds_per_update": round(sum(trl_seconds) / len(trl_seconds), 3),
+        "trl_total_seconds_per_update": round((sum(trl_seconds) + sum(prepare)) / len(trl_seconds), 3),
+        "l2_shift_per_update": round(sum(shifts) / len(shifts), 6),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    if raw_seconds:
+        raw = sum(raw_seconds[1:] or raw_seconds) / len(raw_seconds[1:] or raw_seconds)
+        out["raw_seconds_per_update"] = round(raw, 3)
+        out["trl_over_raw"] = round(out["trl_total_seconds_per_update"] / raw, 3)
+        out["target_trl_over_raw"] = 1.25
+        out["target_met"] = out["trl_over_raw"] <= 1.25
+    if answer_batch:
+        prompts = [engine.encode_chat(r["prompt"]) for r in rows]
+        answer = answer_share_seconds(engine, prompts, batch=answer_batch, tokens=answer_tokens)
+        out["answer_generation"] = answer
+        out["update_over_generation"] = round(out["trl_total_seconds_per_update"] / answer["seconds_per_row"], 3)
+        out["target_update_over_generation"] = 1.0
+    return out
