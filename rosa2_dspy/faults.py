@@ -2,7 +2,8 @@
 
 ``ROSA2_FAILPOINTS="update.trained=3,generate.batch=5"`` kills the process with SIGKILL the 3rd time
 the update path reaches ``update.trained`` (the adapter changed, the update not yet accepted) and the
-5th time a batch is about to generate, whichever comes first. Unset (always, outside tests), a
+5th time a batch is about to generate (or, with continuous batching, rows are about to join the running
+batch), whichever comes first. Unset (always, outside tests), a
 failpoint costs one dictionary lookup. The kill-and-resume test in ``tests/test_resume.py`` uses it.
 """
 

@@ -27,13 +27,15 @@ def program_kwargs(args) -> dict:
 
 
 def model_identity(args) -> dict:
-    """The model and the precision and device it runs in, resolved (``auto`` differs between machines: a run
-    resumed where bf16 is not native would mix float32 answers into a bf16 run)."""
+    """The model, the precision and device it runs in, resolved (``auto`` differs between machines: a run
+    resumed where bf16 is not native would mix float32 answers into a bf16 run), and the batching (rows batched
+    differently round differently)."""
     from rosa2_dspy.models import pick_device, pick_dtype
 
     device = pick_device(args.device)
     return {"model": args.model, "device": device.split(":")[0],
-            "dtype": str(pick_dtype(device, args.dtype)).removeprefix("torch.")}
+            "dtype": str(pick_dtype(device, args.dtype)).removeprefix("torch."),
+            "batching": getattr(args, "batching", None)}
 
 
 def data_identity(args) -> dict:

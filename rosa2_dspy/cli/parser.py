@@ -25,9 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "a local HF folder, or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
-    p.add_argument("--batching", choices=["padded", "continuous"], default="padded",
-                   help="padded: concurrent requests run as one left-padded generate that waits for its longest row "
-                        "(default); continuous: requests join and leave one running batch step by step")
+    p.add_argument("--batching", choices=["padded", "continuous"], default="continuous",
+                   help="continuous (default): requests join and leave one running batch step by step, each reply "
+                        "ending when it ends; padded: concurrent requests run as one left-padded generate that "
+                        "waits for its longest row")
 
 
 def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, **defaults) -> None:

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from rosa2_dspy.engine.settings import Completion, GenSettings
+from rosa2_dspy.faults import failpoint
 
 _usage = threading.local()
 
@@ -174,6 +175,8 @@ class SchedulerMixin:
                 continue
             try:
                 with self.weights_lock:
+                    if joining:  # rows about to join the running batch (the padded path's "batch about to run")
+                        failpoint("generate.batch")
                     finished = decoder.step(joining)
             except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
                 for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
