@@ -163,3 +163,48 @@ def test_no_request_joins_while_an_update_is_announced(lively_engine):
     release.set()
     assert queued.result(timeout=60).text == expected
     thread.join(10)
+
+
+def test_an_announced_update_lands_while_pinned_rows_pause_and_they_go_on_unchanged(lively_engine):
+    """Running rows on pinned weights do not make an update wait for the longest of them to end (that drained
+    the batch once per update): the rows pause, the update lands, and each row's reply is its reply alone."""
+    import threading
+    import time
+
+    from test_engine import _pin_random_adapter
+
+    from rosa2_dspy.engine import GenSettings
+
+    engine = _continuous(lively_engine)
+    engine.attach_adapter()
+    weights = _pin_random_adapter(engine, 3)
+    prompt = _prompts(engine, 1)[0]
+    settings = GenSettings(max_tokens=30, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None,
+                           weights=weights)
+    alone = engine.generate_batch([prompt], settings)[0]
+    assert alone.output_tokens >= 20  # long enough to be interrupted
+    steps, started, during_update = [], threading.Event(), []
+    original = engine._rows_context
+
+    def slow_steps(rows):  # each decode step takes 30 ms and says whether an update was announced
+        steps.append(engine._updates_waiting)
+        started.set()
+        time.sleep(0.03)
+        return original(rows)
+
+    engine._rows_context = slow_steps
+    future = engine.submit(prompt, settings)
+    assert started.wait(30)
+    with engine.updating():  # another conversation's update: the live adapter changes in place
+        during_update.append(len(steps))
+        _pin_random_adapter(engine, 4)
+        time.sleep(0.1)
+        during_update.append(len(steps))
+    result = future.result(timeout=60)
+    # the rows paused for it on purpose, not by winning the weights lock between two steps (a race that the
+    # 1.5B model's second-long steps lose, step after step)
+    assert engine.stats["waits_for_updates"] >= 1
+    assert during_update[0] == during_update[1] <= 3  # it landed at once: no step ran while it held the weights
+    assert len(steps) > during_update[1]  # and the row went on after it
+    assert sum(1 for waiting in steps if waiting) <= 1  # at most the step already under way when it was announced
+    assert (result.text, result.output_tokens) == (alone.text, alone.output_tokens)

@@ -142,9 +142,11 @@ class SchedulerMixin:
         (:class:`~rosa2_dspy.engine.continuous.ContinuousDecoder`). Greedy and sampled requests, budgets and stop
         strings mix freely; rows asking for different pinned weights get their own LoRA update per row.
 
-        Weight updates: while one is announced no request joins; the running rows finish under the
-        weights they started with, then the updates land, then joining resumes (as a batch in
-        :meth:`_serve` finishes before an update)."""
+        Weight updates: while one is announced no request joins. When every running row names its pinned
+        weights (a session's always do), the rows pause and the updates land at once: each step sets the weights
+        each row asks for, and its KV cache was computed under them, so the rows go on unchanged afterwards.
+        Otherwise the update takes the weights lock between two steps, a race that the running batch can win
+        step after step (so it was for every row before the pause)."""
         from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
 
         def fresh() -> ContinuousDecoder:
@@ -153,6 +155,8 @@ class SchedulerMixin:
 
         decoder = fresh()
         while True:
+            if decoder.rows and self._updates_waiting and all(row.tag.settings.weights for row in decoder.rows):
+                self._wait_for_updates()  # the pinned rows pause; the updates land now
             if not decoder.rows:
                 if not self._pending:
                     self._pending.append(self._queue.get())
