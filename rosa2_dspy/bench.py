@@ -262,7 +262,8 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
 def bench_mixed_weights(engine, prompts: list[list[int]], adapters: int, max_tokens: int, rounds: int = 2) -> dict:
     """A batch whose rows carry different LoRA weights (2 rows per adapter, ``adapters`` random adapters):
     raw greedy generate on one adapter (every row the same weights), through PEFT's ``adapter_names``,
-    and through the engine's per-row path, interleaved round by round; exactly ``max_tokens`` per row."""
+    and through the engine's per-row path, interleaved round by round; exactly ``max_tokens`` per row. Then
+    the continuous decoder's step on one adapter and with each row's own (``max_tokens`` steps each)."""
     import copy
 
     engine.attach_adapter()
@@ -299,6 +300,8 @@ def bench_mixed_weights(engine, prompts: list[list[int]], adapters: int, max_tok
             with engine._per_row_adapters(engine._weights_for(row_pins)):
                 ours, took = _generate_exactly(engine, rows, max_tokens)
             seconds["engine_per_row"] += took
+        steps = {"one_adapter": continuous_step_seconds(engine, rows, [pins[0]] * len(rows), max_tokens),
+                 "per_row": continuous_step_seconds(engine, rows, row_pins, max_tokens)}
     finally:
         for name in names:
             peft_model.delete_adapter(name)
@@ -307,12 +310,35 @@ def bench_mixed_weights(engine, prompts: list[list[int]], adapters: int, max_tok
             engine.unpin(ident)
         engine.restore(start)
     tokens = rounds * len(rows) * max_tokens
-    out = {"adapters": adapters, "rows": len(rows), "rounds": rounds}
+    out = {"adapters": adapters, "rows": len(rows), "rounds": rounds,
+           "continuous_decode_step_ms": {k: round(1000 * v, 1) for k, v in steps.items()},
+           "continuous_per_row_over_one_adapter": round(steps["per_row"] / steps["one_adapter"], 3)}
     out.update({f"{k}_tokens_per_s": round(tokens / v, 1) for k, v in seconds.items()})
     out["engine_per_row_vs_one_adapter"] = round(seconds["one_adapter"] / seconds["engine_per_row"], 3)
     out["engine_per_row_vs_peft"] = round(seconds["peft_adapter_names"] / seconds["engine_per_row"], 3)
     out["same_tokens_as_peft"] = bool(torch.equal(peft_out, ours))
     return out
+
+
+def continuous_step_seconds(engine, rows: list[list[int]], idents: list[str], steps: int) -> float:
+    """Seconds per decode step of a continuous batch (:class:`ContinuousDecoder`) whose rows ask for ``idents``
+    (one id for all: the adapter slot; several: each row its own), after the rows have joined."""
+    from rosa2_dspy.engine import ContinuousDecoder, GenSettings, Row
+
+    class Tag:  # what the engine's forward context reads from a row
+        def __init__(self, ident):
+            self.settings = GenSettings(max_tokens=steps + 2, do_sample=False, temperature=0.0, top_p=None,
+                                        top_k=None, seed=None, weights=ident)
+
+    decoder = ContinuousDecoder(engine.model, engine.tokenizer, [], engine.tokenizer.pad_token_id,
+                                max_rows=len(rows), forward_context=engine._rows_context)
+    with torch.inference_mode(), engine.weights_lock:
+        decoder.step([Row(ids, steps + 2, tag=Tag(ident)) for ids, ident in zip(rows, idents)])  # joins, prefill
+        decoder.step([])  # the first step after a join builds what later steps reuse
+        started = time.perf_counter()
+        for _ in range(steps):
+            decoder.step([])
+    return (time.perf_counter() - started) / steps
 
 
 def bench_cache_variants(engine, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> dict:

@@ -216,6 +216,7 @@ def test_bench_engine_mixed_weights_matches_peft_and_leaves_the_engine_clean(tin
     mixed = json.loads(capsys.readouterr().out)["mixed_weights"]
     assert mixed["adapters"] == 3 and mixed["rows"] == 6 and mixed["same_tokens_as_peft"] is True
     assert mixed["engine_per_row_tokens_per_s"] > 0 and mixed["peft_adapter_names_tokens_per_s"] > 0
+    assert min(mixed["continuous_decode_step_ms"].values()) > 0 and mixed["continuous_per_row_over_one_adapter"] > 0
     engine = LocalEngine.shared(str(tiny_model_dir))
     assert list(engine.peft_model.peft_config) == ["default"] and not engine._pins
     assert run("bench", "engine", "--mixed-weights", "40") == 2

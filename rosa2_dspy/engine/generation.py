@@ -82,11 +82,11 @@ class GenerationMixin:
 
     def generate_batch(self, prompts: list[list[int]], settings: GenSettings,
                        stops: list[tuple[str, ...]] | None = None, seeds: list[int | None] | None = None,
-                       row_weights: list[dict[str, torch.Tensor] | None] | None = None) -> list[Completion]:
+                       row_weights: list[str] | None = None) -> list[Completion]:
         """Run prompts (token ids) as one left-padded batch under the same settings, now, in this thread.
 
         ``seeds`` gives each sampled row its own seed (default: ``settings.seed`` for every row);
-        ``row_weights`` gives each row its own adapter tensors (None: the base model), a mixed-weights
+        ``row_weights`` gives each row its own weights id (from :meth:`_weights_for`), a mixed-weights
         batch (see :meth:`pin`)."""
         stops = stops or [()] * len(prompts)
         seeds = seeds if seeds is not None else [settings.seed] * len(prompts)
