@@ -18,6 +18,7 @@ gives its type and default; the flags, the recipe keys and a run's identity all 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import re
@@ -92,6 +93,32 @@ def session_configs(values: dict[str, Any], *, max_tokens: int, seed: int = 0):
 # ----------------------------------------------------------------------------- multi-turn methods
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``rosa2`` or a variant ``rosa2@learning_rate=1e-3@update_steps=2``: (the method, its setting overrides).
+
+    Variants run in the same pool as the plain methods, on the same problems, each in its own folder (named by
+    the spec), and are paired with the others in the report: a setting compared on the same conversations."""
+    from rosa2_dspy.coadapt import get_policy
+
+    name, *pairs = spec.split("@")
+    get_policy(name)
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SESSION_SETTINGS or key == "turns":
+            raise ValueError(f"{spec!r}: a variant sets name=value among {', '.join(sorted(set(SESSION_SETTINGS) - {'turns'}))}"
+                             f" (e.g. rosa2@learning_rate=1e-3), got {pair!r}")
+        kind = session_setting_type(key)
+        try:
+            overrides[key] = kind(value) if kind is not str else value
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key} takes a {kind.__name__}, got {value!r}") from None
+        choices = SESSION_SETTINGS[key].choices
+        if choices and overrides[key] not in choices:
+            raise ValueError(f"{spec!r}: {key} must be one of {', '.join(choices)}")
+    return name, overrides
+
+
 @dataclass(frozen=True)
 class _MethodItem:
     """One conversation of a comparison: a method and a problem."""
@@ -109,7 +136,8 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
                     progress: bool = True) -> Path:
     """Each method's conversations on the same problems, seeds and turn budget, every one from the engine's
     weights now; ``out/<method>/results.jsonl`` (resumable), then summary.json, report.md and report.html.
-    ``threads``: conversations in flight per method. Returns the report's path."""
+    ``threads``: conversations in flight per method. A method may be a variant (:func:`parse_method`).
+    Returns the report's path."""
     import dspy
 
     from rosa2_dspy.coadapt import Session, SessionConfig, get_policy, session_update_config
@@ -120,11 +148,26 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
 
     out = Path(out)
     session = session or SessionConfig()
+    update = update or session_update_config(max_length=session.max_tokens + 512)
     # DSPy's cache, in memory for this run only: a request repeated under the same weights (turn 1 is
     # the same for every method) is answered once; a rerun measures afresh. Weights are in the key.
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
     dspy.configure(lm=engine.lm(cache=True, max_tokens=session.max_tokens, temperature=0.0))
-    updater = LoRAUpdater(engine, update or session_update_config(max_length=session.max_tokens + 512))
+    updaters = [LoRAUpdater(engine, update)]  # one per distinct update config (a variant may set its own)
+    configs = {}
+    for method in methods:
+        _, overrides = parse_method(method)
+        variant_session, variant_update = session, update
+        for name, value in overrides.items():
+            setting = SESSION_SETTINGS[name]
+            if setting.config == "session":
+                variant_session = dataclasses.replace(variant_session, **{setting.field: value})
+            else:
+                variant_update = dataclasses.replace(variant_update, **{setting.field: value})
+        updater = next((u for u in updaters if u.config == variant_update), None)
+        if updater is None:
+            updaters.append(updater := LoRAUpdater(engine, variant_update))
+        configs[method] = (variant_session, updater)
     results = {}
     for method in methods:
         (out / method).mkdir(parents=True, exist_ok=True)
@@ -133,8 +176,9 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         if done:
             print(f"{method}: resuming, {done} of {len(examples)} problems already done")
     with contextlib.ExitStack() as stack:
-        sessions = {m: stack.enter_context(Session(program, engine, get_policy(m), make_user(user, session.seed),
-                                                   session, updater=updater)) for m in methods}
+        sessions = {m: stack.enter_context(Session(program, engine, dataclasses.replace(
+            get_policy(parse_method(m)[0]), name=m), make_user(user, session.seed), configs[m][0],
+            updater=configs[m][1])) for m in methods}
         # Every method's conversations in one pool, problem by problem: the engine batches them together (no
         # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
         # for every method, is generated once (the engine joins identical requests in flight).
@@ -299,4 +343,4 @@ def compare_compiled(methods: dict[str, str | None], program_spec: str, trainset
 
 
 __all__ = ["SESSION_SETTINGS", "Setting", "compare_compiled", "compare_methods", "compile_program", "evaluate",
-           "session_configs", "session_defaults"]
+           "parse_method", "session_configs", "session_defaults"]

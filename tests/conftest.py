@@ -76,3 +76,13 @@ def _dspy_defaults():
 
     yield
     dspy.configure(lm=None, adapter=None)
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tokenizer, tmp_path_factory):
+    """The lively tiny model as a Hugging Face folder: greedy replies that vary token by token, so sessions get
+    rejected replies to train on (the plain tiny model's replies are blank)."""
+    path = tmp_path_factory.mktemp("lively-model")
+    make_tiny_model(tokenizer, init=0.2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

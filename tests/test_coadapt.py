@@ -191,6 +191,26 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert "user: 'vague' -> 'oracle'" in capsys.readouterr().err
 
 
+def test_a_variant_runs_beside_its_method_with_its_own_setting(tmp_path, lively_model_dir):
+    """`ttt@learning_rate=...` runs in the same pool as `ttt`, in its own folder, with its own updater, and the
+    report pairs it with the others."""
+    from rosa2_dspy.cli import main
+
+    out = tmp_path / "variants"
+    assert main(["bench", "compare", "--methods", "single,ttt,ttt@learning_rate=0.02", "--split", "test", "--level",
+                 "1", "--limit", "3", "--turns", "2", "--samples", "0", "--user", "sharded", "--model",
+                 str(lively_model_dir), "--dtype", "float32", "--max-tokens", "12", "--no-progress",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["ttt@learning_rate=0.02"]["problems"] == 3
+    assert {"single - ttt", "single - ttt@learning_rate=0.02"} <= set(summary["paired"])
+    records = {m: [json.loads(line) for line in (out / m / "results.jsonl").open()]
+               for m in ("ttt", "ttt@learning_rate=0.02")}
+    assert {r["method"] for r in records["ttt@learning_rate=0.02"]} == {"ttt@learning_rate=0.02"}
+    shifts = {m: sum(r["l2_shift"] for r in rs) for m, rs in records.items()}
+    assert shifts["ttt@learning_rate=0.02"] > 10 * shifts["ttt"] > 0  # 100x the learning rate, a larger step
+
+
 def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     from test_words import critic, script_lm
 

@@ -10,20 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from rosa2_dspy.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-@pytest.fixture(scope="module")
-def lively_model_dir(tokenizer, tmp_path_factory):
-    from conftest import make_tiny_model
-
-    path = tmp_path_factory.mktemp("lively-model")
-    make_tiny_model(tokenizer, init=0.2).save_pretrained(path)  # greedy replies that vary token by token
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bc)
     _add_session_args(bc, method_default="all", samples=1)
     bc.add_argument("--methods", help="comma-separated methods (default single,pe,ttt,pe-then-ttt,rosa2; with "
-                                      "--user sharded also whole, the whole problem in one pass)")
+                                      "--user sharded also whole, the whole problem in one pass); a variant "
+                                      "sets session settings for one method, e.g. rosa2@learning_rate=1e-3")
     bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--allow-overlap", action="store_true",

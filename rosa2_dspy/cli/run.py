@@ -159,15 +159,15 @@ def bench_compile(args) -> int:
 
 
 def bench_compare(args) -> int:
-    from rosa2_dspy.coadapt import get_policy
     from rosa2_dspy.evaluation import prepare_run_dir
+    from rosa2_dspy.experiments import parse_method
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
 
     default = ("whole," if args.user == "sharded" else "") + "single,pe,ttt,pe-then-ttt,rosa2"
-    methods = [m.strip() for m in (args.methods or default).split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in (args.methods or default).split(",") if m.strip()))
     for method in methods:
-        get_policy(method)
+        parse_method(method)
     if args.limit is None or args.limit < 1:
         raise CLIError("--limit must be given and >= 1 (each method runs every problem)")
     examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,
