@@ -57,6 +57,8 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         "samples_kept": sum(w.get("desirable", 0) for w in weights_steps),
         "problems": n, "solved": solved, "accuracy": solved / n if n else 0.0, "accuracy_ci95": [low, high],
         "mean_turns": sum(r["turns_used"] if r.get("solved") else turns for r in records) / n if n else 0.0,
+        "mean_turns_to_success": (sum(r["turns_used"] for r in records if r.get("solved")) / solved
+                                  if solved else None),
         "mean_l2_shift": sum(shifts) / n if n else 0.0,
         "median_l2_shift": statistics.median(shifts) if shifts else 0.0,
         "boxed_rate": sum(1 for t in all_turns if t.get("boxed")) / len(all_turns) if all_turns else 0.0,
@@ -82,24 +84,33 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed: int = 0) -> dict:
+def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed: int = 0,
+                      turns: int | None = None) -> dict:
     """Method A's accuracy minus method B's on the problems both ran (paired by ``unique_id``): the
-    difference, a 95% paired-bootstrap interval, the discordant counts and McNemar's exact p-value."""
+    difference, a 95% paired-bootstrap interval, the discordant counts and McNemar's exact p-value. With
+    ``turns`` (the budget T), also the turns A used minus B's (an unsolved problem counts T), the same
+    bootstrap resamples giving its interval."""
     import numpy as np
 
-    solved_b = {r["unique_id"]: bool(r.get("solved")) for r in b}
-    pairs = [(bool(r.get("solved")), solved_b[r["unique_id"]]) for r in a if r["unique_id"] in solved_b]
+    by_id = {r["unique_id"]: r for r in b}
+    pairs = [(r, by_id[r["unique_id"]]) for r in a if r["unique_id"] in by_id]
     n = len(pairs)
     if not n:
         return {"problems": 0}
-    diffs = np.array([int(x) - int(y) for x, y in pairs], dtype=float)
+    diffs = np.array([int(bool(x.get("solved"))) - int(bool(y.get("solved"))) for x, y in pairs], dtype=float)
     rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    picks = rng.integers(0, n, size=(resamples, n))
+    low, high = np.percentile(diffs[picks].mean(axis=1), [2.5, 97.5])
     a_only, b_only = int((diffs > 0).sum()), int((diffs < 0).sum())
     p = mcnemar_exact(a_only, b_only)
-    return {"problems": n, "difference": float(diffs.mean()), "ci95": [float(low), float(high)],
-            "a_only": a_only, "b_only": b_only, "mcnemar_p": float(p)}
+    out = {"problems": n, "difference": float(diffs.mean()), "ci95": [float(low), float(high)],
+           "a_only": a_only, "b_only": b_only, "mcnemar_p": float(p)}
+    if turns is not None:
+        used = lambda r: r["turns_used"] if r.get("solved") else turns  # noqa: E731
+        turn_diffs = np.array([used(x) - used(y) for x, y in pairs], dtype=float)
+        t_low, t_high = np.percentile(turn_diffs[picks].mean(axis=1), [2.5, 97.5])
+        out.update(turns_difference=float(turn_diffs.mean()), turns_ci95=[float(t_low), float(t_high)])
+    return out
 
 
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
@@ -123,7 +134,7 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         raise ValueError(f"no results under {out}: run the methods first")
     # rosa2 against each baseline; without rosa2, the first method (say `whole` against `single`)
     reference = reference or ("rosa2" if "rosa2" in records else next(iter(records)))
-    paired = {f"{reference} - {m}": paired_difference(records[reference], records[m])
+    paired = {f"{reference} - {m}": paired_difference(records[reference], records[m], turns=turns)
               for m in records if reference in records and m != reference}
     by_gap = {}
     if any("semantic_gap" in r for rs in records.values() for r in rs):
@@ -136,8 +147,9 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
              "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.",
              *(["", *notes] if notes else []), "",
-             "| method | problems | accuracy (95% CI) | solved by turn 1..T | mean turns | mean L2 shift | boxed rate "
-             "| s/problem | gen / words / weights s | adapt÷gen per turn (wall / machine) | errors |",
+             "| method | problems | accuracy (95% CI) | solved by turn 1..T | mean turns (to success) "
+             "| L2 shift mean / median | boxed rate | s/problem | gen / words / weights s "
+             "| adapt÷gen per turn (wall / machine) | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method, s in summaries.items():
         low, high = s["accuracy_ci95"]
@@ -148,7 +160,9 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         lines.append(
             f"| {method} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) "
             f"| {' / '.join(f'{v:.0%}' for v in s['cumulative_accuracy_by_turn'])} | {s['mean_turns']:.2f} "
-            f"| {s['mean_l2_shift']:.4f} | {s['boxed_rate']:.1%} | {s['seconds_per_problem']:.1f} "
+            f"({'-' if s['mean_turns_to_success'] is None else format(s['mean_turns_to_success'], '.2f')}) "
+            f"| {s['mean_l2_shift']:.4f} / {s['median_l2_shift']:.4f} | {s['boxed_rate']:.1%} "
+            f"| {s['seconds_per_problem']:.1f} "
             f"| {split['generation']:.1f} / {split['words']:.1f} / {split['weights']:.1f} "
             f"| {ratios} | {s['errors']} |")
     lines += ["", "Grades that math-verify could not judge (a timeout or a crash; the strict match decided): " +
@@ -166,14 +180,17 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
             lines.append(f"| {method} | {m['generation']:.2f} | {m['words']:.2f} | {m['sampling']:.2f} "
                          f"| {m['update']:.2f} | {ratio} |")
     if paired:
-        lines += ["", f"Paired differences in accuracy, {reference} minus each method, on the problems both ran: "
-                  "95% paired-bootstrap interval; discordant problems (solved by one only) and McNemar's exact "
-                  "p-value.", "", "| comparison | problems | difference (95% CI) | only " + reference +
-                  " solved | only the other solved | McNemar p |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", f"Paired differences, {reference} minus each method, on the problems both ran: accuracy and "
+                  "turns used (an unsolved problem counts T) with 95% paired-bootstrap intervals; discordant "
+                  "problems (solved by one only) and McNemar's exact p-value.", "",
+                  "| comparison | problems | accuracy difference (95% CI) | turns difference (95% CI) | only " +
+                  reference + " solved | only the other solved | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, d in paired.items():
             if d["problems"]:
                 low, high = d["ci95"]
+                t_low, t_high = d["turns_ci95"]
                 lines.append(f"| {name} | {d['problems']} | {d['difference']:+.1%} ({low:+.1%} to {high:+.1%}) "
+                             f"| {d['turns_difference']:+.2f} ({t_low:+.2f} to {t_high:+.2f}) "
                              f"| {d['a_only']} | {d['b_only']} | {d['mcnemar_p']:.3g} |")
     if by_gap:
         lines += ["", "By semantic gap: *gap* = the user withheld part of the problem at turn 1 and revealed it "

@@ -113,3 +113,28 @@ def test_report_html_in_a_headless_browser_shows_the_table_and_filters_conversat
     assert re.search(r'id="shown">1 of 6 conversations<', dom)
     visible = dom.split('data-method="rosa2" data-outcome="unsolved">')[1].split("</details>")[0]
     assert "unsolved after 2 turns" in visible and html_unescape(REWRITE) in html_unescape(visible)
+
+
+def test_paired_difference_counts_turns_an_unsolved_problem_as_the_budget():
+    from rosa2_dspy.report import paired_difference
+
+    def record(uid, solved_at):
+        return {"unique_id": uid, "solved": solved_at is not None, "turns_used": solved_at or 3}
+
+    a = [record("p1", 1), record("p2", 1), record("p3", None)]
+    b = [record("p1", 2), record("p2", None), record("p3", None), record("p4", 1)]  # p4: not paired
+    d = paired_difference(a, b, turns=3)
+    assert d["problems"] == 3 and (d["a_only"], d["b_only"]) == (1, 0)
+    assert d["turns_difference"] == pytest.approx(-1.0)  # (1-2) + (1-3) + (3-3), over 3
+    low, high = d["turns_ci95"]
+    assert -2 <= low <= -1 <= high <= 0
+    assert "turns_difference" not in paired_difference(a, b)
+
+
+def test_the_report_gives_turns_to_success_and_the_median_shift(report_dir):
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert summary["methods"]["rosa2"]["mean_turns_to_success"] == pytest.approx(1.5)  # solved at 1 and 2
+    assert summary["methods"]["ttt"]["mean_turns_to_success"] == pytest.approx(1.0)
+    assert summary["paired"]["rosa2 - ttt"]["turns_difference"] == pytest.approx(0.0)  # 1/2/2 against 1/2/2
+    assert "| rosa2 | 3 | 66.7% (21%-94%) | 33% / 67% | 1.67 (1.50) | 0.2000 / 0.2000 |" in \
+        (report_dir / "report.md").read_text()
