@@ -36,7 +36,7 @@ def summarize_sessions(records: list[dict], turns: int) -> dict:
         machine_split = {
             "generation": sum(m["generation"] for m in machine) / len(machine),
             "words": sum(t["compute_seconds"]["words"] for t in steps) / len(steps),
-            "sampling": sum(t["compute_seconds"]["weights"] - u for t, u in zip(steps, update)) / len(steps),
+            "sampling": max(0.0, sum(t["compute_seconds"]["weights"] - u for t, u in zip(steps, update)) / len(steps)),
             "update": sum(update) / len(steps)}
         if machine_split["generation"] > 0:
             machine_ratio = (machine_split["words"] + machine_split["sampling"] + machine_split["update"]) / \

@@ -138,3 +138,19 @@ def test_the_report_gives_turns_to_success_and_the_median_shift(report_dir):
     assert summary["paired"]["rosa2 - ttt"]["turns_difference"] == pytest.approx(0.0)  # 1/2/2 against 1/2/2
     assert "| rosa2 | 3 | 66.7% (21%-94%) | 33% / 67% | 1.67 (1.50) | 0.2000 / 0.2000 |" in \
         (report_dir / "report.md").read_text()
+
+
+def test_rosa2_report_rebuilds_a_partial_run_without_a_model(report_dir, capsys):
+    from rosa2_dspy.cli import main
+
+    (report_dir / "report.md").unlink()
+    (report_dir / "config.json").write_text(json.dumps({"command": "bench compare", "turns": 2, "user": "sharded",
+                                                        "limit": 5}))
+    assert main(["report", str(report_dir)]) == 0
+    text = (report_dir / "report.md").read_text()
+    assert "Partial: problems done so far ttt 3, rosa2 3 of 5" in text and "| rosa2 - ttt | 3 |" in text
+    assert text.index("| ttt | 3 |") < text.index("| rosa2 | 3 |")  # the methods in their usual order
+    assert main(["report", str(report_dir / "rosa2")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    assert main(["report", str(report_dir), "--methods", "rosa2,nosuch"]) == 2
+    assert "no results" in capsys.readouterr().err

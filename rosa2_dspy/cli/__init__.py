@@ -10,7 +10,7 @@ import sys
 from rosa2_dspy.cli.common import CLIError
 from rosa2_dspy.cli.parser import build_parser
 from rosa2_dspy.cli.run import cmd_compile, cmd_eval
-from rosa2_dspy.cli.tools import cmd_bench, cmd_info, cmd_shards
+from rosa2_dspy.cli.tools import cmd_bench, cmd_info, cmd_report, cmd_shards
 
 EXIT_BAD_INPUT = 2
 
@@ -56,7 +56,8 @@ def _check_ranges(args) -> None:
         pick_dtype(pick_device(args.device), args.dtype)
 
 
-COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench, "shards": cmd_shards}
+COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench, "shards": cmd_shards,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(split="test", level="1,2,3")
     sh.add_argument("--show", type=int, default=0, help="also print this many problems as the user poses them")
 
+    rp = sub.add_parser("report", help="rebuild a comparison's report from its run folder, finished or not")
+    rp.add_argument("out", help="the --out folder of a bench compare or eval --method run")
+    rp.add_argument("--methods", help="comma-separated methods (default: every method folder there)")
+
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)
     info.add_argument("--load", action="store_true", help="also load the model and time it")

@@ -1,9 +1,10 @@
-"""``rosa2 info``, ``bench engine``, ``bench update`` and ``shards``."""
+"""``rosa2 info``, ``bench engine``, ``bench update``, ``shards`` and ``report``."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from rosa2_dspy.cli.common import CLIError
 from rosa2_dspy.cli.run import bench_compare, bench_compile
@@ -111,4 +112,36 @@ def cmd_shards(args) -> int:
     counts["shown"] = [{"unique_id": e.unique_id, **shard_example(e, args.seed).to_dict()}
                        for e in examples[:args.show]]
     print(json.dumps({"split": args.split, "level": args.level, "seed": args.seed, **counts}, indent=2))
+    return 0
+
+
+METHOD_ORDER = ("whole", "single", "pe", "ttt", "pe-then-ttt", "rosa2")
+
+
+def cmd_report(args) -> int:
+    """Rebuild a comparison's report from its folder, finished or not (no model): what a long run has so far."""
+    from rosa2_dspy.report import build_report
+
+    out = Path(args.out)
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        raise CLIError(f"{out} holds no run (no config.json): give the --out folder of a bench compare or eval --method")
+    config = json.loads(config_path.read_text())
+    if "turns" not in config:
+        raise CLIError(f"{out} is a single-pass run: its summary.json is its report")
+    found = [p.parent.name for p in out.glob("*/results.jsonl")]
+    methods = args.methods.split(",") if args.methods else \
+        sorted(found, key=lambda m: (METHOD_ORDER.index(m.split("@")[0]) if m.split("@")[0] in METHOD_ORDER
+                                     else len(METHOD_ORDER), m))
+    missing = [m for m in methods if m not in found]
+    if missing or not methods:
+        raise CLIError(f"no results in {out} for: {', '.join(missing) or 'any method'}")
+    counts = {m: sum(1 for line in (out / m / "results.jsonl").open() if line.strip()) for m in methods}
+    limit = config.get("limit")
+    notes = [] if limit and all(c >= limit for c in counts.values()) else [
+        "Partial: problems done so far " + ", ".join(f"{m} {c}" for m, c in counts.items()) +
+        (f" of {limit}" if limit else "") + "; each method's figures are over its own, paired ones over both."]
+    report = build_report(out, methods, config["turns"], title=f"rosa2 - {config.get('user')} user, "
+                          f"T={config['turns']}", notes=notes)
+    print(report.read_text())
     return 0
