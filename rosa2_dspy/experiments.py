@@ -106,8 +106,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in SESSION_SETTINGS or key == "turns":
-            raise ValueError(f"{spec!r}: a variant sets name=value among {', '.join(sorted(set(SESSION_SETTINGS) - {'turns'}))}"
-                             f" (e.g. rosa2@learning_rate=1e-3), got {pair!r}")
+            known = ", ".join(sorted(set(SESSION_SETTINGS) - {"turns"}))
+            raise ValueError(f"{spec!r}: a variant sets name=value among {known} (e.g. rosa2@learning_rate=1e-3), "
+                             f"got {pair!r}")
         kind = session_setting_type(key)
         try:
             overrides[key] = kind(value) if kind is not str else value

@@ -341,7 +341,8 @@ def _conversation(method: str, record: dict) -> str:
             + (f" · then {'; '.join(steps)}" if steps else "") + "</div>"
             f"<div class=side><div><div class=k>original problem (turn 1)</div>"
             f"<pre>{html.escape(original[:_CLIP])}</pre></div>"
-            f"<div><div class=k>prompt this turn answered</div><pre>{html.escape((turn.get('statement') or '')[:_CLIP])}</pre>"
+            f"<div><div class=k>prompt this turn answered</div>"
+            f"<pre>{html.escape((turn.get('statement') or '')[:_CLIP])}</pre>"
             f"</div></div><div class=k>reply</div><pre>{html.escape(str(turn.get('reply'))[:_CLIP])}</pre></div>")
     return (f'<details class=conversation data-method="{html.escape(method)}" data-outcome="{outcome}">'
             f"<summary>{head}</summary>{''.join(body)}</details>")

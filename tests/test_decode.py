@@ -208,3 +208,24 @@ def test_an_announced_update_lands_while_pinned_rows_pause_and_they_go_on_unchan
     assert len(steps) > during_update[1]  # and the row went on after it
     assert sum(1 for waiting in steps if waiting) <= 1  # at most the step already under way when it was announced
     assert (result.text, result.output_tokens) == (alone.text, alone.output_tokens)
+
+
+def test_an_engine_switches_batching_after_serving_what_was_queued(lively_engine):
+    """`LocalEngine.shared(..., continuous=...)` may meet an engine serving the other way (one process running
+    several commands): the old worker serves every request queued before the switch, then the new one takes
+    over."""
+    from rosa2_dspy.engine import GenSettings
+
+    engine = lively_engine
+    prompts = _prompts(engine, 3)
+    greedy = GenSettings(max_tokens=6, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    alone = [engine.generate_batch([p], greedy)[0].text for p in prompts]
+    queued = [engine.submit(p, greedy) for p in prompts]  # padded batches
+    engine.set_batching(True)
+    assert [f.result(timeout=60).text for f in queued] == alone and engine.stats["batches"] >= 1
+    batches = engine.stats["batches"]
+    assert [engine.submit(p, greedy).result(timeout=60).text for p in prompts] == alone
+    assert engine.continuous and engine.stats["batches"] == batches  # served continuously: no padded batch
+    engine.set_batching(False)
+    assert [engine.submit(p, greedy).result(timeout=60).text for p in prompts] == alone
+    assert engine.stats["batches"] > batches

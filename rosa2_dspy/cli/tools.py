@@ -125,7 +125,8 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     config_path = out / "config.json"
     if not config_path.is_file():
-        raise CLIError(f"{out} holds no run (no config.json): give the --out folder of a bench compare or eval --method")
+        raise CLIError(f"{out} holds no run (no config.json): give the --out folder of a bench compare or "
+                       "eval --method")
     config = json.loads(config_path.read_text())
     if "turns" not in config:
         raise CLIError(f"{out} is a single-pass run: its summary.json is its report")

@@ -125,18 +125,15 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
                dtype: str | None = None, continuous: bool | None = None) -> LocalEngine:
         """One engine per model per process: everything that needs the model borrows this one.
 
-        ``continuous`` picks the serving mode (see :meth:`_serve_continuous`) before serving starts."""
+        ``continuous`` picks the serving mode (see :meth:`_serve_continuous`, :meth:`set_batching`)."""
         embedded = models.embedded_model(spec)  # 'default' and its name are one model: load it once
         key = (embedded.name if embedded else spec, device or "auto", dtype or "auto")
         with cls._registry_lock:
             if key not in cls._registry:
                 cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
             engine = cls._registry[key]
-        if continuous is not None and continuous != engine.continuous:
-            with engine._worker_lock:
-                if engine._worker is not None and engine._worker.is_alive():
-                    raise ValueError("this engine is already serving in the other batching mode")
-                engine.continuous = continuous
+        if continuous is not None:
+            engine.set_batching(continuous)
         return engine
 
     def __deepcopy__(self, memo):

@@ -93,8 +93,9 @@ class SchedulerMixin:
             if key is not None:
                 self._inflight[key] = job.future
                 job.future.add_done_callback(lambda done: self._forget_inflight(key, done))
-        self._ensure_worker()
-        self._queue.put(job)
+        with self._worker_lock:  # a job is queued behind a live worker, never behind a switch's stop signal
+            self._ensure_worker_locked()
+            self._queue.put(job)
         return job.future
 
     def _forget_inflight(self, key: tuple, future: Future) -> None:
@@ -104,10 +105,26 @@ class SchedulerMixin:
 
     def _ensure_worker(self) -> None:
         with self._worker_lock:
-            if self._worker is None or not self._worker.is_alive():
-                serve = self._serve_continuous if self.continuous else self._serve
-                self._worker = threading.Thread(target=serve, name=f"LocalEngine[{self.name}]", daemon=True)
-                self._worker.start()
+            self._ensure_worker_locked()
+
+    def _ensure_worker_locked(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            serve = self._serve_continuous if self.continuous else self._serve
+            self._worker = threading.Thread(target=serve, name=f"LocalEngine[{self.name}]", daemon=True)
+            self._worker.start()
+
+    def set_batching(self, continuous: bool) -> None:
+        """Serve with continuous batching or padded batches from now on. A worker serving the other way
+        finishes every request queued before the switch, then stops; the next request starts the new one."""
+        with self._worker_lock:
+            if continuous == self.continuous:
+                return
+            worker = self._worker
+            if worker is not None and worker.is_alive():
+                self._queue.put(None)  # the stop signal: read after everything queued before it
+                worker.join()
+            self._worker = None
+            self.continuous = continuous
 
     def _serve(self) -> None:
         """Collect concurrent requests for a short window (kept open while they keep arriving) and run
@@ -115,18 +132,27 @@ class SchedulerMixin:
 
         While weight updates are announced (:meth:`updating`), no batch starts: requests keep
         arriving meanwhile, and run together once the updates have landed."""
+        stopping = False  # the stop signal (set_batching) came: serve what came before it, then return
         while True:
             if not self._pending:
-                self._pending.append(self._queue.get())
+                if stopping:
+                    return
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._pending.append(job)
             opened = time.monotonic()
             deadline = opened + self.batch_window
-            while len(self._pending) < self.max_batch * 4:
+            while len(self._pending) < self.max_batch * 4 and not stopping:
                 remaining = deadline - time.monotonic()
                 try:
-                    self._pending.append(self._queue.get(timeout=max(remaining, 0)) if remaining > 0
-                                         else self._queue.get_nowait())
+                    job = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if job is None:
+                    stopping = True
+                    break
+                self._pending.append(job)
                 # callers still arriving (threads starting up, conversations leaving an update): wait for them
                 deadline = min(time.monotonic() + self.batch_window,
                                opened + max(self.batch_window, self.batch_window_max))
@@ -154,19 +180,27 @@ class SchedulerMixin:
                                      max_rows=self.max_batch, forward_context=self._rows_context)
 
         decoder = fresh()
+        stopping = False  # the stop signal (set_batching) came: serve what came before it, then return
         while True:
             if decoder.rows and self._updates_waiting and all(row.tag.settings.weights for row in decoder.rows):
                 self._wait_for_updates()  # the pinned rows pause; the updates land now
             if not decoder.rows:
                 if not self._pending:
-                    self._pending.append(self._queue.get())
+                    job = None if stopping else self._queue.get()
+                    if job is None:
+                        return
+                    self._pending.append(job)
                 if self._wait_for_updates():
                     continue
-            while True:  # whatever else has arrived
+            while not stopping:  # whatever else has arrived
                 try:
-                    self._pending.append(self._queue.get_nowait())
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if job is None:
+                    stopping = True
+                else:
+                    self._pending.append(job)
             joining = []
             if not self._updates_waiting:
                 live = [job for job in self._pending[: decoder.free] if job.future.set_running_or_notify_cancel()]

@@ -121,8 +121,9 @@ class AdapterSlotMixin:
 
     def _grouped_adapters(self, idents: tuple[str, ...]) -> dict[str, tuple]:
         """Per LoRA layer, the adapters of ``idents`` side by side: ``A`` as (in, K*r), ``B * scaling`` as
-        (K*r, out), in the adapter's dtype (as PEFT computes a LoRA update). Built when the set of adapters in the batch changes (a row with other
-        weights joins or leaves), reused by every step in between; ids name immutable weights."""
+        (K*r, out), in the adapter's dtype (as PEFT computes a LoRA update). Built when the set of adapters in
+        the batch changes (a row with other weights joins or leaves), reused by every step in between; ids name
+        immutable weights."""
         from peft.tuners.lora import Linear as LoraLinear
 
         cached = getattr(self, "_grouped_cache", None)
