@@ -70,7 +70,7 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
                  mixed_weights: int = 0) -> dict:
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
-    engine = LocalEngine.shared(spec)
+    engine = LocalEngine.shared(spec, continuous=False)  # (b) and (c) measure padded batches against raw generate
     prompts_text = BENCH_PROMPTS[:concurrency]
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts_text]
     _raw_generate(engine, prompts[:1], 8)  # warm-up
