@@ -75,19 +75,24 @@ def session_setting_type(name: str):
     return args[0] if args else hint
 
 
+def with_settings(session, update, values: dict[str, Any]):
+    """(session, update) with the session settings in ``values`` (by name; others and None are ignored) set on
+    the config each belongs to."""
+    chosen: dict[str, dict[str, Any]] = {"session": {}, "update": {}}
+    for name, value in values.items():
+        if name in SESSION_SETTINGS and value is not None:
+            setting = SESSION_SETTINGS[name]
+            chosen[setting.config][setting.field] = value
+    return dataclasses.replace(session, **chosen["session"]), dataclasses.replace(update, **chosen["update"])
+
+
 def session_configs(values: dict[str, Any], *, max_tokens: int, seed: int = 0):
     """(SessionConfig, UpdateConfig) from session settings by name (missing or None: the default). The weights
     step's ``max_length`` covers a whole reply of ``max_tokens`` and its prompt."""
     from rosa2_dspy.coadapt import SessionConfig, session_update_config
 
-    chosen = {"session": {}, "update": {}}
-    for name, value in values.items():
-        if name in SESSION_SETTINGS and value is not None:
-            setting = SESSION_SETTINGS[name]
-            chosen[setting.config][setting.field] = value
-    session = SessionConfig(**chosen["session"], max_tokens=max_tokens, seed=seed)
-    update = session_update_config(**chosen["update"], max_length=max_tokens + 512)
-    return session, update
+    return with_settings(SessionConfig(max_tokens=max_tokens, seed=seed),
+                         session_update_config(max_length=max_tokens + 512), values)
 
 
 # ----------------------------------------------------------------------------- multi-turn methods
@@ -157,14 +162,7 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
     updaters = [LoRAUpdater(engine, update)]  # one per distinct update config (a variant may set its own)
     configs = {}
     for method in methods:
-        _, overrides = parse_method(method)
-        variant_session, variant_update = session, update
-        for name, value in overrides.items():
-            setting = SESSION_SETTINGS[name]
-            if setting.config == "session":
-                variant_session = dataclasses.replace(variant_session, **{setting.field: value})
-            else:
-                variant_update = dataclasses.replace(variant_update, **{setting.field: value})
+        variant_session, variant_update = with_settings(session, update, parse_method(method)[1])
         updater = next((u for u in updaters if u.config == variant_update), None)
         if updater is None:
             updaters.append(updater := LoRAUpdater(engine, variant_update))

@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# the methods of a comparison, in the order commands run and report them (`whole` only for a sharded user)
+METHOD_ORDER = ("whole", "single", "pe", "ttt", "pe-then-ttt", "rosa2")
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosa2_dspy.cli.common import (CLIError, apply_session_recipe, compile_overlap, data_identity, engine_for,
-                                    model_identity, program_kwargs, seen_by, session_identity, train_val)
+from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, compile_overlap, data_identity,
+                                    engine_for, model_identity, program_kwargs, seen_by, session_identity, train_val)
 
 
 def cmd_eval(args) -> int:
@@ -164,8 +164,8 @@ def bench_compare(args) -> int:
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
 
-    default = ("whole," if args.user == "sharded" else "") + "single,pe,ttt,pe-then-ttt,rosa2"
-    methods = list(dict.fromkeys(m.strip() for m in (args.methods or default).split(",") if m.strip()))
+    default = [m for m in METHOD_ORDER if m != "whole" or args.user == "sharded"]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())) if args.methods else default
     for method in methods:
         parse_method(method)
     if args.limit is None or args.limit < 1:

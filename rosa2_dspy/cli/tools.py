@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from rosa2_dspy.cli.common import CLIError
+from rosa2_dspy.cli.common import METHOD_ORDER, CLIError
 from rosa2_dspy.cli.run import bench_compare, bench_compile
 
 
@@ -113,9 +113,6 @@ def cmd_shards(args) -> int:
                        for e in examples[:args.show]]
     print(json.dumps({"split": args.split, "level": args.level, "seed": args.seed, **counts}, indent=2))
     return 0
-
-
-METHOD_ORDER = ("whole", "single", "pe", "ttt", "pe-then-ttt", "rosa2")
 
 
 def cmd_report(args) -> int:

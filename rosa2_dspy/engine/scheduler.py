@@ -103,11 +103,8 @@ class SchedulerMixin:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
 
-    def _ensure_worker(self) -> None:
-        with self._worker_lock:
-            self._ensure_worker_locked()
-
     def _ensure_worker_locked(self) -> None:
+        """Start the worker of the current batching mode if none is alive (the caller holds ``_worker_lock``)."""
         if self._worker is None or not self._worker.is_alive():
             serve = self._serve_continuous if self.continuous else self._serve
             self._worker = threading.Thread(target=serve, name=f"LocalEngine[{self.name}]", daemon=True)

@@ -119,19 +119,19 @@ class AdapterSlotMixin:
             return self.adapter_state()
         return None if ident == self.base_fingerprint else self.pinned_state(ident)
 
-    def _grouped_adapters(self, idents: tuple[str, ...]) -> dict[str, tuple]:
-        """Per LoRA layer, the adapters of ``idents`` side by side: ``A`` as (in, K*r), ``B * scaling`` as
+    def _grouped_adapters(self, idents: tuple[str, ...]) -> list[tuple]:
+        """Per LoRA layer, (the layer, the adapters of ``idents`` side by side): ``A`` as (in, K*r), ``B * scaling`` as
         (K*r, out), in the adapter's dtype (as PEFT computes a LoRA update). Built when the set of adapters in
         the batch changes (a row with other weights joins or leaves), reused by every step in between; ids name
-        immutable weights."""
+        immutable weights. The list also saves walking the model's modules at every step."""
         from peft.tuners.lora import Linear as LoraLinear
 
-        cached = getattr(self, "_grouped_cache", None)
+        cached = self._grouped_cache
         if cached is not None and cached[0] == idents:
             return cached[1]
         self._grouped_cache = None  # free the old tensors before building the new ones
         states = [self._row_state(ident) for ident in idents]
-        grouped = {}
+        grouped = []
         for name, layer in lora_layers(self.peft_model).items():
             if type(layer) is not LoraLinear:
                 raise NotImplementedError(f"per-row adapters serve LoRA Linear layers only, not {name}")
@@ -140,7 +140,7 @@ class AdapterSlotMixin:
                            for st in states], dim=0)  # (K*r, in)
             b = torch.cat([b0.new_zeros(b0.shape) if st is None else st[f"{name}.lora_B.default.weight"]
                            for st in states], dim=1) * float(layer.scaling["default"])  # (out, K*r)
-            grouped[name] = (a.t().contiguous(), b.t().contiguous())
+            grouped.append((layer, a.t().contiguous(), b.t().contiguous()))
         self._grouped_cache = (idents, grouped)
         return grouped
 
@@ -156,14 +156,13 @@ class AdapterSlotMixin:
         step with 20 adapters in a batch of 32.)"""
         distinct = tuple(dict.fromkeys(row_idents))
         grouped = self._grouped_adapters(distinct)
-        a_any = next(iter(grouped.values()))[0]
+        a_any = grouped[0][1]
         rank = a_any.shape[1] // len(distinct)
         index = torch.tensor([distinct.index(ident) for ident in row_idents])
         mask = (torch.arange(len(distinct) * rank) // rank == index[:, None]).to(a_any.dtype)[:, None, :]  # B,1,Kr
         handles = []
         try:
-            for name, layer in lora_layers(self.peft_model).items():
-                a, b = grouped[name]
+            for layer, a, b in grouped:
                 hook = functools.partial(_add_row_updates, a, b, mask, index, rank)
                 handles.append(layer.register_forward_hook(hook))
             with self.peft_model.disable_adapter():
@@ -289,8 +288,8 @@ def _add_row_updates(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, index
                      args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: add each row's low-rank update. ``a``: in x K*r and ``b``: K*r x out hold the batch's K
     adapters side by side; ``mask`` (batch x 1 x K*r) keeps each row's own r columns; ``index``: each row's
-    adapter; ``rank``: r. A decode step (one position a row) multiplies by every adapter and masks: two matmuls, reading
-    each adapter once. A prefill (many positions) takes each row's own adapter out and uses batched matmuls,
+    adapter; ``rank``: r. A decode step (one position a row) multiplies by every adapter and masks: two matmuls,
+    reading each adapter once. A prefill (many positions) takes each row's own adapter out and uses batched matmuls,
     K times fewer multiplications than the masked product, which on a 500-token prompt would cost more than
     the model itself."""
     x = args[0].to(a.dtype)
