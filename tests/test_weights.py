@@ -295,3 +295,28 @@ def test_kto_weights_are_balanced_per_update(tiny_engine):
     updater.config = fast(objective="kto", steps=1, balance=False)
     updater.update([kto_row(PROMPT, GOOD, True)] + [kto_row(PROMPT, "wrong", False)] * 3)
     assert trainer.desirable_weight == 1.0
+
+
+def test_an_update_prepares_its_rows_without_hashing_the_tokenizer():
+    """Dataset.map pickles its arguments (TRL's tokenize step passes the tokenizer: 3 s a time for Qwen's)
+    to name a cache file; inside an update it must not, and outside it datasets hashes as before."""
+    from datasets import Dataset
+
+    from rosa2_dspy.weights.updater import _light_datasets
+
+    pickled = []
+
+    class Heavy:
+        def __reduce__(self):
+            pickled.append(1)
+            return (Heavy, ())
+
+    def tag(row, heavy):
+        return {"n": row["n"] + 1}
+
+    with _light_datasets():
+        out = Dataset.from_list([{"n": 1}, {"n": 2}]).map(tag, fn_kwargs={"heavy": Heavy()})
+        out = out.filter(lambda row, heavy: row["n"] > 2, fn_kwargs={"heavy": Heavy()})
+    assert out["n"] == [3] and pickled == []
+    Dataset.from_list([{"n": 1}]).map(tag, fn_kwargs={"heavy": Heavy()})
+    assert pickled, "outside an update, datasets fingerprints as it always did"
