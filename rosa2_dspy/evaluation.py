@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,14 +108,39 @@ def progress_line(description: str, done: int, total: int, correct: int, elapsed
             f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done")
 
 
-def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile | Callable[[Any], ResultsFile], *,
-              threads: int = 1, description: str = "problems", progress: bool = True) -> float:
+class _LocalWorkers:
+    """Items solved on threads of this process (a batching engine sees their requests at once)."""
+
+    def __init__(self, solve: Callable[[Any], dict], threads: int):
+        self.solve, self.pool = solve, ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def _guarded(self, item) -> dict:
+        try:
+            return self.solve(item)
+        except Exception as exc:  # noqa: BLE001
+            return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+    def submit(self, item) -> Future:
+        return self.pool.submit(contextvars.copy_context().run, self._guarded, item)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_items(items: list, solve: Callable[[Any], dict] | None, results: ResultsFile | Callable[[Any], ResultsFile],
+              *, threads: int = 1, description: str = "problems", progress: bool = True, workers=None) -> float:
     """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
 
-    Items run on ``threads`` threads, so a batching engine sees concurrent requests. ``results`` is one
-    file, or a function giving each item's (several methods' conversations in one pool, each method's
-    records in its own file). Returns the wall time spent. An exception inside ``solve`` is ``solve``'s to
-    record; anything escaping it is recorded here as an error for that item and the run goes on.
+    Items run on ``threads`` threads, so a batching engine sees concurrent requests; or, given ``workers``
+    (an object whose ``submit(item)`` returns a future of the item's record, such as
+    :class:`~rosa2_dspy.distributed.RayWorkers`), wherever those run it. ``results`` is one file, or a function
+    giving each item's (several methods' conversations in one pool, each method's records in its own file);
+    only this process writes them.
+    Returns the wall time spent. An exception inside ``solve`` is ``solve``'s to record; anything escaping it
+    is recorded here as an error for that item and the run goes on.
     """
     file_of = results if callable(results) else (lambda item: results)
     todo = [item for item in items if item.unique_id not in file_of(item).records]
@@ -135,14 +160,8 @@ def run_items(items: list, solve: Callable[[Any], dict], results: ResultsFile | 
         task = bar.add_task(description, total=len(todo), acc="-")
         correct = 0
 
-        def guarded(item):
-            try:
-                return solve(item)
-            except Exception as exc:  # noqa: BLE001
-                return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = {pool.submit(contextvars.copy_context().run, guarded, item): item for item in todo}
+        with (workers if workers is not None else _LocalWorkers(solve, threads)) as pool:
+            futures = {pool.submit(item): item for item in todo}
             for done, future in enumerate(as_completed(futures), 1):
                 record = future.result()
                 file_of(futures[future]).append(record)

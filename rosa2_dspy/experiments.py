@@ -137,22 +137,17 @@ class _MethodItem:
         return self.example.unique_id
 
 
-def compare_methods(program, examples: list, methods: list[str], out: str | Path, *, engine, user: str = "vague",
-                    session=None, update=None, threads: int = 32, notes: list[str] | None = None,
-                    progress: bool = True) -> Path:
-    """Each method's conversations on the same problems, seeds and turn budget, every one from the engine's
-    weights now; ``out/<method>/results.jsonl`` (resumable), then summary.json, report.md and report.html.
-    ``threads``: conversations in flight per method. A method may be a variant (:func:`parse_method`).
-    Returns the report's path."""
+@contextlib.contextmanager
+def comparison_solver(program, engine, methods: list[str], *, user: str = "vague", session=None, update=None):
+    """The solver of a comparison's conversations, ``solve(item) -> record`` for a :class:`_MethodItem`: one
+    :class:`~rosa2_dspy.coadapt.Session` per method (a variant with its own settings), all on ``engine``, each
+    conversation from the engine's weights now. The same solver runs in this process or in a Ray actor."""
     import dspy
 
     from rosa2_dspy.coadapt import Session, SessionConfig, get_policy, session_update_config
-    from rosa2_dspy.evaluation import ResultsFile, run_items
     from rosa2_dspy.math.users import make_user
-    from rosa2_dspy.report import build_report
     from rosa2_dspy.weights import LoRAUpdater
 
-    out = Path(out)
     session = session or SessionConfig()
     update = update or session_update_config(max_length=session.max_tokens + 512)
     # DSPy's cache, in memory for this run only: a request repeated under the same weights (turn 1 is
@@ -167,6 +162,28 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         if updater is None:
             updaters.append(updater := LoRAUpdater(engine, variant_update))
         configs[method] = (variant_session, updater)
+    with contextlib.ExitStack() as stack:
+        sessions = {m: stack.enter_context(Session(program, engine, dataclasses.replace(
+            get_policy(parse_method(m)[0]), name=m), make_user(user, session.seed), configs[m][0],
+            updater=configs[m][1])) for m in methods}
+        yield lambda item: sessions[item.method].run(item.example)
+
+
+def compare_methods(program, examples: list, methods: list[str], out: str | Path, *, engine, user: str = "vague",
+                    session=None, update=None, threads: int = 32, notes: list[str] | None = None,
+                    progress: bool = True, workers=None) -> Path:
+    """Each method's conversations on the same problems, seeds and turn budget, every one from the engine's
+    weights now; ``out/<method>/results.jsonl`` (resumable), then summary.json, report.md and report.html.
+    ``threads``: conversations in flight per method. A method may be a variant (:func:`parse_method`).
+    ``workers`` (:class:`~rosa2_dspy.distributed.RayWorkers`): the conversations run there, each actor on its
+    own engine built from the same run (``program`` and ``engine`` are not used here). Returns the report's
+    path."""
+    from rosa2_dspy.coadapt import SessionConfig
+    from rosa2_dspy.evaluation import ResultsFile, run_items
+    from rosa2_dspy.report import build_report
+
+    out = Path(out)
+    session = session or SessionConfig()
     results = {}
     for method in methods:
         (out / method).mkdir(parents=True, exist_ok=True)
@@ -174,16 +191,16 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         done = sum(1 for e in examples if e.unique_id in results[method].records)
         if done:
             print(f"{method}: resuming, {done} of {len(examples)} problems already done")
-    with contextlib.ExitStack() as stack:
-        sessions = {m: stack.enter_context(Session(program, engine, dataclasses.replace(
-            get_policy(parse_method(m)[0]), name=m), make_user(user, session.seed), configs[m][0],
-            updater=configs[m][1])) for m in methods}
-        # Every method's conversations in one pool, problem by problem: the engine batches them together (no
-        # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
-        # for every method, is generated once (the engine joins identical requests in flight).
-        items = [_MethodItem(m, e) for e in examples for m in methods]
-        run_items(items, lambda item: sessions[item.method].run(item.example), lambda item: results[item.method],
-                  threads=threads * len(methods), description=", ".join(methods), progress=progress)
+    # Every method's conversations in one pool, problem by problem: the engine batches them together (no
+    # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
+    # for every method, is generated once (the engine joins identical requests in flight).
+    items = [_MethodItem(m, e) for e in examples for m in methods]
+    pooled = dict(threads=threads * len(methods), description=", ".join(methods), progress=progress)
+    if workers is not None:
+        run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
+    else:
+        with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve:
+            run_items(items, solve, lambda item: results[item.method], **pooled)
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)
 
@@ -191,30 +208,45 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
 # ----------------------------------------------------------------------------- one pass
 
 
-def evaluate(program, examples: list, out: str | Path, *, engine, threads: int = 32, max_tokens: int = 1024,
-             temperature: float = 0.0, cache: bool = False, progress: bool = True, description: str = "eval") -> dict:
-    """One pass of ``program`` over ``examples`` on ``engine``, graded; ``out/results.jsonl`` (resumable).
-    Returns the summary of the requested problems (throughput only from those this call ran)."""
+@contextlib.contextmanager
+def evaluation_solver(program, engine, *, max_tokens: int = 1024, temperature: float = 0.0, cache: bool = False):
+    """The solver of a one-pass evaluation, ``solve(example) -> record`` (graded), here or in a Ray actor."""
     import dspy
 
-    from rosa2_dspy.evaluation import ResultsFile, run_items, solve_math, summarize
+    from rosa2_dspy.evaluation import solve_math
+
+    dspy.configure(lm=engine.lm(cache=cache, max_tokens=max_tokens, temperature=temperature))
+    yield lambda example: solve_math(program, example)
+
+
+def evaluate(program, examples: list, out: str | Path, *, engine, threads: int = 32, max_tokens: int = 1024,
+             temperature: float = 0.0, cache: bool = False, progress: bool = True, description: str = "eval",
+             workers=None) -> dict:
+    """One pass of ``program`` over ``examples`` on ``engine``, graded; ``out/results.jsonl`` (resumable).
+    Returns the summary of the requested problems (throughput only from those this call ran). ``workers``: as
+    in :func:`compare_methods` (the engine facts of the summary then come from its first actor)."""
+    from rosa2_dspy.evaluation import ResultsFile, run_items, summarize
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dspy.configure(lm=engine.lm(cache=cache, max_tokens=max_tokens, temperature=temperature))
     results = ResultsFile(out / "results.jsonl")
     ran_now = [e.unique_id for e in examples if e.unique_id not in results.records]
     if len(ran_now) < len(examples):
         print(f"resuming: {len(examples) - len(ran_now)} of {len(examples)} problems already in "
               f"{out / 'results.jsonl'}")
-    wall = run_items(examples, lambda ex: solve_math(program, ex), results, threads=threads,
-                     description=description, progress=progress)
+    if workers is not None:
+        wall = run_items(examples, None, results, workers=workers, description=description, progress=progress)
+        facts = workers.engine_facts()
+    else:
+        with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve:
+            wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress)
+        facts = {"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
+                 "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats)}
     # only the requested problems (a run folder may hold more, from a larger --limit)
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
     ran = [results.records[uid] for uid in ran_now if uid in results.records]
     summary = summarize(records, wall_seconds=wall, new_records=ran, max_tokens=max_tokens)
-    summary.update({"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
-                    "dtype": engine.info.get("dtype"), "threads": threads, "engine_batches": dict(engine.stats)})
+    summary.update({**facts, "threads": threads})
     return summary
 
 

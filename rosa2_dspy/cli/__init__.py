@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from rosa2_dspy.artifacts import ArtifactError
+    from rosa2_dspy.distributed import RayError
     from rosa2_dspy.evaluation import RunError
     from rosa2_dspy.math.data import DataError
     from rosa2_dspy.models import ModelError
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
         print(f"rosa2: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RayError as exc:  # every actor lost: what finished is saved
+        print(f"rosa2: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rosa2: interrupted; finished problems are saved, rerun the same command to resume", file=sys.stderr)
         return 130

@@ -21,6 +21,29 @@ def engine_for(args):
                               continuous=args.batching == "continuous")
 
 
+def ray_workers(args, program: str, kwargs: dict, solver: str, threads: int, **options):
+    """The Ray actors a ``--ray`` run shards its items over (None without ``--ray``): each builds the run's
+    model (device and dtype as resolved here), program and solver (:mod:`rosa2_dspy.distributed`)."""
+    if not getattr(args, "ray", None):
+        return None
+    if args.ray_actors < 1 or args.ray_cpus <= 0:
+        raise CLIError("--ray-actors must be >= 1 and --ray-cpus > 0")
+    from rosa2_dspy.distributed import RayError, RayWorkers, Workload
+
+    path, sep, name = program.partition(":")
+    identity = model_identity(args)
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    workload = Workload(model=model, program=str(Path(path).resolve()) + sep + name, solver=solver,
+                        device=identity["device"], dtype=identity["dtype"], batching=args.batching,
+                        program_kwargs=kwargs, options=options,
+                        compiled=str(Path(args.compiled).resolve()) if getattr(args, "compiled", None) else None)
+    try:
+        return RayWorkers(workload, address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+                          threads=threads, cpus=args.ray_cpus)
+    except RayError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def program_kwargs(args) -> dict:
     kwargs = {}
     if getattr(args, "clarify", False):

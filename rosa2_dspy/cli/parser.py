@@ -31,6 +31,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "waits for its longest row")
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="shard the problems over Ray actors, each with its own engine: a cluster address (auto, "
+                        "ray://host:10001), or none to start a local Ray instance (pip install 'rosa2-dspy[ray]')")
+    p.add_argument("--ray-actors", type=int, default=2, help="Ray actors, one engine each (default 2)")
+    p.add_argument("--ray-cpus", type=float, default=1,
+                   help="CPU cores each actor reserves; its torch uses that many threads (default 1)")
+
+
 def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, **defaults) -> None:
     """The session's flags, from :data:`rosa2_dspy.experiments.SESSION_SETTINGS` (its type, default and help);
     ``defaults`` overrides a default for this command."""
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-overlap", action="store_true",
                     help="evaluate --compiled even on problems its compile trained or validated on")
     _add_session_args(ev, method_default=None)
+    _add_ray_args(ev)
     ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
     ev.add_argument("--no-progress", action="store_true")
 
@@ -131,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--threads", type=int, default=32,
                     help="conversations in flight per method (default 32, the engine's largest batch); the methods "
                          "share one pool, and a problem's turn 1 is generated once for all of them")
+    _add_ray_args(bc)
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")
 

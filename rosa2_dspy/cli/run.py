@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, compile_overlap, data_identity,
-                                    engine_for, model_identity, program_kwargs, seen_by, session_identity, train_val)
+                                    engine_for, model_identity, program_kwargs, ray_workers, seen_by, session_identity,
+                                    train_val)
 
 
 def cmd_eval(args) -> int:
@@ -56,45 +57,64 @@ def cmd_eval(args) -> int:
     resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
     out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
     if args.method:
-        return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap)
+        return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap,
+                            spec=(args.program, kwargs))
     from rosa2_dspy.experiments import evaluate
 
-    engine = engine_for(args)
-    if args.compiled:
+    workers = ray_workers(args, args.program, kwargs, "evaluation", args.threads, max_tokens=args.max_tokens,
+                          temperature=args.temperature, cache=args.cache)
+    engine = None if workers else engine_for(args)
+    if args.compiled and engine is not None:
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(args.compiled, program, engine)
     summary = evaluate(program, examples, out, engine=engine, threads=args.threads, max_tokens=args.max_tokens,
-                       temperature=args.temperature, cache=args.cache, progress=not args.no_progress)
+                       temperature=args.temperature, cache=args.cache, progress=not args.no_progress,
+                       workers=workers)
     summary.update({"batching": args.batching, "program": args.program, "split": args.split})
     if args.compiled:
         from rosa2_dspy.artifacts import instructions_of
         from rosa2_dspy.weights import adapter_shift
 
-        summary.update({"compiled": args.compiled, "compile_overlap": overlap,
-                        "instructions": instructions_of(program),
-                        "adapter_l2_shift": round(adapter_shift(engine).total, 6)})
+        summary.update({"compiled": args.compiled, "compile_overlap": overlap})
+        if engine is not None:  # on Ray the actors loaded it
+            summary.update({"instructions": instructions_of(program),
+                            "adapter_l2_shift": round(adapter_shift(engine).total, 6)})
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary, out)
+    if workers is not None:
+        _print_ray(workers)
     return 0
 
 
+def _print_ray(workers) -> None:
+    ray = workers.engine_facts()["ray"]
+    print(f"ray: {ray['actors']} actors, {ray.get('lost_actors', 0)} lost, {ray.get('rerun_items', 0)} items rerun "
+          f"elsewhere, {ray.get('started_replacements', 0)} replacements started")
+
+
 def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None,
-                 overlap: int | None = None) -> int:
-    """Run each method's sessions on the same problems (experiments.compare_methods); print the report."""
+                 overlap: int | None = None, spec: tuple[str, dict] = ("", {})) -> int:
+    """Run each method's sessions on the same problems (experiments.compare_methods); print the report.
+    ``spec``: the program's file and keyword arguments, which Ray actors load it from."""
     from rosa2_dspy.experiments import compare_methods, session_configs
 
-    engine = engine_for(args)
-    if compiled:
+    session, update = session_configs(vars(args), max_tokens=args.max_tokens, seed=args.seed)
+    workers = ray_workers(args, *spec, "comparison", args.threads * len(methods), methods=methods, user=args.user,
+                          session=session, update=update)
+    engine = None if workers else engine_for(args)
+    if compiled and engine is not None:
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(compiled, program, engine)
-    session, update = session_configs(vars(args), max_tokens=args.max_tokens, seed=args.seed)
     notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
                                         "were among its training or validation problems."]
     report = compare_methods(program, examples, methods, out, engine=engine, user=args.user, session=session,
-                             update=update, threads=args.threads, notes=notes, progress=not args.no_progress)
+                             update=update, threads=args.threads, notes=notes, progress=not args.no_progress,
+                             workers=workers)
     print(report.read_text())
+    if workers is not None:
+        _print_ray(workers)
     return 0
 
 
@@ -189,7 +209,7 @@ def bench_compare(args) -> int:
     out = prepare_run_dir(args.out, config,
                           resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")))
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled,
-                        overlap=overlap)
+                        overlap=overlap, spec=(program_spec, kwargs))
 
 
 def _print_compile(meta: dict, after: dict, out: Path) -> None:
