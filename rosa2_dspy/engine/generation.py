@@ -6,7 +6,6 @@ memory helpers that keep a long-running engine lean.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -109,7 +108,7 @@ class GenerationMixin:
             from transformers import StoppingCriteriaList
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
-        per_row = self._per_row_adapters(row_weights) if row_weights is not None else contextlib.nullcontext()
+        per_row = self._per_row_adapters(row_weights) if row_weights is not None else self._uniform_context()
         failpoint("generate.batch")
         with self.weights_lock, torch.inference_mode(), per_row:
             was_training = self.model.training
@@ -173,12 +172,27 @@ def release_free_memory() -> None:
         _malloc_trim(0)
 
 
+def _dense_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _contiguous_input(module, args):
-    """The output head gets a contiguous input. generate hands it the last position's hidden states, a
-    strided slice; once PEFT has frozen the head's weight, ``matmul`` no longer folds that 3D slice into one
-    matrix product but runs a batched one over a copy of the 152k x 1536 weight per row: a 5-row prefill of
-    the 1.5B model took 19.6 s instead of 2.3 s (BENCHMARKS.md)."""
-    return (args[0].contiguous(), *args[1:])
+    """The output head gets its input with a row-major layout. generate and the continuous decoder hand it the
+    last position's hidden states, a strided slice; once PEFT has frozen the head's weight, ``matmul`` no
+    longer folds that 3D slice into one matrix product but runs a batched one over a copy of the 152k x 1536
+    weight per row: a 5-row prefill of the 1.5B model took 19.6 s instead of 2.3 s (BENCHMARKS.md).
+    ``.contiguous()`` fixed many rows but not one: a [1, 1, H] slice counts as contiguous (strides of size-1
+    dimensions are ignored) while matmul's folding test reads them, and a one-row prefill (a row joining the
+    running batch) paid 3.4 s for its last position's logits (session 9); hence a copy whenever the strides
+    are not the dense ones (a few kB)."""
+    x = args[0]
+    if x.stride() != _dense_strides(x.shape):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return (x, *args[1:])
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,7 +229,7 @@ class SchedulerMixin:
         """The weights each row of a continuous batch asks for, around one forward (see :meth:`_weights_for`)."""
         row_weights = self._weights_for([row.tag.settings.weights for row in rows])
         if row_weights is None:
-            return contextlib.nullcontext()
+            return self._uniform_context()
         self.stats["mixed_weights_batches"] += 1
         return self._per_row_adapters(row_weights)
 
