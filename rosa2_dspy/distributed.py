@@ -57,11 +57,10 @@ class _Actor:
         import torch
 
         from rosa2_dspy import experiments
-        from rosa2_dspy.cli import _quiet_libraries
         from rosa2_dspy.engine import LocalEngine
         from rosa2_dspy.program_loader import load_program
 
-        _quiet_libraries()
+        experiments.quiet_libraries()
         torch.set_num_threads(max(1, int(cpus)))  # the cores Ray reserved for this actor
         self.engine = LocalEngine.shared(workload.model, device=workload.device, dtype=workload.dtype,
                                          continuous=None if workload.batching is None

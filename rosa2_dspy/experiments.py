@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import re
 import sys
 import time
@@ -28,6 +29,32 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+def quiet_libraries() -> None:
+    """Library warnings and progress bars off, for a command's output or a Ray actor's log."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "dspy", "math_verify", "LiteLLM", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import dspy
+
+        dspy.disable_logging()
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
 
 @dataclass(frozen=True)
 class Setting:

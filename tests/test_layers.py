@@ -15,7 +15,8 @@ FLOORS = {
     "report": 4, "coadapt": 4, "teleprompt": 4, "bench_update": 4,
     "recipes": 5,
     "experiments": 6,
-    "cli": 7,
+    "distributed": 7,
+    "cli": 8,
 }
 
 

@@ -4,40 +4,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from rosa2_dspy.cli.common import CLIError
 from rosa2_dspy.cli.parser import build_parser
 from rosa2_dspy.cli.run import cmd_compile, cmd_eval
 from rosa2_dspy.cli.tools import cmd_bench, cmd_info, cmd_report, cmd_shards
+from rosa2_dspy.experiments import quiet_libraries
 
 EXIT_BAD_INPUT = 2
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "datasets", "dspy", "math_verify", "LiteLLM", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-        import dspy
-
-        dspy.disable_logging()
-        datasets.utils.logging.set_verbosity(logging.CRITICAL)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def _check_ranges(args) -> None:
@@ -62,7 +37,7 @@ COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     from rosa2_dspy.artifacts import ArtifactError
     from rosa2_dspy.distributed import RayError
     from rosa2_dspy.evaluation import RunError
