@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,58 +85,75 @@ class _Actor:
                 "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats), "pid": os.getpid()}
 
     def solve(self, item) -> dict:
-        from rosa2_dspy.faults import failpoint
-
         try:
-            record = self._solve(item)
+            return self._solve(item)
         except Exception as exc:  # noqa: BLE001 - as a local run records it
-            record = {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        failpoint("ray.solved")  # an actor lost with its record unsent (tests/test_ray.py)
-        return record
+            return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 class _Slot:
-    def __init__(self, handle):
+    """One actor: its handle, whether it is serving, and the items it has in flight."""
+
+    def __init__(self, handle, ready=None, started: float = 0.0):
         self.handle, self.alive = handle, True
+        self.ready, self.started = ready, started  # a replacement: its facts() call, until it resolves
         self.inflight: dict[Any, tuple[Any, Future]] = {}  # ObjectRef -> (item, its future)
 
 
 class RayWorkers:
     """``actors`` Ray actors running ``workload``; ``submit(item)`` returns a future of the item's record.
 
-    ``address``: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``), or None for a local Ray
-    instance started here. ``threads``: items in flight per actor. ``cpus``/``gpus``: what each actor reserves
-    (``gpus`` defaults to 1 when the workload runs on CUDA). ``replacements``: fresh actors started, in all, in
-    place of lost ones. Use as a context manager (``run_items`` does): leaving it stops the actors."""
+    ``address``: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``), or None for a new local Ray
+    instance. ``threads``: items in flight per actor. ``cpus``/``gpus``: what each actor reserves (``gpus``
+    defaults to 1 when the workload runs on CUDA); a cluster without room for every actor is refused at once.
+    ``replacements``: fresh actors started, in all, in place of lost ones. ``start_timeout``: seconds an actor
+    may take to load its model before the run gives up on it. Use as a context manager (``run_items`` does):
+    leaving it stops the actors."""
 
     def __init__(self, workload: Workload, *, address: str | None = None, actors: int = 2, threads: int = 16,
-                 cpus: float = 1, gpus: float | None = None, replacements: int | None = None):
+                 cpus: float = 1, gpus: float | None = None, replacements: int | None = None,
+                 start_timeout: float = 1800):
         try:
             import ray
         except ImportError:
             raise RayError("--ray needs Ray: pip install 'rosa2-dspy[ray]' (or pip install ray)") from None
         if actors < 1 or threads < 1:
             raise RayError("a Ray run needs at least one actor and one thread per actor")
-        self._ray, self.workload, self.threads = ray, workload, threads
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                     **({"num_cpus": max(int(cpus * actors), 1)} if address is None else {}))
+        self._ray, self.workload, self.threads, self.cpus = ray, workload, threads, cpus
         gpus = (1 if (workload.device or "").startswith("cuda") else 0) if gpus is None else gpus
+        if not ray.is_initialized():
+            try:  # "local": a new instance here, even where RAY_ADDRESS or `ray start` names a cluster
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
+                         **({"num_cpus": max(math.ceil(cpus * actors), 1)} if address is None else {}))
+            except Exception as exc:  # noqa: BLE001 - an unreachable address, a bad one: one line
+                raise RayError(f"cannot start or reach Ray at {address or 'a local instance'}: {exc}") from None
+        have = ray.cluster_resources()
+        for name, each in (("CPU", cpus), ("GPU", gpus)):
+            if each and have.get(name, 0) < each * actors:
+                raise RayError(f"{actors} actors x {each} {name} need {each * actors:g}, the Ray cluster has "
+                               f"{have.get(name, 0):g}: use fewer --ray-actors or --ray-cpus")
         self._actor_class = ray.remote(_Actor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=threads,
                                                        max_restarts=0)
         self.replacements = actors if replacements is None else replacements
+        self.start_timeout = start_timeout
         self.stats = collections.Counter()
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
         self._lost_because = ""
-        self.cpus = cpus
         self._slots = [_Slot(self._actor_class.remote(workload, cpus)) for _ in range(actors)]
         try:  # an actor that cannot build its engine or program says so now, not item by item
-            self._facts = ray.get([slot.handle.facts.remote() for slot in self._slots])
+            self._facts = ray.get([slot.handle.facts.remote() for slot in self._slots], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self._kill_all()
+            raise RayError(f"the Ray actors did not start within {start_timeout:g} s (placed nowhere, or loading "
+                           "the model takes longer)") from None
         except ray.exceptions.RayError as exc:
             self._kill_all()
             raise RayError(f"a Ray actor could not start: {_cause(exc)}") from None
+        except BaseException:
+            self._kill_all()
+            raise
         self._final_stats: dict | None = None
         self._loop = threading.Thread(target=self._dispatch, name="rosa2-ray-dispatch", daemon=True)
         self._loop.start()
@@ -153,25 +172,29 @@ class RayWorkers:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(interrupted=exc_type is not None)
 
-    def close(self) -> None:
-        """Stop dispatching, keep the actors' engine counters (:meth:`engine_facts`), stop the actors."""
+    def close(self, interrupted: bool = False) -> None:
+        """Stop dispatching, keep the actors' engine counters (:meth:`engine_facts`; not after an interruption,
+        when the actors are still busy), stop the actors. Idempotent."""
         with self._wake:
             if self._closed:
                 return
             self._closed = True
             self._fail_all(RayError("the run stopped before this item ran"))
             self._wake.notify()
-        self._loop.join()
-        totals: collections.Counter = collections.Counter()
-        for slot in self._slots:
-            if slot.alive:
-                with contextlib.suppress(Exception):
-                    totals.update(self._ray.get(slot.handle.facts.remote(), timeout=60)["engine_batches"])
-        self._final_stats = dict(totals)
-        self._kill_all()
+        try:
+            self._loop.join()
+            if not interrupted:
+                totals: collections.Counter = collections.Counter()
+                for slot in self._slots:
+                    if slot.alive and slot.ready is None:
+                        with contextlib.suppress(Exception):
+                            totals.update(self._ray.get(slot.handle.facts.remote(), timeout=60)["engine_batches"])
+                self._final_stats = dict(totals)
+        finally:
+            self._kill_all()
 
     def engine_facts(self) -> dict:
         """The model, weights, device and dtype the actors ran (from the first), and their engine counters
@@ -182,13 +205,26 @@ class RayWorkers:
         facts["ray"] = {"actors": len(self._facts), "threads_per_actor": self.threads, **self.stats}
         return facts
 
-    def actor_pids(self) -> list[int]:
-        """The process ids of the actors alive now (a test kills one)."""
-        return [self._ray.get(slot.handle.facts.remote())["pid"] for slot in self._slots if slot.alive]
+    def kill_actor(self, index: int = 0) -> None:
+        """Kill one actor as a lost node would (its process ends); its items run elsewhere (tests use it)."""
+        self._ray.kill(self._slots[index].handle, no_restart=True)
 
     # -- the dispatcher ----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead dispatcher must not leave callers waiting forever
+            with self._wake:
+                self._closed = True
+                error = RayError(f"the Ray dispatcher failed: {type(exc).__name__}: {exc}")
+                self._fail_all(error)
+                for slot in self._slots:
+                    for _, future in slot.inflight.values():
+                        future.set_exception(error)
+                    slot.inflight.clear()
+
+    def _dispatch_loop(self) -> None:
         ray = self._ray
         while True:
             with self._wake:
@@ -198,6 +234,7 @@ class RayWorkers:
                             future.set_exception(RayError("the run stopped while this item ran"))
                         slot.inflight.clear()
                     return
+                self._admit_replacements()
                 self._fill()
                 refs = [ref for slot in self._slots for ref in slot.inflight]
                 if not refs:
@@ -207,12 +244,33 @@ class RayWorkers:
             for ref in ready:
                 self._finish(ref)
 
+    def _admit_replacements(self) -> None:
+        """A replacement serves once its model is loaded; one that failed, or was placed nowhere within
+        ``start_timeout``, is given up (called under the lock)."""
+        ray = self._ray
+        for slot in self._slots:
+            if not slot.alive or slot.ready is None:
+                continue
+            done, _ = ray.wait([slot.ready], timeout=0)
+            if done:
+                try:
+                    ray.get(done[0])
+                    slot.ready = None
+                except ray.exceptions.RayError as exc:
+                    slot.alive, self._lost_because = False, _cause(exc)
+            elif time.monotonic() - slot.started > self.start_timeout:
+                slot.alive, self._lost_because = False, f"a replacement did not start in {self.start_timeout:g} s"
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.handle, no_restart=True)
+
     def _fill(self) -> None:
-        """Hand queued items to live actors with free slots, the least busy first (called under the lock)."""
-        live = [slot for slot in self._slots if slot.alive]
-        if not live and self._queue:
-            self._fail_all(RayError(f"every Ray actor died ({self._lost_because}) and no replacement is left; "
-                                    "rerun the same command to resume"))
+        """Hand queued items to serving actors with free slots, the least busy first (called under the lock)."""
+        live = [slot for slot in self._slots if slot.alive and slot.ready is None]
+        starting = any(slot.alive and slot.ready is not None for slot in self._slots)
+        if not live:
+            if self._queue and not starting:
+                self._fail_all(RayError(f"every Ray actor died ({self._lost_because}) and no replacement is left; "
+                                        "rerun the same command to resume"))
             return
         while self._queue:
             slot = min(live, key=lambda s: len(s.inflight))
@@ -229,22 +287,28 @@ class RayWorkers:
             item, future = slot.inflight.pop(ref)
         try:
             record = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # the actor is gone: its items run elsewhere
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError,
+                ray.exceptions.WorkerCrashedError) as exc:  # the actor or its node is gone: the item runs elsewhere
             with self._wake:
+                if self._closed:
+                    future.set_exception(RayError("the run stopped while this item ran"))
+                    return
                 self.stats["rerun_items"] += 1
                 self._queue.appendleft((item, future, True))
                 if slot.alive:
                     slot.alive = False
                     self.stats["lost_actors"] += 1
                     self._lost_because = _cause(exc)
-                    if self.replacements > 0:  # Ray places it wherever resources are free
+                    with contextlib.suppress(Exception):  # it may linger (unreachable, not dead): free its resources
+                        ray.kill(slot.handle, no_restart=True)
+                    if self.replacements > 0:  # Ray places it where resources are free; it serves once loaded
                         self.replacements -= 1
                         self.stats["started_replacements"] += 1
-                        self._slots.append(_Slot(self._actor_class.remote(self.workload, self.cpus)))
+                        handle = self._actor_class.remote(self.workload, self.cpus)
+                        self._slots.append(_Slot(handle, handle.facts.remote(), time.monotonic()))
             return
-        except Exception as exc:  # noqa: BLE001 - an item that cannot even come back fails alone
-            future.set_exception(exc)
-            return
+        except Exception as exc:  # noqa: BLE001 - an item whose record cannot come back is recorded as an error
+            record = {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
         future.set_result(record)
 
     def _fail_all(self, error: Exception) -> None:

@@ -3,7 +3,7 @@
 ``ROSA2_FAILPOINTS="update.trained=3,generate.batch=5"`` kills the process with SIGKILL the 3rd time
 the update path reaches ``update.trained`` (the adapter changed, the update not yet accepted) and the
 5th time a batch is about to generate (or, with continuous batching, rows are about to join the running
-batch), whichever comes first; ``ray.solved`` kills a Ray actor as it is about to return an item's record. Unset (always, outside tests), a
+batch), whichever comes first. Unset (always, outside tests), a
 failpoint costs one dictionary lookup. The kill-and-resume test in ``tests/test_resume.py`` uses it.
 """
 

@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from rosa2_dspy.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def compare(model: Path, out: Path, failpoints: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
     if failpoints:
         env["ROSA2_FAILPOINTS"] = failpoints
     args = ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
             "--turns", "2", "--samples", "1", "--user", "sharded", "--model", str(model), "--dtype", "float32",
-            "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out), *extra]
+            "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out)]
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
 

@@ -3,6 +3,7 @@ call :mod:`rosa2_dspy.experiments` and print what it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, compile_overlap, data_identity,
@@ -68,9 +69,10 @@ def cmd_eval(args) -> int:
         from rosa2_dspy.artifacts import load_compiled
 
         load_compiled(args.compiled, program, engine)
-    summary = evaluate(program, examples, out, engine=engine, threads=args.threads, max_tokens=args.max_tokens,
-                       temperature=args.temperature, cache=args.cache, progress=not args.no_progress,
-                       workers=workers)
+    with workers or contextlib.nullcontext():  # the actors stop however the run ends (resumed with nothing to do)
+        summary = evaluate(program, examples, out, engine=engine, threads=args.threads, max_tokens=args.max_tokens,
+                           temperature=args.temperature, cache=args.cache, progress=not args.no_progress,
+                           workers=workers)
     summary.update({"batching": args.batching, "program": args.program, "split": args.split})
     if args.compiled:
         from rosa2_dspy.artifacts import instructions_of
@@ -109,9 +111,10 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
         load_compiled(compiled, program, engine)
     notes = [] if overlap is None else [f"Started from the compiled artifact {compiled}; {overlap} of these problems "
                                         "were among its training or validation problems."]
-    report = compare_methods(program, examples, methods, out, engine=engine, user=args.user, session=session,
-                             update=update, threads=args.threads, notes=notes, progress=not args.no_progress,
-                             workers=workers)
+    with workers or contextlib.nullcontext():
+        report = compare_methods(program, examples, methods, out, engine=engine, user=args.user, session=session,
+                                 update=update, threads=args.threads, notes=notes, progress=not args.no_progress,
+                                 workers=workers)
     print(report.read_text())
     if workers is not None:
         _print_ray(workers)
