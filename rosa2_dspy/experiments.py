@@ -201,7 +201,8 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
                     progress: bool = True, workers=None) -> Path:
     """Each method's conversations on the same problems, seeds and turn budget, every one from the engine's
     weights now; ``out/<method>/results.jsonl`` (resumable), then summary.json, report.md and report.html.
-    ``threads``: conversations in flight per method. A method may be a variant (:func:`parse_method`).
+    ``threads``: conversations in flight, all methods together (the first problems' conversations finish first, so
+    a run cut short keeps what it finished). A method may be a variant (:func:`parse_method`).
     ``workers`` (:class:`~rosa2_dspy.distributed.RayWorkers`): the conversations run there, each actor on its
     own engine built from the same run (``program`` and ``engine`` are not used here). Returns the report's
     path."""
@@ -222,7 +223,7 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
     # method ends on a tail of one long reply decoding alone), and a problem's turn 1, the same request
     # for every method, is generated once (the engine joins identical requests in flight).
     items = [_MethodItem(m, e) for e in examples for m in methods]
-    pooled = dict(threads=threads * len(methods), description=", ".join(methods), progress=progress)
+    pooled = dict(threads=threads, description=", ".join(methods), progress=progress)
     if workers is not None:
         run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
     else:

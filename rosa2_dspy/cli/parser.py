@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-tokens", type=int, default=1024,
                     help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
     bc.add_argument("--threads", type=int, default=32,
-                    help="conversations in flight per method (default 32, the engine's largest batch); the methods "
-                         "share one pool, and a problem's turn 1 is generated once for all of them")
+                    help="conversations in flight, every method's together (default 32, the engine's largest batch); "
+                         "problems run in order, so a run cut short keeps the conversations it finished, and a "
+                         "problem's turn 1 is generated once for all methods")
     _add_ray_args(bc)
     bc.add_argument("--out", required=True)
     bc.add_argument("--no-progress", action="store_true")

@@ -102,7 +102,7 @@ def _run_methods(args, methods: list[str], examples: list, program, out: Path, c
     from rosa2_dspy.experiments import compare_methods, session_configs
 
     session, update = session_configs(vars(args), max_tokens=args.max_tokens, seed=args.seed)
-    workers = ray_workers(args, *spec, "comparison", args.threads * len(methods), methods=methods, user=args.user,
+    workers = ray_workers(args, *spec, "comparison", args.threads, methods=methods, user=args.user,
                           session=session, update=update)
     engine = None if workers else engine_for(args)
     if compiled and engine is not None:
