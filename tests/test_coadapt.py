@@ -492,3 +492,36 @@ def test_the_weights_step_trains_on_exactly_the_statement_the_answer_module_saw(
     assert answered == ["What is 2+3?", "What is 2+3? Give an integer."]
     assert [answered[i] in seen[i] for i in range(2)] == [True, True]  # each answer saw the turn's statement
     assert answered[1] in session.trained and record["turns"][0]["weights"]["trained_on"] == answered[1]
+
+
+def test_threads_counts_conversations_in_flight_for_all_methods_together(tmp_path, tiny_engine, monkeypatch):
+    """--threads N keeps N conversations in flight in all (it was N per method: 6 methods x 32 put a whole run in
+    flight, and a run cut short had finished nothing); problem by problem, so records come out in order."""
+    import threading
+    import time
+
+    from rosa2_dspy.experiments import compare_methods
+    from rosa2_dspy.math.data import load_examples
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def run(self, example):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return {"unique_id": example.unique_id, "method": self.policy.name, "solved": False, "turns": [],
+                "turns_used": 1, "l2_shift": 0.0, "error": None}
+
+    monkeypatch.setattr(Session, "run", run)
+    monkeypatch.setattr("rosa2_dspy.report.build_report", lambda *args, **kwargs: tmp_path)
+    examples = load_examples("test", levels="1", limit=4)
+    for threads, expected in ((1, 1), (3, 3)):
+        compare_methods(MathSolver(), examples, ["single", "pe", "ttt"], tmp_path / f"t{threads}",
+                        engine=tiny_engine, threads=threads, progress=False)
+        assert most[0] == expected, (threads, most[0])
+        most[0] = 0
+    order = [json.loads(line)["unique_id"] for line in (tmp_path / "t1" / "single" / "results.jsonl").open()]
+    assert order == [e.unique_id for e in examples]
