@@ -235,7 +235,7 @@ def test_a_decode_step_writes_its_column_into_the_cache_in_place(lively_engine):
     """transformers' DynamicLayer concatenates, copying every layer's cache at every step (a quarter of a 64-row
     step at 800 tokens); the decoder's cache keeps spare columns and writes the new one in place, until a row
     joins or leaves (the greedy-equality tests above hold with it)."""
-    from rosa2_dspy.engine.continuous import RoomyLayer
+    from rosa2_dspy.engine.continuous import CACHE_ROOM
 
     prompt = _prompts(lively_engine, 1)[0]
     decoder = _decoder(lively_engine, max_rows=2)
@@ -247,7 +247,7 @@ def test_a_decode_step_writes_its_column_into_the_cache_in_place(lively_engine):
         decoder.step([])
     assert layer.keys.shape[-2] == len(prompt) + 6
     assert layer.keys.untyped_storage().data_ptr() == buffer  # five steps, no new allocation
-    assert layer.keys.untyped_storage().nbytes() >= (len(prompt) + RoomyLayer.ROOM) * layer.keys[0, 0, 0].nbytes
+    assert layer.keys.untyped_storage().nbytes() >= (len(prompt) + CACHE_ROOM) * layer.keys[0, 0, 0].nbytes
     decoder.step([Row(prompt, 3)])  # a row joins: a new cache, then a new buffer with room
     decoder.step([])
     assert decoder.cache.layers[0].keys.shape[0] == 2

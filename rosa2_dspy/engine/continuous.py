@@ -27,6 +27,7 @@ whichever rows it runs beside.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,59 +75,51 @@ def sample_token(logits: torch.Tensor, row: Row) -> int:
     return int(indices[choice.item()])
 
 
-class RoomyLayer:
-    """Made a subclass of transformers' ``DynamicLayer`` on first use (:func:`roomy_cache`): its keys and values
-    are views of buffers with ``ROOM`` spare columns, so a decode step writes its column in place.
-    ``DynamicLayer.update`` concatenates, copying the layer's whole cache every step: with 64 rows of 800 tokens
-    that copy was 25% of a decode step (torch profiler, session 9). When rows join or leave, the decoder
-    assigns new tensors to ``keys``/``values``; the next update moves them into a fresh buffer with room."""
-
-    ROOM = 128
+CACHE_ROOM = 128  # spare columns each layer of the decoder's KV cache keeps (see roomy_cache)
 
 
+@functools.cache
 def _roomy_layer_class():
     from transformers.cache_utils import DynamicLayer
 
-    class _RoomyLayer(DynamicLayer):
-        __doc__ = RoomyLayer.__doc__
-        ROOM = RoomyLayer.ROOM
+    class RoomyLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values are views of buffers with ``CACHE_ROOM`` spare columns, so a
+        decode step writes its column in place. ``DynamicLayer.update`` concatenates, copying the layer's whole
+        cache every step: with 64 rows of 800 tokens that copy was 25% of a decode step (torch profiler, session
+        9). When rows join or leave, the decoder assigns new tensors to ``keys``/``values``: the next update
+        moves them into fresh buffers with room."""
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
-            t = key_states.shape[-2]
+            end = n + key_states.shape[-2]
             room = getattr(self, "_room", None)
-            if (room is None or self.keys is not room[2] or self.values is not room[3]
-                    or room[0].shape[-2] < n + t or room[0].shape[0] != key_states.shape[0]):
-                shape = (*key_states.shape[:2], n + t + self.ROOM, key_states.shape[-1])
-                room = [key_states.new_empty(shape), value_states.new_empty(shape), None, None]
+            # (the decoder replaced keys/values when they no longer start the buffers; _base is unset under
+            # inference_mode, the data pointer is not)
+            if (room is None or self.keys.data_ptr() != room[0].data_ptr()
+                    or self.values.data_ptr() != room[1].data_ptr() or room[0].shape[-2] < end
+                    or room[0].shape[0] != key_states.shape[0]):
+                shape = (*key_states.shape[:2], end + CACHE_ROOM, key_states.shape[-1])
+                room = self._room = key_states.new_empty(shape), value_states.new_empty(shape)
                 if n:
                     room[0][:, :, :n] = self.keys
                     room[1][:, :, :n] = self.values
-            room[0][:, :, n:n + t] = key_states
-            room[1][:, :, n:n + t] = value_states
-            self.keys, self.values = room[0][:, :, :n + t], room[1][:, :, :n + t]
-            room[2], room[3] = self.keys, self.values
-            self._room = room
+            room[0][:, :, n:end] = key_states
+            room[1][:, :, n:end] = value_states
+            self.keys, self.values = room[0][:, :, :end], room[1][:, :, :end]
             return self.keys, self.values
 
-    return _RoomyLayer
+    return RoomyLayer
 
 
 def roomy_cache():
-    """A ``DynamicCache`` whose layers append in place (:class:`RoomyLayer`)."""
+    """A ``DynamicCache`` whose layers append in place (``RoomyLayer``); transformers is imported on first use."""
     from transformers import DynamicCache
 
-    global _ROOMY
-    if _ROOMY is None:
-        _ROOMY = _roomy_layer_class()
     cache = DynamicCache()
-    cache.layer_class_to_replicate = _ROOMY
+    cache.layer_class_to_replicate = _roomy_layer_class()
     return cache
-
-
-_ROOMY = None
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
