@@ -78,17 +78,14 @@ class _Actor:
         self._solve = self._stack.enter_context(solver(program, self.engine, **workload.options))
 
     def facts(self) -> dict:
-        import os
+        from rosa2_dspy.experiments import engine_facts
 
-        engine = self.engine
-        return {"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
-                "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats), "pid": os.getpid()}
+        return engine_facts(self.engine)
 
     def solve(self, item) -> dict:
-        try:
-            return self._solve(item)
-        except Exception as exc:  # noqa: BLE001 - as a local run records it
-            return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        from rosa2_dspy.evaluation import solve_guarded
+
+        return solve_guarded(self._solve, item)  # as a local run records an error
 
 
 class _Slot:
@@ -199,7 +196,7 @@ class RayWorkers:
     def engine_facts(self) -> dict:
         """The model, weights, device and dtype the actors ran (from the first), and their engine counters
         summed (after :meth:`close`; before it, the first actor's at start), plus how many actors and losses."""
-        facts = {k: v for k, v in self._facts[0].items() if k != "pid"}
+        facts = dict(self._facts[0])
         if self._final_stats is not None:
             facts["engine_batches"] = self._final_stats
         facts["ray"] = {"actors": len(self._facts), "threads_per_actor": self.threads, **self.stats}
@@ -308,7 +305,9 @@ class RayWorkers:
                         self._slots.append(_Slot(handle, handle.facts.remote(), time.monotonic()))
             return
         except Exception as exc:  # noqa: BLE001 - an item whose record cannot come back is recorded as an error
-            record = {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            from rosa2_dspy.evaluation import error_record
+
+            record = error_record(item, exc)
         future.set_result(record)
 
     def _fail_all(self, error: Exception) -> None:

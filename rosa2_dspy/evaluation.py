@@ -108,20 +108,27 @@ def progress_line(description: str, done: int, total: int, correct: int, elapsed
             f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done")
 
 
+def error_record(item, exc: BaseException) -> dict:
+    """The record of an item whose solving raised: wrong, with the error, so the run goes on."""
+    return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def solve_guarded(solve: Callable[[Any], dict], item) -> dict:
+    """``solve(item)``, or its :func:`error_record` if it raises (here or in a Ray actor)."""
+    try:
+        return solve(item)
+    except Exception as exc:  # noqa: BLE001
+        return error_record(item, exc)
+
+
 class _LocalWorkers:
     """Items solved on threads of this process (a batching engine sees their requests at once)."""
 
     def __init__(self, solve: Callable[[Any], dict], threads: int):
         self.solve, self.pool = solve, ThreadPoolExecutor(max_workers=max(1, threads))
 
-    def _guarded(self, item) -> dict:
-        try:
-            return self.solve(item)
-        except Exception as exc:  # noqa: BLE001
-            return {"unique_id": item.unique_id, "correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-
     def submit(self, item) -> Future:
-        return self.pool.submit(contextvars.copy_context().run, self._guarded, item)
+        return self.pool.submit(contextvars.copy_context().run, solve_guarded, self.solve, item)
 
     def __enter__(self):
         return self

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 def quiet_libraries() -> None:
     """Library warnings and progress bars off, for a command's output or a Ray actor's log."""
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
     warnings.filterwarnings("ignore")
     for name in ("transformers", "datasets", "dspy", "math_verify", "LiteLLM", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -236,6 +236,12 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
 # ----------------------------------------------------------------------------- one pass
 
 
+def engine_facts(engine) -> dict:
+    """What a summary says of the engine a run used: model, weights, device, dtype and its batch counters."""
+    return {"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
+            "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats)}
+
+
 @contextlib.contextmanager
 def evaluation_solver(program, engine, *, max_tokens: int = 1024, temperature: float = 0.0, cache: bool = False):
     """The solver of a one-pass evaluation, ``solve(example) -> record`` (graded), here or in a Ray actor."""
@@ -268,8 +274,7 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
     else:
         with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve:
             wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress)
-        facts = {"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
-                 "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats)}
+        facts = engine_facts(engine)
     # only the requested problems (a run folder may hold more, from a larger --limit)
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]
     ran = [results.records[uid] for uid in ran_now if uid in results.records]

@@ -95,8 +95,8 @@ def _print_ray(workers) -> None:
           f"elsewhere, {ray.get('started_replacements', 0)} replacements started")
 
 
-def _run_methods(args, methods: list[str], examples: list, program, out: Path, compiled: str | None = None,
-                 overlap: int | None = None, spec: tuple[str, dict] = ("", {})) -> int:
+def _run_methods(args, methods: list[str], examples: list, program, out: Path, *, spec: tuple[str, dict],
+                 compiled: str | None = None, overlap: int | None = None) -> int:
     """Run each method's sessions on the same problems (experiments.compare_methods); print the report.
     ``spec``: the program's file and keyword arguments, which Ray actors load it from."""
     from rosa2_dspy.experiments import compare_methods, session_configs
