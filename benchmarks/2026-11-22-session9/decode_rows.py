@@ -11,27 +11,11 @@ import time
 
 import torch
 
-from rosa2_dspy.engine import GenSettings, LocalEngine
+from _setup import Tag, engine_with_pins
 from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
 
 L, steps, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(n) for n in sys.argv[3:]]
-engine = LocalEngine.shared("default")
-engine.attach_adapter()
-g = torch.Generator().manual_seed(0)
-pins = []
-for _ in range(max(sizes) // 2):
-    with torch.no_grad():
-        for name, t in engine.adapter_state().items():
-            t.copy_(torch.randn(t.shape, generator=g) * (0.01 if "lora_B" in name else 0.05))
-    engine.mark_changed()
-    pins.append(engine.pin())
-
-
-class Tag:
-    def __init__(self, w):
-        self.settings = GenSettings(max_tokens=10**6, do_sample=False, temperature=0.0, top_p=None, top_k=None,
-                                    seed=None, weights=w)
-
+engine, pins = engine_with_pins(max(sizes) // 2)
 
 words = "Tell me a long story about numbers and their friends. "
 ids = engine.encode_chat([{"role": "user", "content": words * (L // 10)}])[:L]
@@ -39,8 +23,8 @@ for n in sizes:
     dec = ContinuousDecoder(engine.model, engine.tokenizer, [], engine.tokenizer.pad_token_id, max_rows=n,
                             forward_context=engine._rows_context)
     with torch.inference_mode():
-        dec.step([Row(ids, 10**6, tag=Tag(pins[0]))])
-        rows = [dec.rows[0]] + [Row(ids, 10**6, tag=Tag(pins[(i // 2) % len(pins)])) for i in range(1, n)]
+        dec.step([Row(ids, 10**6, tag=Tag(pins[0], 10**6))])
+        rows = [dec.rows[0]] + [Row(ids, 10**6, tag=Tag(pins[(i // 2) % len(pins)], 10**6)) for i in range(1, n)]
         for layer in dec.cache.layers:
             layer.keys, layer.values = layer.keys.repeat(n, 1, 1, 1), layer.values.repeat(n, 1, 1, 1)
         dec.rows, dec.mask = rows, dec.mask.repeat(n, 1)

@@ -10,36 +10,18 @@ import json
 import sys
 import time
 
-import torch
-
-from rosa2_dspy.engine import GenSettings, LocalEngine
+from _setup import Tag, engine_with_pins
 from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
 
 L, sizes = int(sys.argv[1]), [int(b) for b in sys.argv[2:]]
-engine = LocalEngine.shared("default")
-engine.attach_adapter()
-g = torch.Generator().manual_seed(0)
-pins = []
-for _ in range(max(sizes)):
-    with torch.no_grad():
-        for name, t in engine.adapter_state().items():
-            t.copy_(torch.randn(t.shape, generator=g) * (0.01 if "lora_B" in name else 0.05))
-    engine.mark_changed()
-    pins.append(engine.pin())
-
-
-class Tag:
-    def __init__(self, w):
-        self.settings = GenSettings(max_tokens=1, do_sample=False, temperature=0.0, top_p=None, top_k=None,
-                                    seed=None, weights=w)
-
+engine, pins = engine_with_pins(max(sizes))
 
 ids = engine.encode_chat([{"role": "user", "content": "Tell me a long story about numbers. " * L}])[:L]
 for b in sizes:
     for label in ("base", "adapters"):
         if label == "base":
             engine.reset_adapter()
-        rows = [Row(ids, 1, tag=Tag(None if label == "base" else pins[i])) for i in range(b)]
+        rows = [Row(ids, 1, tag=Tag(None if label == "base" else pins[i], 1)) for i in range(b)]
         dec = ContinuousDecoder(engine.model, engine.tokenizer, [], engine.tokenizer.pad_token_id, max_rows=b,
                                 forward_context=engine._rows_context)
         started = time.perf_counter()
