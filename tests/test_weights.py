@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import dspy
@@ -320,3 +321,40 @@ def test_an_update_prepares_its_rows_without_hashing_the_tokenizer():
     assert out["n"] == [3] and pickled == []
     Dataset.from_list([{"n": 1}]).map(tag, fn_kwargs={"heavy": Heavy()})
     assert pickled, "outside an update, datasets fingerprints as it always did"
+
+
+def test_the_fused_head_scores_only_the_reply_on_cpu_and_trains_as_before(tiny_engine, monkeypatch):
+    """TRL's fused LM head scores every position on devices without Triton; an update on CPU hands it only the
+    labelled (reply) positions, the policy's and the reference's, and moves the adapter as scoring all would."""
+    from trl.trainer import utils as trl_utils
+
+    from rosa2_dspy.weights import updater as updater_module
+
+    scored = []
+    real = trl_utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return real.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    rows = [kto_row(PROMPT, BAD, False)]
+    config = fast(objective="apo_zero_unpaired", steps=2, batch_size=1)
+
+    compact = LoRAUpdater(tiny_engine, config)
+    compact.update(rows)
+    trained = {k: v.clone() for k, v in tiny_engine.adapter_state().items()}
+    replies = set(scored)  # the policy's and the reference's forwards, every step: the same reply tokens
+
+    tiny_engine.reset_adapter()
+    scored.clear()
+    monkeypatch.setattr(updater_module, "_score_completions_only", contextlib.nullcontext)
+    LoRAUpdater(tiny_engine, config).update(rows)
+    (every,) = set(scored)
+    assert len(replies) == 1 and 0 < replies.pop() < every / 2, "only the reply's positions are scored"
+    for name, tensor in tiny_engine.adapter_state().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=1e-4, atol=1e-6)
+    from trl.kernels.chunked_logprob import _use_triton
+    assert trl_utils._use_triton is _use_triton, "the switch is put back after the update"

@@ -67,6 +67,30 @@ def _light_datasets():
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _score_completions_only():
+    """TRL's fused LM head scoring only the positions that carry a label, on CPU too.
+
+    ``trl.trainer.utils.add_fused_lm_head`` projects through the LM head only the labelled (reply) positions on
+    Triton devices; elsewhere it scores every position, prompt included, so that compilers (Neuron) see fixed
+    tile shapes. On CPU nothing is compiled, and the head of Qwen2.5-1.5B (151,936 x 1,536) over a whole row of an
+    update cost 29.5% of it in forward and backward, the backward in float32 (py-spy of the tuning run,
+    session 10); the prompt is about half a row. TRL decides with the name ``_use_triton`` in that module, read
+    only there (the chunked kernel keeps its own, and still folds the tiles in torch on CPU); it answers yes for
+    CPU tensors while an update runs. A TRL whose fused head no longer reads that name is left as it is."""
+    from trl.trainer import utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 class LoRAUpdater:
     """Small LoRA updates of a running engine's adapter, in place, through TRL.
 
@@ -226,7 +250,8 @@ class LoRAUpdater:
                     trainer = self._trainer(objective, Dataset.from_list(self._fill_batches(trl_rows, size)), size)
                 prepared = time.perf_counter()
                 self._guard.bad = ""
-                trainer.train()
+                with _score_completions_only():
+                    trainer.train()
                 failpoint("update.trained")  # the adapter changed, the update not yet accepted
                 losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
                 bad = self._guard.bad
