@@ -99,6 +99,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
         self._weights_id_cache: tuple[int, str] | None = None
         self._grouped_cache: tuple | None = None  # (weights ids, per layer: the layer, A and B side by side)
+        self._lora_layers_cache: tuple | None = None  # (the PEFT model, its LoRA layers by name)
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._pending: list[_Job] = []
         # greedy requests for pinned weights now queued or generating, by (prompt, settings, stops): an identical
@@ -108,7 +109,9 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
-                      "waits_for_updates": 0, "joined": 0}
+                      "waits_for_updates": 0, "joined": 0,
+                      # continuous batching: decode steps, the rows they advanced, their seconds; weight updates
+                      "steps": 0, "row_steps": 0, "step_seconds": 0.0, "updates": 0, "update_seconds": 0.0}
 
     # ------------------------------------------------------------------ construction
 
