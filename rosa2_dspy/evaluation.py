@@ -8,14 +8,16 @@ is dropped and rewritten, nothing else is touched.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,7 +107,7 @@ def progress_line(description: str, done: int, total: int, correct: int, elapsed
     """One line of progress for a log: done/total, accuracy so far, elapsed and the remaining time at this pace."""
     eta = elapsed / done * (total - done) if done else 0.0
     return (f"{description}: {done}/{total} done, acc {correct / done:.0%}, elapsed {_clock(elapsed)}, "
-            f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done")
+            f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done, elapsed {_clock(elapsed)}")
 
 
 def error_record(item, exc: BaseException) -> dict:
@@ -137,8 +139,45 @@ class _LocalWorkers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+DRAIN_SIGNAL = signal.SIGUSR1  # kill -USR1 <pid>: a long run starts nothing new and stops once its items in flight end
+
+
+@contextlib.contextmanager
+def _drain_on_signal(futures: dict[Future, Any], description: str):
+    """While a run waits for its items: on ``DRAIN_SIGNAL``, cancel every item not yet started, so that the run
+    ends once those in flight have finished and been written (killing it would lose them: a conversation
+    resumes from its start). Only the main thread can take a signal; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def drain(signum, frame):
+        cancelled = sum(future.cancel() for future in list(futures))
+        running = sum(not future.done() for future in futures)
+        print(f"{description}: stopping: {cancelled} not started, {running} in flight will finish and be saved; "
+              f"run the same command again to go on", file=sys.stderr, flush=True)
+
+    previous = signal.signal(DRAIN_SIGNAL, drain)
+    try:
+        yield
+    finally:
+        signal.signal(DRAIN_SIGNAL, previous)
+
+
+def _as_completed_awake(futures):
+    """``as_completed``, waking every second (yielding None when nothing finished): a signal sent to the process
+    may land on another thread, and the main thread runs its handler only once it is back in Python (a blocked
+    wait would hold it until an item ends, an hour for a long conversation); and a log hears from a run whose
+    items take long."""
+    pending = set(futures)
+    while pending:
+        finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+        yield from finished or [None]
+
+
 def run_items(items: list, solve: Callable[[Any], dict] | None, results: ResultsFile | Callable[[Any], ResultsFile],
-              *, threads: int = 1, description: str = "problems", progress: bool = True, workers=None) -> float:
+              *, threads: int = 1, description: str = "problems", progress: bool = True, workers=None,
+              status: Callable[[], str] | None = None) -> float:
     """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
 
     Items run on ``threads`` threads, so a batching engine sees concurrent requests; or, given ``workers``
@@ -147,7 +186,8 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
     giving each item's (several methods' conversations in one pool, each method's records in its own file);
     only this process writes them.
     Returns the wall time spent. An exception inside ``solve`` is ``solve``'s to record; anything escaping it
-    is recorded here as an error for that item and the run goes on.
+    is recorded here as an error for that item and the run goes on. ``kill -USR1`` stops the run early without
+    losing work (:func:`_drain_on_signal`); ``status`` adds a few words to each progress line of a log.
     """
     file_of = results if callable(results) else (lambda item: results)
     todo = [item for item in items if item.unique_id not in file_of(item).records]
@@ -158,7 +198,8 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    # a terminal gets a live bar; a log file (nohup, CI) a plain line at most once a minute, and at the end
+    # a terminal gets a live bar; a log file (nohup, CI) a plain line at most once a minute when items finish,
+    # every 5 minutes when none does, and at the end
     plain = progress and not Console(stderr=True).is_terminal
     last_line = started
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -169,16 +210,21 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
 
         with (workers if workers is not None else _LocalWorkers(solve, threads)) as pool:
             futures = {pool.submit(item): item for item in todo}
-            for done, future in enumerate(as_completed(futures), 1):
-                record = future.result()
-                file_of(futures[future]).append(record)
-                correct += bool(record.get("correct") or record.get("solved"))  # a single answer, or a conversation
-                bar.update(task, advance=1, acc=f"{correct / done:.0%}")
-                now = time.perf_counter()
-                if plain and (now - last_line >= 60 or done == len(todo)):
-                    last_line = now
-                    print(progress_line(description, done, len(todo), correct, now - started), file=sys.stderr,
-                          flush=True)
+            done = 0
+            with _drain_on_signal(futures, description):
+                for future in _as_completed_awake(futures):
+                    if future is not None and not future.cancelled():
+                        record = future.result()
+                        file_of(futures[future]).append(record)
+                        done += 1
+                        correct += bool(record.get("correct") or record.get("solved"))  # an answer, a conversation
+                        bar.update(task, advance=1, acc=f"{correct / done:.0%}")
+                    now = time.perf_counter()
+                    if plain and (now - last_line >= (60 if future is not None else 300) or done == len(todo)):
+                        last_line = now
+                        extra = status() if status is not None else ""
+                        print(progress_line(description, done, len(todo), correct, now - started)
+                              + (f" ({extra})" if extra else ""), file=sys.stderr, flush=True)
     return time.perf_counter() - started
 
 

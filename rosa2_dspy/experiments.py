@@ -228,7 +228,7 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
     else:
         with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve:
-            run_items(items, solve, lambda item: results[item.method], **pooled)
+            run_items(items, solve, lambda item: results[item.method], status=engine.load_line, **pooled)
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)
 
@@ -273,7 +273,8 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
         facts = workers.engine_facts()
     else:
         with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve:
-            wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress)
+            wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress,
+                             status=engine.load_line)
         facts = engine_facts(engine)
     # only the requested problems (a run folder may hold more, from a larger --limit)
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]

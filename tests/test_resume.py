@@ -59,3 +59,41 @@ def test_a_compare_killed_at_failpoints_resumes_to_the_uninterrupted_result(live
     for method in ("single", "ttt"):
         for key in ("problems", "solved", "mean_turns", "mean_l2_shift", "cumulative_accuracy_by_turn"):
             assert summary[method][key] == uninterrupted[method][key], (method, key)
+
+
+def test_a_drain_signal_starts_nothing_new_and_keeps_what_was_in_flight(tmp_path):
+    """kill -USR1 on a long run: the items not yet started are dropped, the ones in flight finish and are written,
+    and the same call again goes on with the rest (killing the run would lose the ones in flight)."""
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from rosa2_dspy.evaluation import DRAIN_SIGNAL, ResultsFile, run_items
+
+    started, release, two_started = [], threading.Event(), threading.Event()
+
+    def solve(item):
+        started.append(item.unique_id)
+        if len(started) == 2:
+            two_started.set()
+        assert release.wait(30)
+        return {"unique_id": item.unique_id, "correct": True}
+
+    def signal_then_release():
+        assert two_started.wait(30)
+        os.kill(os.getpid(), DRAIN_SIGNAL)  # to the process, as from a shell: any thread may receive it
+        time.sleep(1.5)
+        release.set()
+
+    items = [SimpleNamespace(unique_id=f"p{i}") for i in range(5)]
+    path = tmp_path / "results.jsonl"
+    before = signal.getsignal(DRAIN_SIGNAL)
+    helper = threading.Thread(target=signal_then_release)
+    helper.start()
+    run_items(items, solve, ResultsFile(path), threads=2, progress=False)
+    helper.join()
+    assert sorted(started) == ["p0", "p1"] and sorted(ResultsFile(path).records) == ["p0", "p1"]
+    assert signal.getsignal(DRAIN_SIGNAL) == before
+    run_items(items, solve, ResultsFile(path), threads=2, progress=False)
+    assert sorted(ResultsFile(path).records) == [f"p{i}" for i in range(5)] and len(started) == 5

@@ -98,6 +98,21 @@ class SchedulerMixin:
             self._queue.put(job)
         return job.future
 
+    def load_line(self) -> str:
+        """The engine's work so far, in a few words for a long run's log: rows a decode step advanced on average,
+        seconds a step, and the share of the time spent in weight updates."""
+        stats = self.stats
+        busy = stats["step_seconds"] + stats["update_seconds"]
+        if not busy:
+            return ""
+        line = []
+        if stats["steps"]:
+            line.append(f"{stats['row_steps'] / stats['steps']:.1f} rows/step, "
+                        f"{stats['step_seconds'] / stats['steps']:.2f} s/step")
+        if stats["updates"]:
+            line.append(f"{stats['updates']} updates, {stats['update_seconds'] / busy:.0%} of the engine's time")
+        return "; ".join(line)
+
     def _forget_inflight(self, key: tuple, future: Future) -> None:
         with self._inflight_lock:
             if self._inflight.get(key) is future:
@@ -212,7 +227,11 @@ class SchedulerMixin:
                 with self.weights_lock:
                     if joining:  # rows about to join the running batch (the padded path's "batch about to run")
                         failpoint("generate.batch")
+                    rows, started = len(decoder.rows) + len(joining), time.perf_counter()
                     finished = decoder.step(joining)
+                    self.stats["steps"] += 1
+                    self.stats["row_steps"] += rows
+                    self.stats["step_seconds"] += time.perf_counter() - started
             except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
                 for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
                     if not row.tag.future.done():
@@ -255,7 +274,12 @@ class SchedulerMixin:
         try:
             with self.weights_lock:
                 self._weights_changing()
-                yield
+                started = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self.stats["updates"] += 1
+                    self.stats["update_seconds"] += time.perf_counter() - started
         finally:
             with self._updates:
                 self._updates_waiting -= 1
