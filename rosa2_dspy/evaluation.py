@@ -144,14 +144,17 @@ DRAIN_SIGNAL = signal.SIGUSR1  # kill -USR1 <pid>: a long run starts nothing new
 
 @contextlib.contextmanager
 def _drain_on_signal(futures: dict[Future, Any], description: str):
-    """While a run waits for its items: on ``DRAIN_SIGNAL``, cancel every item not yet started, so that the run
-    ends once those in flight have finished and been written (killing it would lose them: a conversation
-    resumes from its start). Only the main thread can take a signal; elsewhere this does nothing."""
+    """While a run submits and waits for its items (``futures``, filled inside): on ``DRAIN_SIGNAL``, cancel every
+    item not yet started, so that the run ends once those in flight have finished and been written (killing it
+    would lose them: a conversation resumes from its start). Yields an event that says a drain was asked for, so
+    that no item is submitted after it. Only the main thread can take a signal; elsewhere none is taken."""
+    draining = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield draining
         return
 
     def drain(signum, frame):
+        draining.set()
         cancelled = sum(future.cancel() for future in list(futures))
         running = sum(not future.done() for future in futures)
         print(f"{description}: stopping: {cancelled} not started, {running} in flight will finish and be saved; "
@@ -159,7 +162,7 @@ def _drain_on_signal(futures: dict[Future, Any], description: str):
 
     previous = signal.signal(DRAIN_SIGNAL, drain)
     try:
-        yield
+        yield draining
     finally:
         signal.signal(DRAIN_SIGNAL, previous)
 
@@ -209,9 +212,13 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
         correct = 0
 
         with (workers if workers is not None else _LocalWorkers(solve, threads)) as pool:
-            futures = {pool.submit(item): item for item in todo}
+            futures: dict[Future, Any] = {}
             done = 0
-            with _drain_on_signal(futures, description):
+            with _drain_on_signal(futures, description) as draining:
+                for item in todo:  # (items start as they are submitted: the handler is in place first)
+                    if draining.is_set():
+                        break
+                    futures[pool.submit(item)] = item
                 for future in _as_completed_awake(futures):
                     if future is not None and not future.cancelled():
                         record = future.result()
