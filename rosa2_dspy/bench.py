@@ -11,11 +11,12 @@ this machine in the model's dtype (``roofline_fraction``).
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
 
 import torch
+
+from rosa2_dspy.provenance import peak_rss_mib
 
 BENCH_PROMPTS = [
     "What is the sum of the first 20 positive integers? Explain step by step.",
@@ -27,10 +28,6 @@ BENCH_PROMPTS = [
     "If a train travels 180 km in 2.5 hours, what is its average speed?",
     "What is the least common multiple of 12, 18 and 30?",
 ]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:

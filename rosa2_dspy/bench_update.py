@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from rosa2_dspy.bench import peak_rss_mib, prefill_and_step
+from rosa2_dspy.bench import prefill_and_step
+from rosa2_dspy.provenance import peak_rss_mib
 
 def _update_rows(limit: int = 8) -> list[dict]:
     """SFT rows from MATH train problems: the program's prompt, a reference solution as the target."""

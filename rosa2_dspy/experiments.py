@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rosa2_dspy.provenance import segment
+
 
 def quiet_libraries() -> None:
     """Library warnings and progress bars off, for a command's output or a Ray actor's log."""
@@ -225,9 +227,11 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
     items = [_MethodItem(m, e) for e in examples for m in methods]
     pooled = dict(threads=threads, description=", ".join(methods), progress=progress)
     if workers is not None:
-        run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
+        with segment(out):
+            run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
     else:
-        with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve:
+        with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve, \
+                segment(out, engine):
             run_items(items, solve, lambda item: results[item.method], status=engine.load_line, **pooled)
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)
@@ -269,10 +273,12 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
         print(f"resuming: {len(examples) - len(ran_now)} of {len(examples)} problems already in "
               f"{out / 'results.jsonl'}")
     if workers is not None:
-        wall = run_items(examples, None, results, workers=workers, description=description, progress=progress)
+        with segment(out):
+            wall = run_items(examples, None, results, workers=workers, description=description, progress=progress)
         facts = workers.engine_facts()
     else:
-        with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve:
+        with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve, \
+                segment(out, engine):
             wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress,
                              status=engine.load_line)
         facts = engine_facts(engine)

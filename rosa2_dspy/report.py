@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rosa2_dspy.evaluation import ResultsFile, wilson_interval
 from rosa2_dspy.fsutil import staged_file, write_json_atomic, write_text_atomic
+from rosa2_dspy.provenance import describe_segments, read_segments
 
 
 def summarize_sessions(records: list[dict], turns: int) -> dict:
@@ -144,6 +145,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries, "paired": paired,
                                              "by_semantic_gap": by_gap or None})
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
+    ran = describe_segments(read_segments(out))  # (its own paragraph)
+    notes = [*(notes or []), *([""] if notes and ran else []), *([ran] if ran else [])]
     lines = [f"# {title}", "", f"Turn budget T = {turns}. Unsolved problems count as T turns. "
              "95% Wilson intervals. Seconds split per problem: generation / words step / weights step.",
              *(["", *notes] if notes else []), "",

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "rosa2_dspy"
 FLOORS = {
     "faults": 0, "fsutil": 0,
     "models": 1, "math": 1, "signatures": 1,
-    "engine": 2, "adapters": 2, "artifacts": 2, "program_loader": 2,
+    "engine": 2, "adapters": 2, "artifacts": 2, "program_loader": 2, "provenance": 2,
     "evaluation": 3, "weights": 3, "words": 3, "bench": 3,
     "report": 4, "coadapt": 4, "teleprompt": 4, "bench_update": 4,
     "recipes": 5,

@@ -154,3 +154,39 @@ def test_rosa2_report_rebuilds_a_partial_run_without_a_model(report_dir, capsys)
     assert "holds no run" in capsys.readouterr().err
     assert main(["report", str(report_dir), "--methods", "rosa2,nosuch"]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+def test_each_segment_of_a_run_is_recorded_and_the_report_names_its_code_and_stolen_time(report_dir, monkeypatch):
+    """A run in segments (stopped, resumed on other code): each appends when, on which commit, how much CPU time
+    the host stole and what the engine did in that segment alone; an interrupted one too; the report lists them."""
+    from types import SimpleNamespace
+
+    from rosa2_dspy import provenance
+
+    stat = "cpu  {} 0 {} {} 0 0 0 {} 0 0\ncpu0 1 2 3 4\n"
+    readings = iter([stat.format(100, 10, 800, 90), stat.format(400, 20, 900, 190)])  # 510 ticks, 100 stolen
+    monkeypatch.setattr(provenance, "cpu_ticks", lambda: provenance._parse(next(readings)))
+    engine = SimpleNamespace(stats={"steps": 10, "row_steps": 50, "step_seconds": 5.0, "max_batch_seen": 8})
+    with provenance.segment(report_dir, engine):
+        engine.stats.update(steps=14, row_steps=90, step_seconds=7.5, max_batch_seen=12)
+    readings = iter([stat.format(0, 0, 100, 0), stat.format(0, 0, 150, 50)])
+    monkeypatch.setattr(provenance, "code_version", lambda: "abc1234")
+    with pytest.raises(KeyboardInterrupt), provenance.segment(report_dir):
+        raise KeyboardInterrupt
+    first, second = provenance.read_segments(report_dir)
+    assert first["outcome"] == "finished" and second["outcome"] == "interrupted"
+    assert first["cpu_stolen"] == pytest.approx(100 / 510, abs=1e-4) and second["cpu_stolen"] == 0.5
+    assert first["engine"] == {"steps": 4, "row_steps": 40, "step_seconds": 2.5, "max_batch_seen": 12}
+    assert second["code"] == "abc1234" and first["code"] != "abc1234" and first["peak_rss_mib"] > 0
+    build_report(report_dir, list(OUTCOMES), turns=2, title="t")
+    text = (report_dir / "report.md").read_text()
+    assert f"Ran in 2 segments ({first['started']} to {second['ended']}) on code {first['code']}, abc1234" in text
+    assert "CPU time stolen by the host: 20% to 50% per segment" in text
+
+
+def test_stolen_time_is_read_from_proc_stat_and_absent_without_it():
+    from rosa2_dspy.provenance import cpu_ticks, stolen_fraction
+
+    assert cpu_ticks("cpu  1 2 3 4 5 6 7 8 9 10\n") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert cpu_ticks("intr 5\n") is None and stolen_fraction(None, [0] * 8) is None
+    assert stolen_fraction([0] * 8, [30, 0, 10, 40, 0, 0, 0, 20]) == 0.2
