@@ -230,8 +230,10 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         with segment(out):
             run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
     else:
+        # a problem's turn 1 (and any greedy request repeated) is answered once in this run, whichever segment a
+        # method's conversation runs in (engine.remember_greedy)
         with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve, \
-                segment(out, engine):
+                segment(out, engine), engine.remember_greedy(out / "greedy.jsonl"):
             run_items(items, solve, lambda item: results[item.method], status=engine.load_line, **pooled)
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)

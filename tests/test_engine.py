@@ -594,3 +594,32 @@ def test_rows_on_the_base_weights_skip_the_zero_adapter_and_answer_as_before(tin
         assert calls, "an adapter that moved is computed"
     finally:
         handle.remove()
+
+
+def test_a_run_answers_a_greedy_request_it_already_answered_from_its_memory(tiny_engine, tmp_path):
+    """A run stopped and resumed in another process answers a request it already answered (a problem's turn 1
+    for a method whose conversation runs in the later segment) from its file, not by generating it again in
+    other batches; sampled requests and requests outside a run are generated as always."""
+    import json
+
+    tiny_engine.attach_adapter()
+    base = tiny_engine.pin()
+    prompt = chat(tiny_engine, "Count to five.")
+    pinned = replace(GREEDY, weights=base)
+    path = tmp_path / "greedy.jsonl"
+    with tiny_engine.remember_greedy(path):
+        first = tiny_engine.submit(prompt, pinned).result(timeout=60)
+        tiny_engine.submit(prompt, replace(pinned, do_sample=True, temperature=1.0, seed=1)).result(timeout=60)
+    (line,) = path.read_text().splitlines()  # the greedy request only
+    item = json.loads(line)
+    assert item["completion"]["text"] == first.text and not first.shared
+    item["completion"]["text"] = "FROM THE RUN'S MEMORY"
+    path.write_text(json.dumps(item) + "\n" + '{"request": "torn')
+    requests = tiny_engine.stats["requests"]
+    with tiny_engine.remember_greedy(path):
+        again = tiny_engine.submit(prompt, pinned).result(timeout=60)
+        other = tiny_engine.submit(chat(tiny_engine, "Name a colour."), pinned).result(timeout=60)
+    assert again.text == "FROM THE RUN'S MEMORY" and again.shared and again.output_tokens == 0
+    assert not other.shared and tiny_engine.stats["requests"] == requests + 1
+    assert tiny_engine.submit(prompt, pinned).result(timeout=60).text == first.text  # outside a run: generated
+    assert len(path.read_text().splitlines()) == 3  # the torn line stays; the new request was appended

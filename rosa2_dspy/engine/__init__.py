@@ -105,13 +105,15 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         # greedy requests for pinned weights now queued or generating, by (prompt, settings, stops): an identical
         # one joins the first instead of generating again (every method's turn 1 of a comparison, for one)
         self._inflight: dict[tuple, Future] = {}
+        self._remembered = None  # a run's answered greedy requests, while remember_greedy is open
         self._inflight_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
                       "waits_for_updates": 0, "joined": 0,
                       # continuous batching: decode steps, the rows they advanced, their seconds; weight updates
-                      "steps": 0, "row_steps": 0, "step_seconds": 0.0, "updates": 0, "update_seconds": 0.0}
+                      "steps": 0, "row_steps": 0, "step_seconds": 0.0, "updates": 0, "update_seconds": 0.0,
+                      "remembered": 0}  # greedy requests a run had answered before (remember_greedy)
 
     # ------------------------------------------------------------------ construction
 

@@ -10,11 +10,16 @@ one in flight. :func:`usage_scope` counts what a thread's requests spent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from rosa2_dspy.engine.settings import Completion, GenSettings
 from rosa2_dspy.faults import failpoint
@@ -48,12 +53,62 @@ def count_usage(completion: "Completion") -> None:
         counter["compute_seconds"] += completion.compute_seconds
 
 
+class _GreedyMemory:
+    """Completed greedy requests of one run, by request: in memory, and appended to a JSONL file (one line per
+    request: a digest of the token ids, settings and stop strings, and the completion) so that a later
+    segment of the run reads them back. A torn last line is skipped."""
+
+    def __init__(self, path: Path):
+        self.path, self._lock, self._known = path, threading.Lock(), {}
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # a torn last line: end it, so the next one starts a line
+                with open(path, "a", encoding="utf-8") as handle:
+                    handle.write("\n")
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    item = json.loads(line)
+                    self._known[item["request"]] = Completion(**item["completion"])
+
+    @staticmethod
+    def _digest(key: tuple) -> str:
+        input_ids, settings, stop = key
+        text = json.dumps([list(input_ids), dataclasses.asdict(settings), list(stop)], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: tuple) -> Completion | None:
+        with self._lock:
+            return self._known.get(self._digest(key))
+
+    def add(self, key: tuple, done: Completion) -> None:
+        if done.shared:
+            return
+        digest = self._digest(key)
+        with self._lock:
+            if digest in self._known:
+                return
+            self._known[digest] = done
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"request": digest, "completion": dataclasses.asdict(done)}) + "\n")
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
 @dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
 class _Job:
     input_ids: list[int]
     settings: GenSettings
     stop: tuple[str, ...]
     future: Future = field(default_factory=Future)
+    remember: Any = None  # (the run's memory, the request) when the completion is to be remembered
+
+    def complete(self, completion: Completion) -> None:
+        """Give the caller its completion, remembered first (so the run's file has it when the caller goes on)."""
+        if self.remember is not None:
+            memory, key = self.remember
+            memory.add(key, completion)
+        self.future.set_result(completion)
 
 
 def _share_result(first: Future, joined: Future) -> None:
@@ -79,9 +134,18 @@ class SchedulerMixin:
         """Queue one prompt (token ids); the future gives its :class:`Completion`. Prompts queued
         together (by one caller or by many threads) share batches where their settings allow."""
         # Greedy decoding of pinned weights (ids are content hashes) is a function of the request: an identical
-        # request in flight joins it, as DSPy's cache would answer it had the first one finished. Its
-        # completion says ``shared`` and counts no tokens or time (the first request's thread counted them).
+        # request in flight joins it, as DSPy's cache would answer it had the first one finished, and one that a
+        # run already answered (remember_greedy) is answered again from there. Its completion says ``shared`` and
+        # counts no tokens or time (the first request's thread counted them).
         key = (tuple(input_ids), settings, tuple(stop)) if not settings.do_sample and settings.weights else None
+        remembered = self._remembered
+        if key is not None and remembered is not None:
+            known = remembered.get(key)
+            if known is not None:
+                self.stats["remembered"] += 1
+                done: Future = Future()
+                done.set_result(replace(known, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True))
+                return done
         with self._inflight_lock:
             first = self._inflight.get(key) if key is not None else None
             if first is not None:
@@ -93,10 +157,29 @@ class SchedulerMixin:
             if key is not None:
                 self._inflight[key] = job.future
                 job.future.add_done_callback(lambda done: self._forget_inflight(key, done))
+                if remembered is not None:
+                    job.remember = (remembered, key)
         with self._worker_lock:  # a job is queued behind a live worker, never behind a switch's stop signal
             self._ensure_worker_locked()
             self._queue.put(job)
         return job.future
+
+    @contextlib.contextmanager
+    def remember_greedy(self, path: str | Path):
+        """While open, greedy requests for pinned weights are written to ``path`` (JSONL) as they complete, and
+        one that is already there is answered from it. A run that is stopped and resumed then gives each
+        problem's turn 1 to every method, whichever segment a method's conversation runs in: regenerated in
+        other batches, a bf16 reply can come out different (the tuning run showed it: a problem failed by
+        ``single`` was solved at turn 1 by ``pe`` after a resume)."""
+        with self._worker_lock:
+            if self._remembered is not None:
+                raise RuntimeError("this engine already remembers greedy requests for another run")
+            self._remembered = _GreedyMemory(Path(path))
+        try:
+            yield self._remembered
+        finally:
+            with self._worker_lock:
+                self._remembered = None
 
     def load_line(self) -> str:
         """The engine's work so far, in a few words for a long run's log: rows a decode step advanced on average,
@@ -241,8 +324,8 @@ class SchedulerMixin:
             self.stats["requests"] += len(finished)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(decoder.rows) + len(finished))
             for row in finished:
-                row.tag.future.set_result(Completion(decoder.text_of(row), len(row.input_ids), len(row.generated),
-                                                     row.finish, row.seconds))
+                row.tag.complete(Completion(decoder.text_of(row), len(row.input_ids), len(row.generated),
+                                            row.finish, row.seconds))
 
     def _rows_context(self, rows) -> contextlib.AbstractContextManager:
         """The weights each row of a continuous batch asks for, around one forward (see :meth:`_weights_for`)."""
@@ -306,12 +389,12 @@ class SchedulerMixin:
         self.stats["requests"] += len(live)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
         for job, result in zip(live, results):
-            job.future.set_result(result)
+            job.complete(result)
 
     def _run_single(self, job: _Job) -> None:
         try:
             with self.weights_lock:
                 self._weights_for([job.settings.weights])
-                job.future.set_result(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
+                job.complete(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
         except BaseException as exc:  # noqa: BLE001
             job.future.set_exception(exc)
