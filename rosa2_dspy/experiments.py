@@ -226,15 +226,20 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
     # for every method, is generated once (the engine joins identical requests in flight).
     items = [_MethodItem(m, e) for e in examples for m in methods]
     pooled = dict(threads=threads, description=", ".join(methods), progress=progress)
+    def left() -> int:
+        return sum(1 for item in items if item.unique_id not in results[item.method].records)
+
     if workers is not None:
-        with segment(out):
+        with segment(out) as line:
             run_items(items, None, lambda item: results[item.method], workers=workers, **pooled)
+            line["items_left"] = left()
     else:
         # a problem's turn 1 (and any greedy request repeated) is answered once in this run, whichever segment a
         # method's conversation runs in (engine.remember_greedy)
         with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve, \
-                segment(out, engine), engine.remember_greedy(out / "greedy.jsonl"):
+                segment(out, engine) as line, engine.remember_greedy(out / "greedy.jsonl"):
             run_items(items, solve, lambda item: results[item.method], status=engine.load_line, **pooled)
+            line["items_left"] = left()
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)
 
@@ -275,14 +280,16 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
         print(f"resuming: {len(examples) - len(ran_now)} of {len(examples)} problems already in "
               f"{out / 'results.jsonl'}")
     if workers is not None:
-        with segment(out):
+        with segment(out) as line:
             wall = run_items(examples, None, results, workers=workers, description=description, progress=progress)
+            line["items_left"] = sum(1 for e in examples if e.unique_id not in results.records)
         facts = workers.engine_facts()
     else:
         with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve, \
-                segment(out, engine):
+                segment(out, engine) as line:
             wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress,
                              status=engine.load_line)
+            line["items_left"] = sum(1 for e in examples if e.unique_id not in results.records)
         facts = engine_facts(engine)
     # only the requested problems (a run folder may hold more, from a larger --limit)
     records = [results.records[e.unique_id] for e in examples if e.unique_id in results.records]

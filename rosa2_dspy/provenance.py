@@ -79,7 +79,7 @@ def _now() -> str:
 def segment(out: str | Path, engine=None):
     """Around one segment of a run in ``out``: on the way out (finished, drained, failed or interrupted) append
     its line to ``out/segments.jsonl``. ``engine``: the local engine, whose counters say what it did (its
-    counters from this segment only)."""
+    counters from this segment only). Yields the line, for the caller to add what it knows (items left)."""
     from rosa2_dspy import models
 
     started, ticks = _now(), cpu_ticks()
@@ -88,8 +88,8 @@ def segment(out: str | Path, engine=None):
             "cpu_native_bf16": models.cpu_has_native_bf16()}
     outcome = "interrupted"
     try:
-        yield
-        outcome = "finished"
+        yield line
+        outcome = "finished" if not line.get("items_left") else "stopped early"
     except Exception as exc:
         outcome = f"failed: {type(exc).__name__}"
         raise

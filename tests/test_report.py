@@ -175,6 +175,12 @@ def test_each_segment_of_a_run_is_recorded_and_the_report_names_its_code_and_sto
         raise KeyboardInterrupt
     first, second = provenance.read_segments(report_dir)
     assert first["outcome"] == "finished" and second["outcome"] == "interrupted"
+    readings = iter([stat.format(0, 0, 100, 0)] * 2)
+    with provenance.segment(report_dir) as line:  # a drained run: it ended with items still to run
+        line["items_left"] = 3
+    assert provenance.read_segments(report_dir)[-1]["outcome"] == "stopped early"
+    (report_dir / provenance.SEGMENTS).write_text(
+        "".join(json.dumps(s) + "\n" for s in (first, second)))
     assert first["cpu_stolen"] == pytest.approx(100 / 510, abs=1e-4) and second["cpu_stolen"] == 0.5
     assert first["engine"] == {"steps": 4, "row_steps": 40, "step_seconds": 2.5, "max_batch_seen": 12}
     assert second["code"] == "abc1234" and first["code"] != "abc1234" and first["peak_rss_mib"] > 0
