@@ -358,3 +358,31 @@ def test_the_fused_head_scores_only_the_reply_on_cpu_and_trains_as_before(tiny_e
         torch.testing.assert_close(tensor, trained[name], rtol=1e-4, atol=1e-6)
     from trl.kernels.chunked_logprob import _use_triton
     assert trl_utils._use_triton is _use_triton, "the switch is put back after the update"
+
+
+def test_an_update_from_the_base_weights_takes_its_reference_from_the_policy_forward(tiny_engine, monkeypatch):
+    """A conversation's first update starts at the base weights, its objective's reference: the reference
+    forward is answered by the policy forward (one forward fewer) and the adapter moves exactly as with it;
+    an update from moved weights runs its reference forward."""
+    from rosa2_dspy.weights import updater as updater_module
+
+    rows = [kto_row(PROMPT, BAD, False), kto_row(PROMPT, GOOD, True)]
+    config = fast(objective="apo_zero_unpaired", steps=1, batch_size=2)
+    updater = LoRAUpdater(tiny_engine, config)
+    forwards = []
+    tiny_engine.peft_model.base_model.register_forward_pre_hook(
+        lambda module, args: forwards.append("policy" if torch.is_grad_enabled() else "reference"))
+    updater.update(rows)
+    assert forwards == ["policy"], "from the base weights the reference forward is the policy's"
+    reused = {k: v.clone() for k, v in tiny_engine.adapter_state().items()}
+    forwards.clear()
+    updater.update(rows)
+    assert forwards == ["policy", "reference"], "from moved weights the reference runs"
+
+    tiny_engine.reset_adapter()
+    forwards.clear()
+    monkeypatch.setattr(updater_module, "_reference_from_policy", lambda model: contextlib.nullcontext())
+    updater.update(rows)
+    assert forwards == ["policy", "reference"]
+    for name, tensor in tiny_engine.adapter_state().items():
+        torch.testing.assert_close(tensor, reused[name], rtol=0, atol=0)

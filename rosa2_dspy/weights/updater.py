@@ -91,6 +91,40 @@ def _score_completions_only():
         trl_utils._use_triton = original
 
 
+@contextlib.contextmanager
+def _reference_from_policy(model):
+    """An update that starts from the base weights (a conversation's first): the reference forward of its
+    first step answered by the policy forward just before it, detached, since the policy then is the reference.
+
+    TRL's ``KTOTrainer`` (1.16) runs the policy forward, then the reference forward on the same tensors under
+    ``no_grad`` with the adapter switched off. With the adapter at zero the two give the same log-probabilities,
+    so the second forward (a quarter of an update's work) is dropped. Only the first no-grad call after a
+    policy call on the very same tensors is answered so; once one is, later ones (after an optimizer step the
+    policy has moved) run as usual. A trainer that calls in another order simply runs both."""
+    original = model.forward
+    last = {}
+
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            out = original(*args, **kwargs)
+            last["inputs"], last["out"] = (kwargs.get("input_ids"), kwargs.get("labels")), out
+            return out
+        held, (ids, labels) = last.pop("out", None), last.pop("inputs", (None, None))
+        if held is not None and not args and ids is not None and ids is kwargs.get("input_ids") \
+                and labels is kwargs.get("labels"):
+            forward.reused += 1
+            model.forward = original  # one reuse per update
+            return type(held)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in held.items()})
+        return original(*args, **kwargs)
+
+    forward.reused = 0
+    model.forward = forward
+    try:
+        yield forward
+    finally:
+        model.forward = original
+
+
 class LoRAUpdater:
     """Small LoRA updates of a running engine's adapter, in place, through TRL.
 
@@ -250,7 +284,10 @@ class LoRAUpdater:
                     trainer = self._trainer(objective, Dataset.from_list(self._fill_batches(trl_rows, size)), size)
                 prepared = time.perf_counter()
                 self._guard.bad = ""
-                with _score_completions_only():
+                # (the adapter at zero: this update starts from the base weights, the reference of its objective)
+                from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
+                with _score_completions_only(), \
+                        _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
                     trainer.train()
                 failpoint("update.trained")  # the adapter changed, the update not yet accepted
                 losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
