@@ -99,7 +99,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
         self._weights_id_cache: tuple[int, str] | None = None
         self._grouped_cache: tuple | None = None  # (weights ids, per layer: the layer, A and B side by side)
-        self._lora_layers_cache: tuple | None = None  # (the PEFT model, its LoRA layers by name)
+        self._lora_layers_cache: tuple | None = None  # (the PEFT model, its LoRA layers)
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._pending: list[_Job] = []
         # greedy requests for pinned weights now queued or generating, by (prompt, settings, stops): an identical

@@ -91,9 +91,6 @@ class _GreedyMemory:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"request": digest, "completion": dataclasses.asdict(done)}) + "\n")
 
-    def __len__(self) -> int:
-        return len(self._known)
-
 
 @dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
 class _Job:
@@ -117,8 +114,12 @@ def _share_result(first: Future, joined: Future) -> None:
     if exc is not None:
         joined.set_exception(exc)
         return
-    done = first.result()
-    joined.set_result(replace(done, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True))
+    joined.set_result(_as_shared(first.result()))
+
+
+def _as_shared(done: Completion) -> Completion:
+    """Another request's completion handed to an identical one: no tokens or time of its own."""
+    return replace(done, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True)
 
 
 class SchedulerMixin:
@@ -144,7 +145,7 @@ class SchedulerMixin:
             if known is not None:
                 self.stats["remembered"] += 1
                 done: Future = Future()
-                done.set_result(replace(known, input_tokens=0, output_tokens=0, compute_seconds=0.0, shared=True))
+                done.set_result(_as_shared(known))
                 return done
         with self._inflight_lock:
             first = self._inflight.get(key) if key is not None else None

@@ -138,11 +138,11 @@ class AdapterSlotMixin:
             base.enable_adapter_layers()
 
     def _lora_layer_list(self) -> list:
-        """The model's LoRA layers (:func:`lora_layers`), found once per attached adapter."""
+        """The model's LoRA layers (:func:`lora_layers`), found once per attached adapter (read at every step)."""
         cached = self._lora_layers_cache
         if cached is None or cached[0] is not self.peft_model:
-            cached = self._lora_layers_cache = (self.peft_model, list(lora_layers(self.peft_model).items()))
-        return [layer for _, layer in cached[1]]
+            cached = self._lora_layers_cache = (self.peft_model, list(lora_layers(self.peft_model).values()))
+        return cached[1]
 
     def _row_state(self, ident: str) -> dict[str, torch.Tensor] | None:
         """A row's adapter tensors: the live adapter's, None for the base model, else the pinned ones."""

@@ -112,15 +112,13 @@ def _reference_from_policy(model):
         held, (ids, labels) = last.pop("out", None), last.pop("inputs", (None, None))
         if held is not None and not args and ids is not None and ids is kwargs.get("input_ids") \
                 and labels is kwargs.get("labels"):
-            forward.reused += 1
             model.forward = original  # one reuse per update
             return type(held)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in held.items()})
         return original(*args, **kwargs)
 
-    forward.reused = 0
     model.forward = forward
     try:
-        yield forward
+        yield
     finally:
         model.forward = original
 
