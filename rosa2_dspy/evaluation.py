@@ -25,7 +25,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.faults import failpoint
-from rosa2_dspy.fsutil import write_json_atomic, write_text_atomic
+from rosa2_dspy.fsutil import append_jsonl, read_jsonl, write_json_atomic
 from rosa2_dspy.math.grading import grade
 
 RESULTS = "results.jsonl"
@@ -43,33 +43,12 @@ class ResultsFile:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
-        self.records: dict[str, dict] = {}
-        if path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        raw = self.path.read_text(encoding="utf-8")
-        good_lines = []
-        for line in raw.splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run: that item simply runs again
-            self.records[record["unique_id"]] = record
-            good_lines.append(line)
-        clean = "".join(line + "\n" for line in good_lines)
-        if clean != raw:  # drop the torn tail, keep every complete line
-            write_text_atomic(self.path, clean)
+        # a line torn by a killed run is dropped from the file: that item simply runs again
+        self.records: dict[str, dict] = {record["unique_id"]: record for record in read_jsonl(path, repair=True)}
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with self._lock:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_jsonl(self.path, record, durable=True)
             self.records[record["unique_id"]] = record
         failpoint("results.appended")
 

@@ -1,6 +1,8 @@
 """Writing files and folders atomically: fill a staging file or folder beside the target, then rename
 it into place. A crash or an error leaves the target as it was, never half-written. The one place for
-this in the package (results, summaries, reports, plots, artifacts, adapters, model caches)."""
+this in the package (results, summaries, reports, plots, artifacts, adapters, model caches); and for
+the append-only JSONL logs a long run keeps (results, remembered replies, segments), which a killed
+writer may leave with a torn last line (:func:`read_jsonl`, :func:`append_jsonl`)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,41 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list:
+    """The records of a JSONL file, in order: every line that parses (a line torn by a killed writer, or an
+    empty one, is skipped). ``repair``: rewrite the file (atomically) without the lines skipped. A file that
+    does not exist has no records."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_text(encoding="utf-8")
+    records, kept = [], []
+    for line in raw.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+        kept.append(line)
+    if repair and "".join(line + "\n" for line in kept) != raw:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return records
+
+
+def append_jsonl(path: str | os.PathLike, record: Any, *, durable: bool = False) -> None:
+    """Append ``record`` as one JSON line. A torn last line (no newline: its writer was killed) is ended
+    first, so the new record is a line of its own. ``durable``: fsync before returning."""
+    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    with open(path, "ab+") as handle:
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                line = b"\n" + line
+        handle.write(line)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager

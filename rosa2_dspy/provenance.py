@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+from rosa2_dspy.fsutil import append_jsonl, read_jsonl
 
 SEGMENTS = "segments.jsonl"
 
@@ -101,22 +102,12 @@ def segment(out: str | Path, engine=None):
                      for k, v in engine.stats.items()}
             line["engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
         with contextlib.suppress(OSError):
-            with open(Path(out) / SEGMENTS, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(line) + "\n")
+            append_jsonl(Path(out) / SEGMENTS, line)
 
 
 def read_segments(out: str | Path) -> list[dict]:
     """The segments a run folder records (torn or foreign lines skipped)."""
-    path = Path(out) / SEGMENTS
-    if not path.exists():
-        return []
-    found = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            item = json.loads(text)
-            if isinstance(item, dict) and "started" in item:
-                found.append(item)
-    return found
+    return [item for item in read_jsonl(Path(out) / SEGMENTS) if isinstance(item, dict) and "started" in item]
 
 
 def describe_segments(segments: list[dict]) -> str:

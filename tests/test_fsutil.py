@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rosa2_dspy.fsutil import staged_dir, staged_file, write_json_atomic
+from rosa2_dspy.fsutil import append_jsonl, read_jsonl, staged_dir, staged_file, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_staging_file(tmp_path):
@@ -35,3 +35,18 @@ def test_staged_folders_replace_or_keep_an_existing_target(tmp_path):
         (staging / "a").write_text("torn")
         raise KeyboardInterrupt
     assert (target / "a").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_jsonl_log_survives_a_writer_killed_mid_line(tmp_path):
+    """A run killed while appending leaves a torn last line: reading skips it, the next record still gets a
+    line of its own, and ``repair`` rewrites the file without it."""
+    log = tmp_path / "results.jsonl"
+    assert read_jsonl(log) == []
+    append_jsonl(log, {"unique_id": "a"})
+    log.write_text(log.read_text() + '{"unique_id": "b", "ans')  # killed mid-line
+    assert read_jsonl(log) == [{"unique_id": "a"}]
+    append_jsonl(log, {"unique_id": "c", "text": "é"}, durable=True)
+    assert read_jsonl(log) == [{"unique_id": "a"}, {"unique_id": "c", "text": "é"}]
+    assert len(log.read_text(encoding="utf-8").splitlines()) == 3  # the torn line stays until repaired
+    assert read_jsonl(log, repair=True) == read_jsonl(log)
+    assert log.read_text(encoding="utf-8") == '{"unique_id": "a"}\n{"unique_id": "c", "text": "é"}\n'

@@ -23,6 +23,7 @@ from typing import Any
 
 from rosa2_dspy.engine.settings import Completion, GenSettings
 from rosa2_dspy.faults import failpoint
+from rosa2_dspy.fsutil import append_jsonl, read_jsonl
 
 _usage = threading.local()
 
@@ -60,15 +61,9 @@ class _GreedyMemory:
 
     def __init__(self, path: Path):
         self.path, self._lock, self._known = path, threading.Lock(), {}
-        if path.exists():
-            text = path.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):  # a torn last line: end it, so the next one starts a line
-                with open(path, "a", encoding="utf-8") as handle:
-                    handle.write("\n")
-            for line in text.splitlines():
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    item = json.loads(line)
-                    self._known[item["request"]] = Completion(**item["completion"])
+        for item in read_jsonl(path):
+            with contextlib.suppress(KeyError, TypeError):
+                self._known[item["request"]] = Completion(**item["completion"])
 
     @staticmethod
     def _digest(key: tuple) -> str:
@@ -88,8 +83,7 @@ class _GreedyMemory:
             if digest in self._known:
                 return
             self._known[digest] = done
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"request": digest, "completion": dataclasses.asdict(done)}) + "\n")
+            append_jsonl(self.path, {"request": digest, "completion": dataclasses.asdict(done)})
 
 
 @dataclass(eq=False)  # jobs are compared by identity: identical requests are still distinct jobs
