@@ -75,10 +75,11 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
 
 def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
-                 answer_tokens: int = 1024) -> dict:
+                 answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32") -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
-    (``answer_batch`` rows), measured in the same run (0 skips it)."""
+    (``answer_batch`` rows), measured in the same run (0 skips it). ``layers`` and ``adapter_dtype``: the
+    adapter's (:class:`~rosa2_dspy.weights.UpdateConfig`)."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
@@ -88,7 +89,8 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         n = len(rows)          # solution, a wrong reply of realistic length
         rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
                 for i, r in enumerate(rows)]
-    config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate)
+    config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                          layers=layers, adapter_dtype=adapter_dtype)
     updater = LoRAUpdater(engine, config)
     start_state = engine.snapshot()
     trl_seconds, raw_seconds, prepare, shifts = [], [], [], []
@@ -110,6 +112,8 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
     out = {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
         "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
+        "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
+                                                                     if "lora_" in n).dtype).replace("torch.", ""),
         "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),
         "construction_seconds_first_update": round(first_update.prepare_seconds, 3),

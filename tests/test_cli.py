@@ -357,6 +357,15 @@ def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_d
         assert report["rows"] == 1 and report["trainer_batch_size"] == batch and report["l2_shift_per_update"] > 0
     assert run("bench", "update", "--model", str(tiny_model_dir), "--rows", "0") == 2
     assert "--rows 1..8" in capsys.readouterr().err
+    # the adapter on the last block only, in the model's own dtype: the levers issue 14 names, measured the same way
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--objective", "apo_zero_unpaired", "--rows", "1",
+               "--steps", "1", "--batch-size", "2", "--updates", "2", "--answer-batch", "0", "--layers", "1",
+               "--adapter-dtype", "model") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapted_blocks"] == 1 and report["adapter_dtype"] == report["dtype"]
+    assert report["l2_shift_per_update"] > 0
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--layers", "0") == 2
+    assert "--layers must be >= 1" in capsys.readouterr().err
 
 
 def test_progress_in_a_log_is_plain_lines_with_accuracy_and_eta(tmp_path, capsys):

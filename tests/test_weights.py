@@ -386,3 +386,50 @@ def test_an_update_from_the_base_weights_takes_its_reference_from_the_policy_for
     assert forwards == ["policy", "reference"]
     for name, tensor in tiny_engine.adapter_state().items():
         torch.testing.assert_close(tensor, reused[name], rtol=0, atol=0)
+
+
+def _block_outputs_need_grad(engine, updater) -> list[bool]:
+    """Whether each transformer block's output carried autograd history during one update's training forward."""
+    blocks = [m for n, m in engine.model.named_modules() if n.split(".")[-2:-1] == ["layers"]]
+    seen: dict[int, bool] = {}
+
+    def record(index):
+        def hook(module, args, out):
+            seen.setdefault(index, (out[0] if isinstance(out, tuple) else out).requires_grad)
+        return hook
+
+    hooks = [block.register_forward_hook(record(i)) for i, block in enumerate(blocks)]
+    try:
+        updater.update([sft_row(PROMPT, GOOD)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [seen[i] for i in range(len(blocks))]
+
+
+def test_an_adapter_on_the_last_blocks_keeps_the_backward_pass_out_of_the_others(tokenizer):
+    """``layers=1``: the adapter sits on the last block only, so the blocks below it carry no autograd history
+    and the backward pass stops at the last block; an update still moves the adapter."""
+    everywhere = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    assert _block_outputs_need_grad(everywhere, LoRAUpdater(everywhere, fast(steps=1))) == [True, True]
+    last = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    updater = LoRAUpdater(last, fast(layers=1, steps=1))
+    names = list(last.adapter_state())
+    assert names and all(".layers.1." in name for name in names)
+    assert _block_outputs_need_grad(last, updater) == [False, True]
+    assert updater.history[-1].update_shift > 0
+    with pytest.raises(UpdateError, match="layers"):
+        UpdateConfig(layers=0)
+
+
+def test_the_adapter_can_live_in_the_models_own_dtype(tokenizer):
+    """On a 16-bit model PEFT keeps the adapter in float32 (each LoRA layer casts up and back); ``adapter_dtype=
+    "model"`` keeps it in the model's dtype. Either way an update trains it."""
+    for setting, dtype in (("float32", torch.float32), ("model", torch.bfloat16)):
+        engine = LocalEngine(make_tiny_model(tokenizer).to(torch.bfloat16), tokenizer, name="tiny-bf16")
+        updater = LoRAUpdater(engine, fast(adapter_dtype=setting, steps=2))
+        assert {tensor.dtype for tensor in engine.adapter_state().values()} == {dtype}
+        result = updater.update([sft_row(PROMPT, GOOD)])
+        assert result.update_shift > 0 and not result.rolled_back
+    with pytest.raises(UpdateError, match="adapter_dtype"):
+        UpdateConfig(adapter_dtype="float16")

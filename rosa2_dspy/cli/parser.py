@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--answer-batch", type=int, default=16,
                     help="update_over_generation: an answer's share of a batch of this many rows (0 skips it)")
     bu.add_argument("--answer-tokens", type=int, default=1024, help="... an answer of this many tokens (default 1024)")
+    bu.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="adapt only the last N transformer blocks, so the backward pass stops there (default: all)")
+    bu.add_argument("--adapter-dtype", default="float32", choices=["float32", "model"],
+                    help="the adapter's dtype on a 16-bit model: float32 (PEFT's default) or the model's own")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
     _add_data_args(bc)

@@ -88,11 +88,14 @@ def cmd_bench(args) -> int:
             raise CLIError("--steps >= 1, --batch-size >= 2, --updates >= 2 and --rows 1..8 are needed")
         if args.answer_batch < 0 or args.answer_tokens < 1:
             raise CLIError("--answer-batch >= 0 and --answer-tokens >= 1 are needed")
+        if args.layers is not None and args.layers < 1:
+            raise CLIError("--layers must be >= 1 (the last N transformer blocks get the adapter)")
         from rosa2_dspy.bench_update import bench_update
 
         result = bench_update(args.model, objective=args.objective, steps=args.steps,
                               batch_size=args.batch_size, updates=args.updates, rows=args.rows,
-                              answer_batch=args.answer_batch, answer_tokens=args.answer_tokens)
+                              answer_batch=args.answer_batch, answer_tokens=args.answer_tokens,
+                              layers=args.layers, adapter_dtype=args.adapter_dtype)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -222,11 +222,12 @@ class AdapterSlotMixin:
     def has_adapter(self) -> bool:
         return self.peft_model is not None
 
-    def attach_adapter(self, lora_config=None, seed: int = 0):
+    def attach_adapter(self, lora_config=None, seed: int = 0, adapter_dtype: str = "float32"):
         """Wrap the base model with a fresh PEFT LoRA adapter (zero shift); idempotent.
 
         The A matrices start random (B is zero): drawn from ``seed``, so two runs of one command train
-        the same adapter (unseeded, updates differed from run to run), without touching the global RNG."""
+        the same adapter (unseeded, updates differed from run to run), without touching the global RNG.
+        ``adapter_dtype``: "float32" (PEFT's default on a 16-bit model) or "model" (the base weights' dtype)."""
         from peft import LoraConfig, get_peft_model
 
         with self.weights_lock:
@@ -238,7 +239,8 @@ class AdapterSlotMixin:
             cuda = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)  # seeds the CUDA generators too
-                self.peft_model = get_peft_model(self.model, lora_config)
+                self.peft_model = get_peft_model(self.model, lora_config,
+                                                 autocast_adapter_dtype=adapter_dtype == "float32")
             self.model = self.peft_model
             self._pristine_adapter = self.snapshot()
             self.mark_changed()

@@ -10,6 +10,7 @@ OBJECTIVES = ("sft", "kto", "apo_zero_unpaired", "dpo")
 # unpaired objectives: rows of (prompt, completion, label); both run on TRL's KTOTrainer, apo_zero_unpaired as its
 # loss_type, which drops KTO's KL reference point and with it the two KL forwards per step (and batch >= 2)
 UNPAIRED = ("kto", "apo_zero_unpaired")
+ADAPTER_DTYPES = ("float32", "model")
 
 
 class UpdateError(ValueError):
@@ -26,6 +27,12 @@ class UpdateConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    # adapt only the last ``layers`` transformer blocks (None: every block): the backward pass then stops at the
+    # lowest adapted block instead of running through the whole model
+    layers: int | None = None
+    # the adapter's dtype on a 16-bit model: "float32" (PEFT's default: each LoRA layer computes in float32, casting
+    # its input up and its delta back) or "model" (the base weights' dtype: no casts, and half the adapter memory)
+    adapter_dtype: str = "float32"
     # the optimisation
     steps: int = 4
     batch_size: int = 4
@@ -47,6 +54,10 @@ class UpdateConfig:
         for name in ("steps", "batch_size", "r", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise UpdateError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.layers is not None and int(self.layers) < 1:
+            raise UpdateError(f"layers must be >= 1 or unset (every block), got {self.layers}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise UpdateError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
         if self.objective == "kto" and self.batch_size < 2:
             raise UpdateError("kto needs batch_size >= 2 (its KL estimate pairs completions within a batch)")
         for name in ("max_shift_per_update", "max_shift_per_session"):
@@ -62,11 +73,25 @@ class UpdateConfig:
             raise UpdateError(f"unknown update setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
-    def lora_config(self):
+    def lora_config(self, model=None):
+        """PEFT's ``LoraConfig`` for this update's adapter. ``model`` (the base model) is needed when ``layers`` picks
+        the last blocks: PEFT takes ``layers_to_transform`` only with module names, so "all-linear" becomes the
+        names of the linear layers inside the blocks."""
         from peft import LoraConfig
 
+        targets, last = self.target_modules, None
+        if self.layers is not None:
+            blocks = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            if not blocks:
+                raise UpdateError("layers is set, but the model's number of transformer blocks is unknown")
+            last = list(range(max(blocks - int(self.layers), 0), blocks))
+            if targets == "all-linear":
+                import torch
+
+                targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                  if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}"})
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+                          target_modules=targets, layers_to_transform=last, task_type="CAUSAL_LM")
 
 
 @dataclass

@@ -134,7 +134,8 @@ class LoRAUpdater:
     def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None):
         self.engine = engine
         self.config = config or UpdateConfig()
-        engine.attach_adapter(self.config.lora_config(), seed=self.config.seed)
+        engine.attach_adapter(self.config.lora_config(engine.model), seed=self.config.seed,
+                              adapter_dtype=self.config.adapter_dtype)
         self._trainers: dict[str, Any] = {}
         self._guard = _LossGuard()
         self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
