@@ -418,6 +418,11 @@ def test_an_adapter_on_the_last_blocks_keeps_the_backward_pass_out_of_the_others
     assert names and all(".layers.1." in name for name in names)
     assert _block_outputs_need_grad(last, updater) == [False, True]
     assert updater.history[-1].update_shift > 0
+    LoRAUpdater(last, fast(layers=1))  # another update on the same adapter
+    with pytest.raises(UpdateError, match="one adapter"):  # the adapter is shaped once: refused, not ignored
+        LoRAUpdater(last, fast(steps=1))
+    with pytest.raises(UpdateError, match="one adapter"):
+        LoRAUpdater(last, fast(layers=1, adapter_dtype="model"))
     with pytest.raises(UpdateError, match="layers"):
         UpdateConfig(layers=0)
 

@@ -97,6 +97,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._pin_counts: collections.Counter[str] = collections.Counter()
         self.peft_model = None
         self._pristine_adapter: dict[str, torch.Tensor] | None = None
+        self._held_adapter_shape: dict | None = None  # the attached adapter's blocks and dtype (attach_adapter)
         self._weights_id_cache: tuple[int, str] | None = None
         self._grouped_cache: tuple | None = None  # (weights ids, per layer: the layer, A and B side by side)
         self._lora_layers_cache: tuple | None = None  # (the PEFT model, its LoRA layers)

@@ -231,10 +231,15 @@ class AdapterSlotMixin:
         from peft import LoraConfig, get_peft_model
 
         with self.weights_lock:
-            if self.peft_model is not None:
-                return self.peft_model
             lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM")
+            shape = _adapter_shape(lora_config, adapter_dtype)
+            if self.peft_model is not None:
+                held = self._held_adapter_shape
+                if held is not None and held != shape:  # one engine holds one adapter, shaped when attached
+                    raise ValueError(f"this engine's adapter was attached with {held}; this update asks for {shape}: "
+                                     "use one adapter (layers, adapter_dtype) per engine")
+                return self.peft_model
             self._weights_changing()
             cuda = [torch.device(self.device).index or 0] if str(self.device).startswith("cuda") else []
             with torch.random.fork_rng(devices=cuda):
@@ -242,6 +247,7 @@ class AdapterSlotMixin:
                 self.peft_model = get_peft_model(self.model, lora_config,
                                                  autocast_adapter_dtype=adapter_dtype == "float32")
             self.model = self.peft_model
+            self._held_adapter_shape = shape
             self._pristine_adapter = self.snapshot()
             self.mark_changed()
             return self.peft_model
@@ -311,6 +317,13 @@ class AdapterSlotMixin:
                 return
             with self.peft_model.disable_adapter():
                 yield self.peft_model
+
+
+def _adapter_shape(lora_config, adapter_dtype: str) -> dict[str, Any]:
+    """The blocks an adapter sits on and its dtype, as two requests for one adapter compare them (an update's
+    ``layers`` and ``adapter_dtype`` take effect only when the adapter is attached)."""
+    layers = lora_config.layers_to_transform
+    return {"layers": sorted(layers) if isinstance(layers, (list, tuple, set)) else layers, "dtype": adapter_dtype}
 
 
 def lora_layers(peft_model) -> dict[str, Any]:

@@ -134,8 +134,11 @@ class LoRAUpdater:
     def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None):
         self.engine = engine
         self.config = config or UpdateConfig()
-        engine.attach_adapter(self.config.lora_config(engine.model), seed=self.config.seed,
-                              adapter_dtype=self.config.adapter_dtype)
+        try:
+            engine.attach_adapter(self.config.lora_config(engine.model), seed=self.config.seed,
+                                  adapter_dtype=self.config.adapter_dtype)
+        except ValueError as exc:
+            raise UpdateError(str(exc)) from None
         self._trainers: dict[str, Any] = {}
         self._guard = _LossGuard()
         self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
