@@ -45,7 +45,9 @@ def test_a_comparison_on_two_ray_actors_matches_a_local_run_and_survives_a_kille
         ray.shutdown()
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ray: "))
     assert line.startswith("ray: 2 actors, 1 lost, ") and "1 replacements started" in line, line
-    assert int(line.split(", ")[2].split()[0]) >= 2, line  # the killed actor's items ran elsewhere
+    # the killed actor's items ran elsewhere: how many depends on timing (a reply the actor had already returned
+    # is kept, the CI run of session 11 saw 1 of 3), but never none
+    assert int(line.split(", ")[2].split()[0]) >= 1, line
     expected = outcome(tmp_path / "local")
     assert any(r["l2_shift"] > 0 for r in expected["ttt"].values())  # the updates ran, in the actors too
     assert outcome(tmp_path / "ray") == expected  # every problem once, the same conversations
