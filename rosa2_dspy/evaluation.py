@@ -38,13 +38,14 @@ class RunError(ValueError):
 
 
 class ResultsFile:
-    """Append-only JSONL of finished items, keyed by ``unique_id``; safe to resume."""
+    """Append-only JSONL of finished items, keyed by ``unique_id``; safe to resume. ``repair``: drop a line torn
+    by a killed run from the file (that item simply runs again); a reader of a run that may still be going (a
+    report) leaves the file alone, since its writer may be mid-line."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, repair: bool = True):
         self.path = path
         self._lock = threading.Lock()
-        # a line torn by a killed run is dropped from the file: that item simply runs again
-        self.records: dict[str, dict] = {record["unique_id"]: record for record in read_jsonl(path, repair=True)}
+        self.records: dict[str, dict] = {record["unique_id"]: record for record in read_jsonl(path, repair=repair)}
 
     def append(self, record: dict) -> None:
         with self._lock:

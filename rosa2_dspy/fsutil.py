@@ -56,8 +56,9 @@ def read_jsonl(path: str | os.PathLike, *, repair: bool = False) -> list:
         except ValueError:
             continue
         kept.append(line)
-    if repair and "".join(line + "\n" for line in kept) != raw:
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    clean = "".join(line + "\n" for line in kept)
+    if repair and clean != raw:
+        write_text_atomic(path, clean)
     return records
 
 

@@ -127,7 +127,7 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         path = out / method / "results.jsonl"
         if not path.exists():
             continue
-        found = ResultsFile(path).records
+        found = ResultsFile(path, repair=False).records
         # the problems asked for, in their order; a folder may hold more (an earlier, larger --limit)
         records[method] = list(found.values()) if ids is None else [found[i] for i in ids if i in found]
         summaries[method] = summarize_sessions(records[method], turns)

@@ -146,7 +146,12 @@ def test_rosa2_report_rebuilds_a_partial_run_without_a_model(report_dir, capsys)
     (report_dir / "report.md").unlink()
     (report_dir / "config.json").write_text(json.dumps({"command": "bench compare", "turns": 2, "user": "sharded",
                                                         "limit": 5}))
+    # a run still going may be mid-line: the report neither counts that line nor rewrites the writer's file
+    results = report_dir / "ttt" / "results.jsonl"
+    results.write_text(results.read_text() + '{"unique_id": "test/x.json", "meth')
+    going = results.read_bytes()
     assert main(["report", str(report_dir)]) == 0
+    assert results.read_bytes() == going
     text = (report_dir / "report.md").read_text()
     assert "Partial: problems done so far ttt 3, rosa2 3 of 5" in text and "| rosa2 - ttt | 3 |" in text
     assert text.index("| ttt | 3 |") < text.index("| rosa2 | 3 |")  # the methods in their usual order

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--answer-tokens", type=int, default=1024, help="... an answer of this many tokens (default 1024)")
     bu.add_argument("--layers", type=int, default=None, metavar="N",
                     help="adapt only the last N transformer blocks, so the backward pass stops there (default: all)")
-    bu.add_argument("--adapter-dtype", default="float32", choices=["float32", "model"],
+    from rosa2_dspy.weights.config import ADAPTER_DTYPES
+
+    bu.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                     help="the adapter's dtype on a 16-bit model: float32 (PEFT's default) or the model's own")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")

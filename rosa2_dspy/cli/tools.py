@@ -137,7 +137,9 @@ def cmd_report(args) -> int:
     missing = [m for m in methods if m not in found]
     if missing or not methods:
         raise CLIError(f"no results in {out} for: {', '.join(missing) or 'any method'}")
-    counts = {m: sum(1 for line in (out / m / "results.jsonl").open() if line.strip()) for m in methods}
+    from rosa2_dspy.evaluation import ResultsFile
+
+    counts = {m: len(ResultsFile(out / m / "results.jsonl", repair=False).records) for m in methods}
     limit = config.get("limit")
     notes = [] if limit and all(c >= limit for c in counts.values()) else [
         "Partial: problems done so far " + ", ".join(f"{m} {c}" for m, c in counts.items()) +
