@@ -104,10 +104,15 @@ def solve_guarded(solve: Callable[[Any], dict], item) -> dict:
 
 
 class _LocalWorkers:
-    """Items solved on threads of this process (a batching engine sees their requests at once)."""
+    """Items solved on threads of this process (a batching engine sees their requests at once). Leaving on an
+    exception (an interrupt: Ctrl-C, SIGTERM) the items not started are dropped, and those in flight are let go
+    inside ``abort()`` (a context manager, :meth:`~rosa2_dspy.engine.LocalEngine.refusing`), which makes them
+    fail fast: waiting for each to end would hold an interrupted comparison for its longest conversation."""
 
-    def __init__(self, solve: Callable[[Any], dict], threads: int):
+    def __init__(self, solve: Callable[[Any], dict], threads: int,
+                 abort: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.solve, self.pool = solve, ThreadPoolExecutor(max_workers=max(1, threads))
+        self.abort = abort
 
     def submit(self, item) -> Future:
         return self.pool.submit(contextvars.copy_context().run, solve_guarded, self.solve, item)
@@ -115,8 +120,12 @@ class _LocalWorkers:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.abort is not None:
+            with self.abort():
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 DRAIN_SIGNAL = signal.SIGUSR1  # kill -USR1 <pid>: a long run starts nothing new and stops once its items in flight end
@@ -160,7 +169,8 @@ def _as_completed_awake(futures):
 
 def run_items(items: list, solve: Callable[[Any], dict] | None, results: ResultsFile | Callable[[Any], ResultsFile],
               *, threads: int = 1, description: str = "problems", progress: bool = True, workers=None,
-              status: Callable[[], str] | None = None) -> float:
+              status: Callable[[], str] | None = None,
+              abort: Callable[[], contextlib.AbstractContextManager] | None = None) -> float:
     """Run ``solve`` on the items not yet in ``results``, appending each record as it finishes.
 
     Items run on ``threads`` threads, so a batching engine sees concurrent requests; or, given ``workers``
@@ -171,6 +181,8 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
     Returns the wall time spent. An exception inside ``solve`` is ``solve``'s to record; anything escaping it
     is recorded here as an error for that item and the run goes on. ``kill -USR1`` stops the run early without
     losing work (:func:`_drain_on_signal`); ``status`` adds a few words to each progress line of a log.
+    Interrupted (an exception in this thread: Ctrl-C, or SIGTERM through the CLI), it keeps what finished and
+    lets the items in flight go inside ``abort()`` (:class:`_LocalWorkers`), so it ends promptly.
     """
     file_of = results if callable(results) else (lambda item: results)
     todo = [item for item in items if item.unique_id not in file_of(item).records]
@@ -191,7 +203,7 @@ def run_items(items: list, solve: Callable[[Any], dict] | None, results: Results
         task = bar.add_task(description, total=len(todo), acc="-")
         correct = 0
 
-        with (workers if workers is not None else _LocalWorkers(solve, threads)) as pool:
+        with (workers if workers is not None else _LocalWorkers(solve, threads, abort)) as pool:
             futures: dict[Future, Any] = {}
             done = 0
             with _drain_on_signal(futures, description) as draining:

@@ -238,7 +238,8 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
         # method's conversation runs in (engine.remember_greedy)
         with comparison_solver(program, engine, methods, user=user, session=session, update=update) as solve, \
                 segment(out, engine) as line, engine.remember_greedy(out / "greedy.jsonl"):
-            run_items(items, solve, lambda item: results[item.method], status=engine.load_line, **pooled)
+            run_items(items, solve, lambda item: results[item.method], status=engine.load_line,
+                      abort=engine.refusing, **pooled)
             line["items_left"] = left()
     return build_report(out, methods, session.turns, title=f"rosa2 - {user} user, T={session.turns}",
                         ids=[e.unique_id for e in examples], notes=notes)
@@ -288,7 +289,7 @@ def evaluate(program, examples: list, out: str | Path, *, engine, threads: int =
         with evaluation_solver(program, engine, max_tokens=max_tokens, temperature=temperature, cache=cache) as solve, \
                 segment(out, engine) as line:
             wall = run_items(examples, solve, results, threads=threads, description=description, progress=progress,
-                             status=engine.load_line)
+                             status=engine.load_line, abort=engine.refusing)
             line["items_left"] = sum(1 for e in examples if e.unique_id not in results.records)
         facts = engine_facts(engine)
     # only the requested problems (a run folder may hold more, from a larger --limit)

@@ -1,4 +1,5 @@
 import threading
+import time
 from dataclasses import replace
 
 import dspy
@@ -125,6 +126,32 @@ def test_one_failing_request_fails_only_itself(tiny_engine):
     assert jobs[0].future.result().text == jobs[2].future.result().text
     with pytest.raises(RuntimeError, match="bad request"):
         jobs[1].future.result()
+
+
+def test_refusing_fails_what_the_engine_holds_and_then_serves_again(tiny_engine):
+    """An interrupted run lets its threads go inside engine.refusing(): each request waiting on the engine fails
+    at once (not when its long generation ends), new requests and weight updates are refused, the abandoned
+    rows leave the running batch, and once closed the engine answers as before."""
+    from rosa2_dspy.engine import EngineStopped
+
+    tiny_engine.set_batching(continuous=True)
+    endless = replace(GREEDY, max_tokens=1500)
+    with tiny_engine.weights_lock:  # the worker cannot take a step: the requests wait, queued or about to join
+        waiting = [tiny_engine.submit(chat(tiny_engine, text), endless) for text in ("a", "b c", "d e f")]
+        time.sleep(0.3)
+        with tiny_engine.refusing("the run is being stopped"):
+            for future in waiting:
+                assert isinstance(future.exception(timeout=5), EngineStopped)
+            assert isinstance(tiny_engine.submit(chat(tiny_engine, "g"), GREEDY).exception(timeout=0), EngineStopped)
+            with pytest.raises(EngineStopped, match="being stopped"), tiny_engine.updating():
+                pass
+    time.sleep(0.5)  # the lock is free: a step for the rows that were about to join, then they leave
+    steps = tiny_engine.stats["steps"]
+    time.sleep(0.5)
+    assert tiny_engine.stats["steps"] == steps <= 1  # (kept, they would decode 1,500 steps)
+    prompt = [{"role": "user", "content": "h"}]
+    expected = tiny_engine.generate_batch([tiny_engine.encode_chat(prompt)], GREEDY)[0].text
+    assert tiny_engine.generate_one(prompt, GREEDY).text == expected
 
 
 def test_one_copy_of_weights_under_evaluate_threads(tiny_engine):

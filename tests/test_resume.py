@@ -1,28 +1,69 @@
 """Kill and resume: a `bench compare` (the sharded user) SIGKILLed at failpoints (during generation, during an
-update, right after a record is written) and rerun ends with the same greedy results as an uninterrupted run,
-with no duplicate or torn records (rosa2_dspy/faults.py)."""
+update, right after a record is written), or stopped by SIGTERM or SIGINT while a generation never ends, and
+rerun ends with the same greedy results as an uninterrupted run, with no duplicate or torn records
+(rosa2_dspy/faults.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from rosa2_dspy.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
+def _compare_call(model: Path, out: Path, failpoints: str | None) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
     if failpoints:
         env["ROSA2_FAILPOINTS"] = failpoints
     args = ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
             "--turns", "2", "--samples", "1", "--user", "sharded", "--model", str(model), "--dtype", "float32",
             "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out)]
-    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return [sys.executable, "-c", CLI, *args], env
+
+
+def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
+    command, env = _compare_call(model, out, failpoints)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def segment_lines(out: Path) -> list[dict]:
+    path = out / "segments.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def compare_stopped(model: Path, out: Path, signum: int, stall_at: int) -> tuple[int, str]:
+    """A compare whose ``stall_at``-th generation never ends (the engine's worker stalls in it), sent ``signum``
+    once it is stuck, as ``kill`` from a shell would, and started as a shell starts a background job
+    (``nohup ... &``), with SIGINT ignored. Returns its exit code and stderr; -9 if it had not ended 120 s after the signal."""
+    command, env = _compare_call(model, out, f"generate.batch={stall_at}:stall")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines, stalled = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "failpoint generate.batch: stalled" in line:
+                stalled.set()
+        stalled.set()  # (it ended without stalling: the assertions below say so)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert stalled.wait(300), "".join(lines)[-2000:]
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = -9
+    reader.join(10)
+    return code, "".join(lines)
 
 
 def outcome(out: Path) -> dict:
@@ -46,6 +87,17 @@ def test_a_compare_killed_at_failpoints_resumes_to_the_uninterrupted_result(live
     reference = compare(lively_model_dir, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     resumed = tmp_path / "resumed"
+    # stopped while a generation never ends: promptly (the conversations waiting on the engine are let go, not
+    # waited for), with a one-line message, the signal's exit code and the segment's line; nothing they had
+    # not finished is written (the final comparison would see an error record)
+    for signum, stall_at in ((signal.SIGTERM, 2), (signal.SIGINT, 1)):  # (a resumed run's first is new)
+        segments_before = len(segment_lines(resumed))
+        code, stderr = compare_stopped(lively_model_dir, resumed, signum, stall_at)
+        name = signal.Signals(signum).name
+        assert code == 128 + signum, (name, code, stderr[-2000:])
+        assert f"rosa2: stopped by {name}; finished problems are saved" in stderr
+        segments = segment_lines(resumed)
+        assert len(segments) == segments_before + 1 and segments[-1]["outcome"] == "interrupted"
     for failpoints in ("results.appended=2", "generate.batch=2", "update.trained=1"):
         killed = compare(lively_model_dir, resumed, failpoints)
         assert killed.returncode == -9, (failpoints, killed.returncode, killed.stderr[-2000:])

@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 from rosa2_dspy.cli.common import CLIError
 from rosa2_dspy.cli.parser import build_parser
@@ -31,6 +34,37 @@ def _check_ranges(args) -> None:
         pick_dtype(pick_device(args.device), args.dtype)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised in the main thread like Ctrl-C (Python's own SIGINT handler)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """SIGINT and SIGTERM stop a command as Ctrl-C does (what finished is saved, a run's segment line written):
+    ``kill PID`` otherwise ends the process where it stands, and a shell starts a background job (``nohup ...
+    &``) with SIGINT ignored, so ``kill -INT`` did nothing. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 COMMANDS = {"eval": cmd_eval, "compile": cmd_compile, "info": cmd_info, "bench": cmd_bench, "shards": cmd_shards,
             "report": cmd_report}
 
@@ -47,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _check_ranges(args)
-        return COMMANDS[args.command](args)
+        with _stoppable():
+            return COMMANDS[args.command](args)
     except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
         print(f"rosa2: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RayError as exc:  # every actor lost: what finished is saved
         print(f"rosa2: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("rosa2: interrupted; finished problems are saved, rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"rosa2: stopped by {signal.Signals(signum).name}; finished problems are saved, rerun the same "
+              f"command to resume", file=sys.stderr)
+        return 128 + signum

@@ -46,7 +46,9 @@ from rosa2_dspy.engine.generation import (  # noqa: F401
     release_free_memory,
 )
 from rosa2_dspy.engine.lm import AsyncLocalEngine, EngineContractMixin, LocalLM, _PinHold, request_messages  # noqa: F401
-from rosa2_dspy.engine.scheduler import SchedulerMixin, _Job, _share_result, _usage, count_usage, usage_scope  # noqa: F401
+from rosa2_dspy.engine.scheduler import (  # noqa: F401
+    EngineStopped, SchedulerMixin, _Job, _share_result, _usage, count_usage, usage_scope,
+)
 from rosa2_dspy.engine.settings import Completion, GenSettings  # noqa: F401
 from rosa2_dspy.engine.slot import AdapterSlotMixin, _add_row_updates, _hash_tensors, lora_layers  # noqa: F401
 
@@ -107,6 +109,8 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         # one joins the first instead of generating again (every method's turn 1 of a comparison, for one)
         self._inflight: dict[tuple, Future] = {}
         self._remembered = None  # a run's answered greedy requests, while remember_greedy is open
+        self._live: set = set()  # jobs queued or generating, whose callers wait (refusing fails them)
+        self._refusal = None  # the EngineStopped every request and update gets while refusing() is open
         self._inflight_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()

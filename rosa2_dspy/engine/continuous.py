@@ -172,7 +172,7 @@ class ContinuousDecoder:
         share = (time.perf_counter() - started) / max(len(self.rows), 1)
         for row in self.rows:
             row.seconds += share
-        self._drop(finished)
+        self.drop(finished)
         return finished
 
     def _forward(self, rows: list[Row], input_ids, attention_mask, position_ids, cache, cache_position):
@@ -252,10 +252,11 @@ class ContinuousDecoder:
         row.text = text[:min(cuts)] if cuts else text
         return True
 
-    def _drop(self, finished: list[Row]) -> None:
-        if not finished:
+    def drop(self, leaving: list[Row]) -> None:
+        """Take rows out of the running batch: finished ones (``step`` does it), or rows whose callers gave up."""
+        if not leaving:
             return
-        gone = set(map(id, finished))
+        gone = set(map(id, leaving))
         keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
         if not keep:
             self.rows, self.cache, self.mask, self.next_ids, self.positions = [], None, None, None, None

@@ -16,7 +16,7 @@ import json
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,25 @@ from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl
 
 _usage = threading.local()
+
+
+class EngineStopped(RuntimeError):
+    """A request or weight update the engine refused, or cut short: the run that made it is being stopped
+    (:meth:`SchedulerMixin.refusing`)."""
+
+
+def _fail(future: Future, exc: BaseException) -> None:
+    """Fail a request's future unless it has its outcome already (a refused request may still finish)."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(exc)
+
+
+def _start(job: "_Job") -> bool:
+    """Mark a queued job running; False if its caller no longer waits for it (cancelled, or failed by a refusal)."""
+    try:
+        return job.future.set_running_or_notify_cancel()
+    except RuntimeError:  # finished already: failed while it waited in the queue
+        return False
 
 
 @contextlib.contextmanager
@@ -99,7 +118,14 @@ class _Job:
         if self.remember is not None:
             memory, key = self.remember
             memory.add(key, completion)
-        self.future.set_result(completion)
+        with contextlib.suppress(InvalidStateError):  # its caller was let go (refusing): the reply is unused
+            self.future.set_result(completion)
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
 
 
 def _share_result(first: Future, joined: Future) -> None:
@@ -132,6 +158,9 @@ class SchedulerMixin:
         # request in flight joins it, as DSPy's cache would answer it had the first one finished, and one that a
         # run already answered (remember_greedy) is answered again from there. Its completion says ``shared`` and
         # counts no tokens or time (the first request's thread counted them).
+        refusal = self._refusal
+        if refusal is not None:
+            return _failed(refusal)
         key = (tuple(input_ids), settings, tuple(stop)) if not settings.do_sample and settings.weights else None
         remembered = self._remembered
         if key is not None and remembered is not None:
@@ -142,6 +171,8 @@ class SchedulerMixin:
                 done.set_result(_as_shared(known))
                 return done
         with self._inflight_lock:
+            if self._refusal is not None:  # (refusing() sets it, then fails the live jobs under this lock)
+                return _failed(self._refusal)
             first = self._inflight.get(key) if key is not None else None
             if first is not None:
                 self.stats["joined"] += 1
@@ -149,6 +180,8 @@ class SchedulerMixin:
                 first.add_done_callback(lambda done: _share_result(done, joined))
                 return joined
             job = _Job(list(input_ids), settings, stop)
+            self._live.add(job)
+            job.future.add_done_callback(lambda done: self._forget_live(job))
             if key is not None:
                 self._inflight[key] = job.future
                 job.future.add_done_callback(lambda done: self._forget_inflight(key, done))
@@ -176,6 +209,27 @@ class SchedulerMixin:
             with self._worker_lock:
                 self._remembered = None
 
+    @contextlib.contextmanager
+    def refusing(self, reason: str = "the run is being stopped"):
+        """While open, every request the engine holds (queued, or decoding: its row leaves the batch) fails now
+        with :class:`EngineStopped`, and so does every new request and every weight update about to start (one
+        already training finishes; with padded batching, so does a batch already generating). A run that is
+        interrupted opens it while it lets its threads go: each conversation in flight then ends within an
+        update, not at its last turn. Closed, the engine serves again."""
+        self._refusal = EngineStopped(reason)
+        try:
+            with self._inflight_lock:  # a request submitted from now on sees the refusal (submit)
+                live = list(self._live)
+            for job in live:
+                _fail(job.future, self._refusal)
+            yield
+        finally:
+            self._refusal = None
+
+    def _refuse_update(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+
     def load_line(self) -> str:
         """The engine's work so far, in a few words for a long run's log: rows a decode step advanced on average,
         seconds a step, and the share of the time spent in weight updates."""
@@ -190,6 +244,10 @@ class SchedulerMixin:
         if stats["updates"]:
             line.append(f"{stats['updates']} updates, {stats['update_seconds'] / busy:.0%} of the engine's time")
         return "; ".join(line)
+
+    def _forget_live(self, job: _Job) -> None:
+        with self._inflight_lock:
+            self._live.discard(job)
 
     def _forget_inflight(self, key: tuple, future: Future) -> None:
         with self._inflight_lock:
@@ -291,9 +349,11 @@ class SchedulerMixin:
                     stopping = True
                 else:
                     self._pending.append(job)
+            # rows whose callers no longer wait (the engine is refusing: see refusing) leave before the next step
+            decoder.drop([row for row in decoder.rows if row.tag.future.done()])
             joining = []
             if not self._updates_waiting:
-                live = [job for job in self._pending[: decoder.free] if job.future.set_running_or_notify_cancel()]
+                live = [job for job in self._pending[: decoder.free] if _start(job)]
                 self._pending = self._pending[decoder.free:]
                 joining = [Row(job.input_ids, job.settings.max_tokens,
                                temperature=job.settings.temperature if job.settings.do_sample else 0.0,
@@ -302,9 +362,9 @@ class SchedulerMixin:
             if not joining and not decoder.rows:
                 continue
             try:
+                if joining:  # rows about to join the running batch (the padded path's "batch about to run"); a
+                    failpoint("generate.batch")  # stall here is a generation that never ends, not a lock held
                 with self.weights_lock:
-                    if joining:  # rows about to join the running batch (the padded path's "batch about to run")
-                        failpoint("generate.batch")
                     rows, started = len(decoder.rows) + len(joining), time.perf_counter()
                     finished = decoder.step(joining)
                     self.stats["steps"] += 1
@@ -312,8 +372,7 @@ class SchedulerMixin:
                     self.stats["step_seconds"] += time.perf_counter() - started
             except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
                 for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
-                    if not row.tag.future.done():
-                        row.tag.future.set_exception(exc)
+                    _fail(row.tag.future, exc)
                 decoder = fresh()
                 continue
             self.stats["requests"] += len(finished)
@@ -347,10 +406,12 @@ class SchedulerMixin:
         Plain ``weights_lock`` alternates: one update, then a batch of whoever is ready (often one
         row), then the next update. Announced updates instead land back to back while the
         batching worker waits, so generation resumes as one large batch. Re-entrant."""
+        self._refuse_update()
         with self._updates:
             self._updates_waiting += 1
         try:
             with self.weights_lock:
+                self._refuse_update()  # (refused while it waited for the update before it)
                 self._weights_changing()
                 started = time.perf_counter()
                 try:
@@ -364,7 +425,7 @@ class SchedulerMixin:
                 self._updates.notify_all()
 
     def _run(self, batch: list[_Job]) -> None:
-        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        live = [job for job in batch if _start(job)]
         if not live:
             return
         try:
@@ -377,7 +438,7 @@ class SchedulerMixin:
                 for job in live:
                     self._run_single(job)
                 return
-            live[0].future.set_exception(exc)
+            _fail(live[0].future, exc)
             return
         self.stats["batches"] += 1
         self.stats["mixed_weights_batches"] += row_weights is not None
@@ -392,4 +453,4 @@ class SchedulerMixin:
                 self._weights_for([job.settings.weights])
                 job.complete(self.generate_batch([job.input_ids], job.settings, [job.stop])[0])
         except BaseException as exc:  # noqa: BLE001
-            job.future.set_exception(exc)
+            _fail(job.future, exc)
