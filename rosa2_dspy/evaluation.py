@@ -54,8 +54,11 @@ class ResultsFile:
         failpoint("results.appended")
 
 
-def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[str, ...]) -> Path:
-    """Create (or reopen) a run folder; refuse one that holds a run with different settings."""
+def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[str, ...],
+                    defaults: dict | None = None) -> Path:
+    """Create (or reopen) a run folder; refuse one that holds a run with different settings. ``defaults``: the
+    value a setting had before it existed, for a folder whose config.json predates it (a run resumed on newer
+    code is refused only if it asks for something else than what it ran with)."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,7 @@ def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[
             old = json.loads(config_path.read_text())
         except json.JSONDecodeError:
             raise RunError(f"{config_path} is not valid JSON; move the folder aside or use another --out") from None
+        old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
         differs = [k for k in resume_keys if old.get(k) != config.get(k)]
         if differs:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differs)

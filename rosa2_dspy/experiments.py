@@ -61,17 +61,20 @@ def quiet_libraries() -> None:
 @dataclass(frozen=True)
 class Setting:
     """A session setting: the config it belongs to (``session``: SessionConfig, ``update``: UpdateConfig), its
-    field there (which gives its type and default), what it does, and the values it may take."""
+    field there (which gives its type and default), what it does, and the values it may take. ``variant``: a
+    method variant may set it (``rosa2@learning_rate=1e-3``); not the turn budget (one per report), nor what
+    shapes the engine's one adapter (an engine serves every method of a run)."""
 
     config: str
     field: str
     help: str
     choices: tuple[str, ...] | None = None
+    variant: bool = True
 
 
 # name (the flag --name-with-dashes, the [session] recipe key, the run folder's config.json key) -> setting
 SESSION_SETTINGS: dict[str, Setting] = {
-    "turns": Setting("session", "turns", "turn budget T per conversation"),
+    "turns": Setting("session", "turns", "turn budget T per conversation", variant=False),
     "samples": Setting("session", "samples", "replies sampled per weights step (candidate desirable rows)"),
     "words_max_tokens": Setting("session", "words_max_tokens", "tokens per words-step call (critique, rewrite)"),
     "objective": Setting("update", "objective", "weights step objective (TRL's KTOTrainer runs apo_zero_unpaired "
@@ -82,6 +85,11 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "learning_rate": Setting("update", "learning_rate", "weights step learning rate"),
     "max_shift": Setting("update", "max_shift_per_session", "trust region: max L2 shift per conversation (default: "
                                                             "none)"),
+    "lora_layers": Setting("update", "layers", "adapt only the last N transformer blocks: the backward stops there "
+                                               "(default: every block)", variant=False),
+    "adapter_dtype": Setting("update", "adapter_dtype", "the LoRA adapter's dtype: float32 (PEFT's default) or "
+                                                        "model (the base weights' dtype: no casts, half the memory)",
+                             ("float32", "model"), variant=False),
 }
 
 
@@ -139,8 +147,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in SESSION_SETTINGS or key == "turns":
-            known = ", ".join(sorted(set(SESSION_SETTINGS) - {"turns"}))
+        if not sep or key not in SESSION_SETTINGS or not SESSION_SETTINGS[key].variant:
+            known = ", ".join(sorted(name for name, setting in SESSION_SETTINGS.items() if setting.variant))
             raise ValueError(f"{spec!r}: a variant sets name=value among {known} (e.g. rosa2@learning_rate=1e-3), "
                              f"got {pair!r}")
         kind = session_setting_type(key)

@@ -58,6 +58,8 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("bench compare --methods rosa2@lr=1 --limit 2", "a variant sets name=value among"),
     ("bench compare --methods rosa2@learning_rate=fast --limit 2", "learning_rate takes a float"),
     ("bench compare --methods rosa2@turns=2 --limit 2", "a variant sets name=value among"),
+    ("bench compare --methods ttt@adapter_dtype=model --limit 2", "a variant sets name=value among"),
+    ("bench compare --methods ttt --limit 2 --lora-layers 0", "layers must be >= 1"),
     ("bench compile --recipes {tmp}/missing.toml --limit 2", "no recipe at"),
     ("bench compile --recipes optimizers/lora.toml --limit 2 --split test --eval-split test",
      "seen by every compile here"),

@@ -193,6 +193,28 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     capsys.readouterr()
     assert main([*compare, "--limit", "1", "--user", "oracle"]) == 2
     assert "user: 'vague' -> 'oracle'" in capsys.readouterr().err
+    # a folder written before a setting existed ran with its default: it resumes, and another value is refused
+    config = json.loads((cmp / "config.json").read_text())
+    assert config["lora_layers"] is None and config["adapter_dtype"] == "float32"
+    (cmp / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                 if k not in ("lora_layers", "adapter_dtype")}))
+    assert main([*compare, "--limit", "1"]) == 0
+    capsys.readouterr()
+    assert main([*compare, "--limit", "1", "--adapter-dtype", "model"]) == 2
+    assert "adapter_dtype: 'float32' -> 'model'" in capsys.readouterr().err
+
+
+def test_the_adapter_flags_reach_the_weights_step():
+    """--lora-layers and --adapter-dtype set the UpdateConfig every conversation's update uses."""
+    from rosa2_dspy.cli.parser import build_parser
+    from rosa2_dspy.experiments import session_configs
+
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--lora-layers", "3",
+                                      "--adapter-dtype", "model"])
+    _, update = session_configs(vars(args), max_tokens=args.max_tokens)
+    assert (update.layers, update.adapter_dtype) == (3, "model")
+    _, default = session_configs(vars(build_parser().parse_args(["bench", "compare", "--out", "x"])), max_tokens=8)
+    assert (default.layers, default.adapter_dtype) == (None, "float32")
 
 
 def test_a_variant_runs_beside_its_method_with_its_own_setting(tmp_path, lively_model_dir):

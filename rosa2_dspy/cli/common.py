@@ -129,7 +129,14 @@ def session_identity(args) -> dict:
 
     if args.user not in USERS:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
-    return {"user": args.user, **{name: getattr(args, name) for name in SESSION_SETTINGS}}
+    identity = {"user": args.user, **{name: getattr(args, name) for name in SESSION_SETTINGS}}
+    from rosa2_dspy.experiments import session_configs
+
+    try:  # a bad value (--lora-layers 0: UpdateConfig's UpdateError) stops here, before a run folder is made
+        session_configs(identity, max_tokens=getattr(args, "max_tokens", 1024))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    return identity
 
 
 def train_val(args) -> tuple[list, list]:

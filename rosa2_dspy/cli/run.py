@@ -13,6 +13,7 @@ from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe,
 
 def cmd_eval(args) -> int:
     from rosa2_dspy.evaluation import prepare_run_dir
+    from rosa2_dspy.experiments import session_defaults
     from rosa2_dspy.fsutil import write_json_atomic
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
@@ -56,7 +57,7 @@ def cmd_eval(args) -> int:
     if args.method:
         config.update(session_identity(args), method=args.method)
     resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
-    out = prepare_run_dir(args.out, config, resume_keys=resume_keys)
+    out = prepare_run_dir(args.out, config, resume_keys=resume_keys, defaults=session_defaults())
     if args.method:
         return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap,
                             spec=(args.program, kwargs))
@@ -183,7 +184,7 @@ def bench_compile(args) -> int:
 
 def bench_compare(args) -> int:
     from rosa2_dspy.evaluation import prepare_run_dir
-    from rosa2_dspy.experiments import parse_method
+    from rosa2_dspy.experiments import parse_method, session_defaults
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.program_loader import load_program
 
@@ -209,8 +210,8 @@ def bench_compare(args) -> int:
               "program_kwargs": kwargs, "max_tokens": args.max_tokens, "compile_overlap": overlap,
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **session_identity(args)}
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
-    out = prepare_run_dir(args.out, config,
-                          resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")))
+    out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")),
+                          defaults=session_defaults())
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled,
                         overlap=overlap, spec=(program_spec, kwargs))
 
