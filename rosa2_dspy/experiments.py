@@ -112,6 +112,27 @@ def session_setting_type(name: str):
     return args[0] if args else hint
 
 
+def setting_value(name: str, value: Any) -> Any:
+    """A session setting's value checked against its type and choices: text (a variant) is converted, a typed
+    value (a recipe's TOML) must already be of the type (an int for a float is fine; a bool or 14.5 for an int
+    is not). Raises ValueError saying what it takes."""
+    kind = session_setting_type(name)
+    wrong = f"{name} takes {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}, got {value!r}"
+    try:
+        if isinstance(value, str) and kind is not str:
+            value = kind(value)
+        elif kind is float and type(value) is int:
+            value = float(value)
+    except ValueError:
+        raise ValueError(wrong) from None
+    if value is not None and type(value) is not kind:
+        raise ValueError(wrong)
+    choices = SESSION_SETTINGS[name].choices
+    if choices and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def with_settings(session, update, values: dict[str, Any]):
     """(session, update) with the session settings in ``values`` (by name; others and None are ignored) set on
     the config each belongs to."""
@@ -151,14 +172,14 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             known = ", ".join(sorted(name for name, setting in SESSION_SETTINGS.items() if setting.variant))
             raise ValueError(f"{spec!r}: a variant sets name=value among {known} (e.g. rosa2@learning_rate=1e-3), "
                              f"got {pair!r}")
-        kind = session_setting_type(key)
         try:
-            overrides[key] = kind(value) if kind is not str else value
-        except ValueError:
-            raise ValueError(f"{spec!r}: {key} takes a {kind.__name__}, got {value!r}") from None
-        choices = SESSION_SETTINGS[key].choices
-        if choices and overrides[key] not in choices:
-            raise ValueError(f"{spec!r}: {key} must be one of {', '.join(choices)}")
+            overrides[key] = setting_value(key, value)
+        except ValueError as exc:
+            raise ValueError(f"{spec!r}: {exc}") from None
+    try:  # out of range (rosa2@update_steps=0): refused here, before a run folder is made
+        with_settings(*session_configs({}, max_tokens=1024), overrides)
+    except ValueError as exc:
+        raise ValueError(f"{spec!r}: {exc}") from None
     return name, overrides
 
 

@@ -60,6 +60,11 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("bench compare --methods rosa2@turns=2 --limit 2", "a variant sets name=value among"),
     ("bench compare --methods ttt@adapter_dtype=model --limit 2", "a variant sets name=value among"),
     ("bench compare --methods ttt --limit 2 --lora-layers 0", "layers must be >= 1"),
+    ("bench compare --methods single,rosa2@update_steps=0 --limit 2", "steps must be >= 1"),
+    ("eval --method {tmp}/layers.toml", "layers.toml: lora_layers takes an int, got 14.5"),
+    ("eval --method {tmp}/dtype.toml", "adapter_dtype must be one of float32, model, got 'half'"),
+    ("bench compare --methods ttt --limit 2 --compiled {tmp}/artifact --adapter-dtype model",
+     "a compiled artifact with weights brings its own"),
     ("bench compile --recipes {tmp}/missing.toml --limit 2", "no recipe at"),
     ("bench compile --recipes optimizers/lora.toml --limit 2 --split test --eval-split test",
      "seen by every compile here"),
@@ -78,6 +83,12 @@ def scratch(tmp_path):
     (tmp_path / "good.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
     (tmp_path / "bad.toml").write_text("[session]\nmethod = 'rosa2'\nturns = [\n")
     (tmp_path / "kind.toml").write_text("[optimizer]\nkind = 'nosuch'\n")
+    (tmp_path / "layers.toml").write_text("[session]\nmethod = 'ttt'\nlora_layers = 14.5\n")
+    (tmp_path / "dtype.toml").write_text("[session]\nmethod = 'ttt'\nadapter_dtype = 'half'\n")
+    artifact = tmp_path / "artifact"  # (its compile.json says it holds an adapter)
+    artifact.mkdir()
+    (artifact / "program.json").write_text("{}")
+    (artifact / "compile.json").write_text('{"program": "programs/math_solver.py", "adapter": "adapter"}')
     existing = tmp_path / "existing"  # a run folder from before: a bad command must leave it byte for byte
     existing.mkdir()
     (existing / "config.json").write_text('{"command": "eval", "split": "math500"}\n')

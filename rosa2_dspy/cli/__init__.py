@@ -46,15 +46,28 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _interrupt(signum, frame):
+    for sig in STOP_SIGNALS:  # once: a second signal must not break into the stopping (run_items lets go of
+        signal.signal(sig, _already_stopping)  # its threads inside engine.refusing(), then writes the segment)
     raise Interrupted(signum)
 
 
+def _already_stopping(signum, frame):
+    print("rosa2: already stopping (conversations in flight are being let go)", file=sys.stderr, flush=True)
+
+
+# the commands whose long work runs through evaluation.run_items, which lets its threads go when interrupted;
+# compile's DSPy executors take only SIGINT, their own way
+STOPPABLE = {("eval", None), ("bench", "compare")}
+
+
 @contextlib.contextmanager
-def _stoppable():
-    """SIGINT and SIGTERM stop a command as Ctrl-C does (what finished is saved, a run's segment line written):
-    ``kill PID`` otherwise ends the process where it stands, and a shell starts a background job (``nohup ...
-    &``) with SIGINT ignored, so ``kill -INT`` did nothing. Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
+def _stoppable(args):
+    """For a run (:data:`STOPPABLE`), SIGINT and SIGTERM stop it as Ctrl-C does (what finished is saved, the
+    segment line written), once: ``kill PID`` otherwise ends the process where it stands, and a shell starts a
+    background job (``nohup ... &``) with SIGINT ignored, so ``kill -INT`` did nothing. Only the main thread can
+    take signals."""
+    if (threading.current_thread() is not threading.main_thread()
+            or (args.command, getattr(args, "bench", None)) not in STOPPABLE):
         yield
         return
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _check_ranges(args)
-        with _stoppable():
+        with _stoppable(args):
             return COMMANDS[args.command](args)
     except (CLIError, ArtifactError, DataError, ModelError, ProgramError, RunError, ValueError) as exc:
         print(f"rosa2: error: {exc}", file=sys.stderr)

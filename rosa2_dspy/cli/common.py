@@ -112,8 +112,25 @@ def apply_session_recipe(args) -> None:
     if unknown or "method" not in table:
         raise CLIError(f"{path}: [session] needs 'method' and knows {', '.join(sorted(known))}; "
                        f"unknown: {', '.join(unknown) or '-'}")
+    from rosa2_dspy.experiments import setting_value
+
     for key, value in table.items():
-        setattr(args, key, value)
+        try:
+            setattr(args, key, setting_value(key, value) if key in SESSION_SETTINGS else value)
+        except ValueError as exc:
+            raise CLIError(f"{path}: {exc}") from None
+
+
+def check_compiled_adapter(meta: dict, args) -> None:
+    """A compiled artifact's adapter (every block, float32) is the engine's adapter: the updates of a run from it
+    cannot be shaped otherwise (an engine's adapter is shaped once)."""
+    from rosa2_dspy.experiments import session_defaults
+
+    defaults = session_defaults()
+    if meta.get("adapter") and any(getattr(args, k, defaults[k]) != defaults[k] for k in ("lora_layers",
+                                                                                          "adapter_dtype")):
+        raise CLIError("--lora-layers and --adapter-dtype shape the engine's adapter, and a compiled artifact with "
+                       "weights brings its own: leave them at their defaults with --compiled")
 
 
 def session_identity(args) -> dict:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, compile_overlap, data_identity,
-                                    engine_for, model_identity, program_kwargs, ray_workers, seen_by, session_identity,
-                                    train_val)
+from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, check_compiled_adapter,
+                                    compile_overlap, data_identity, engine_for, model_identity, program_kwargs,
+                                    ray_workers, seen_by, session_identity, train_val)
 
 
 def cmd_eval(args) -> int:
@@ -40,6 +40,8 @@ def cmd_eval(args) -> int:
         from rosa2_dspy.artifacts import read_meta
 
         compiled_meta = read_meta(args.compiled)
+        if args.method:
+            check_compiled_adapter(compiled_meta, args)
         overlap = compile_overlap(seen_by(compiled_meta), examples, args.allow_overlap,
                                    f"the compile of {args.compiled}")
         args.program = compiled_meta.get("program", args.program)
@@ -204,6 +206,7 @@ def bench_compare(args) -> int:
         from rosa2_dspy.artifacts import read_meta
 
         meta = read_meta(args.compiled)
+        check_compiled_adapter(meta, args)
         overlap = compile_overlap(seen_by(meta), examples, args.allow_overlap, f"the compile of {args.compiled}")
         program_spec, kwargs = meta.get("program", program_spec), meta.get("program_kwargs") or {}
     config = {"command": "bench compare", **data_identity(args), **model_identity(args), "program": program_spec,

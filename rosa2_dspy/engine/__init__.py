@@ -110,7 +110,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._inflight: dict[tuple, Future] = {}
         self._remembered = None  # a run's answered greedy requests, while remember_greedy is open
         self._live: set = set()  # jobs queued or generating, whose callers wait (refusing fails them)
-        self._refusal = None  # the EngineStopped every request and update gets while refusing() is open
+        self._refusal: str | None = None  # while refusing() is open: why requests and updates are refused
         self._inflight_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()

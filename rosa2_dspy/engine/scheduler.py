@@ -41,9 +41,11 @@ def _fail(future: Future, exc: BaseException) -> None:
 
 def _start(job: "_Job") -> bool:
     """Mark a queued job running; False if its caller no longer waits for it (cancelled, or failed by a refusal)."""
+    if job.future.done():  # (set_running_or_notify_cancel would log a CRITICAL line before raising)
+        return False
     try:
         return job.future.set_running_or_notify_cancel()
-    except RuntimeError:  # finished already: failed while it waited in the queue
+    except RuntimeError:  # failed by a refusal in between
         return False
 
 
@@ -160,7 +162,7 @@ class SchedulerMixin:
         # counts no tokens or time (the first request's thread counted them).
         refusal = self._refusal
         if refusal is not None:
-            return _failed(refusal)
+            return _failed(EngineStopped(refusal))
         key = (tuple(input_ids), settings, tuple(stop)) if not settings.do_sample and settings.weights else None
         remembered = self._remembered
         if key is not None and remembered is not None:
@@ -172,7 +174,7 @@ class SchedulerMixin:
                 return done
         with self._inflight_lock:
             if self._refusal is not None:  # (refusing() sets it, then fails the live jobs under this lock)
-                return _failed(self._refusal)
+                return _failed(EngineStopped(self._refusal))
             first = self._inflight.get(key) if key is not None else None
             if first is not None:
                 self.stats["joined"] += 1
@@ -216,19 +218,20 @@ class SchedulerMixin:
         already training finishes; with padded batching, so does a batch already generating). A run that is
         interrupted opens it while it lets its threads go: each conversation in flight then ends within an
         update, not at its last turn. Closed, the engine serves again."""
-        self._refusal = EngineStopped(reason)
         try:
+            self._refusal = reason
             with self._inflight_lock:  # a request submitted from now on sees the refusal (submit)
                 live = list(self._live)
-            for job in live:
-                _fail(job.future, self._refusal)
+            for job in live:  # (an exception each: a raised one collects the frames of the thread raising it)
+                _fail(job.future, EngineStopped(reason))
             yield
         finally:
             self._refusal = None
 
     def _refuse_update(self) -> None:
-        if self._refusal is not None:
-            raise self._refusal
+        refusal = self._refusal
+        if refusal is not None:
+            raise EngineStopped(refusal)
 
     def load_line(self) -> str:
         """The engine's work so far, in a few words for a long run's log: rows a decode step advanced on average,

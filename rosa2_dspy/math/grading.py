@@ -119,6 +119,11 @@ def _verify(gold: str, predicted: str, boxed: bool) -> bool:
 
 def _worker(conn) -> None:  # pragma: no cover - runs in the child process
     import logging
+    import signal
+
+    # a terminal's Ctrl-C reaches the whole process group: the parent stops its run, and a grade in flight
+    # still gets its answer (a dead worker would be restarted, a two-minute warm-up for nothing)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     while True:
