@@ -19,7 +19,8 @@ announced (:meth:`~rosa2_dspy.engine.LocalEngine.updating`) so they land back to
 
 The methods are one loop with steps switched on or off (:data:`POLICIES`): ``single`` (one
 turn), ``whole`` (one turn on the whole problem, whatever the user withholds: the upper bound for a
-sharded user), ``pe`` (words only), ``ttt`` (weights only; the raw feedback, revealed conditions
+sharded user), ``retry`` (no adaptation: the user's feedback appended, answered again by the same weights; the
+control that says how much of ``pe``'s or ``ttt``'s gain the further turns alone bring), ``pe`` (words only), ``ttt`` (weights only; the raw feedback, revealed conditions
 included, is appended to the user's first message), ``pe-then-ttt`` (words for the first half of the
 budget, weights after, the update on the prompt the failed turn answered; at T = 2 one of each after turn 1)
 and ``rosa2`` (both every turn, words first, the update on the rewritten prompt).
@@ -74,6 +75,7 @@ class Policy:
 POLICIES = {
     "single": Policy("single", single_turn=True),
     "whole": Policy("whole", single_turn=True, whole_problem=True),
+    "retry": Policy("retry"),  # ttt's prompts without its updates
     "pe": Policy("pe", words="always"),
     "ttt": Policy("ttt", weights="always"),
     "pe-then-ttt": Policy("pe-then-ttt", words="first-half", weights="second-half", weights_on="answered"),
@@ -386,7 +388,7 @@ class Session:
                     refinement = self.words_step(conv, problem, history, verdict.feedback, revealed)
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()
-            elif policy.words == "never":  # weights only: the raw feedback goes into the prompt
+            elif policy.words == "never":  # weights only, or retry: the raw feedback goes into the prompt
                 statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
                             " ".join(h["feedback"] for h in history)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered

@@ -51,6 +51,7 @@ class SpySession(Session):
 EXPECTED = {
     "single": ["answer"],
     "whole": ["answer"],
+    "retry": ["answer"] * 4,
     "pe": ["answer", "words"] * 3 + ["answer"],
     "ttt": ["answer", "weights"] * 3 + ["answer"],
     "pe-then-ttt": ["answer", "words", "answer", "words", "answer", "weights", "answer"],
@@ -67,12 +68,15 @@ def test_each_policy_calls_exactly_its_steps_in_order(tiny_engine, method):
     assert record["turns_used"] == (1 if POLICIES[method].single_turn else 4) == len(record["turns"])
 
 
-def test_turns_stop_at_acceptance_and_ttt_appends_raw_feedback(tiny_engine):
-    session = SpySession(MathSolver(), tiny_engine, "ttt", ScriptedUser(accept_at=2), SessionConfig(turns=4))
+@pytest.mark.parametrize("method", ["ttt", "retry"])
+def test_turns_stop_at_acceptance_and_ttt_and_retry_append_raw_feedback(tiny_engine, method):
+    """retry is ttt without its update: the same prompts, turn by turn, answered by the same weights."""
+    session = SpySession(MathSolver(), tiny_engine, method, ScriptedUser(accept_at=2), SessionConfig(turns=4))
     record = session.run(EXAMPLE)
     assert record["solved"] is True and record["turns_used"] == 2
-    assert session.calls == ["answer", "weights", "answer"]
-    assert "hmm, not what I asked" in record["turns"][1]["statement"]
+    assert session.calls == (["answer", "weights", "answer"] if method == "ttt" else ["answer", "answer"])
+    assert record["turns"][1]["statement"] == f"{EXAMPLE.problem}\n\nFeedback on the earlier answer(s): " \
+        + record["turns"][0]["feedback"] and "hmm, not what I asked" in record["turns"][0]["feedback"]
 
 
 def test_a_raising_step_is_recorded_and_the_next_problem_runs(tiny_engine):

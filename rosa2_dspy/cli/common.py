@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 # the methods of a comparison, in the order commands run and report them (`whole` only for a sharded user)
-METHOD_ORDER = ("whole", "single", "pe", "ttt", "pe-then-ttt", "rosa2")
+METHOD_ORDER = ("whole", "single", "retry", "pe", "ttt", "pe-then-ttt", "rosa2")
 
 
 class CLIError(Exception):
