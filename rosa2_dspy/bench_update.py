@@ -9,7 +9,7 @@ import time
 import torch
 
 from rosa2_dspy.bench import prefill_and_step
-from rosa2_dspy.provenance import peak_rss_mib
+from rosa2_dspy.provenance import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
 
 def _update_rows(limit: int = 8) -> list[dict]:
     """SFT rows from MATH train problems: the program's prompt, a reference solution as the target."""
@@ -75,11 +75,13 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
 
 def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
-                 answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32") -> dict:
+                 answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32",
+                 activation_checkpointing: bool = False) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
-    (``answer_batch`` rows), measured in the same run (0 skips it). ``layers`` and ``adapter_dtype``: the
-    adapter's (:class:`~rosa2_dspy.weights.UpdateConfig`)."""
+    (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype`` and
+    ``activation_checkpointing``: :class:`~rosa2_dspy.weights.UpdateConfig`'s. ``update_peak_rss_mib``: the peak
+    resident memory while the updates ran (the model loaded before), where Linux lets it be reset."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
@@ -90,8 +92,9 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
                 for i, r in enumerate(rows)]
     config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                          layers=layers, adapter_dtype=adapter_dtype)
+                          layers=layers, adapter_dtype=adapter_dtype, activation_checkpointing=activation_checkpointing)
     updater = LoRAUpdater(engine, config)
+    update_peak = reset_peak_rss()
     start_state = engine.snapshot()
     trl_seconds, raw_seconds, prepare, shifts = [], [], [], []
     first_update = None
@@ -109,11 +112,13 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
             raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
                                                learning_rate=learning_rate))
     engine.restore(start_state)
+    update_peak = peak_rss_since_reset_mib() if update_peak else None
     out = {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
         "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
                                                                      if "lora_" in n).dtype).replace("torch.", ""),
+        "activation_checkpointing": activation_checkpointing,
         "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),
         "construction_seconds_first_update": round(first_update.prepare_seconds, 3),
@@ -122,6 +127,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         "trl_total_seconds_per_update": round((sum(trl_seconds) + sum(prepare)) / len(trl_seconds), 3),
         "l2_shift_per_update": round(sum(shifts) / len(shifts), 6),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "update_peak_rss_mib": round(update_peak, 1) if update_peak is not None else None,
     }
     if raw_seconds:
         raw = sum(raw_seconds[1:] or raw_seconds) / len(raw_seconds[1:] or raw_seconds)

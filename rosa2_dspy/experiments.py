@@ -90,6 +90,9 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "adapter_dtype": Setting("update", "adapter_dtype", "the LoRA adapter's dtype: float32 (PEFT's default) or "
                                                         "model (the base weights' dtype: no casts, half the memory)",
                              ("float32", "model"), variant=False),
+    "activation_checkpointing": Setting("update", "activation_checkpointing",
+                                        "weights step: keep only each block's input and run its forward again in the "
+                                        "backward pass: less memory, one more forward a step, the same update"),
 }
 
 
@@ -119,11 +122,13 @@ def setting_value(name: str, value: Any) -> Any:
     kind = session_setting_type(name)
     wrong = f"{name} takes {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}, got {value!r}"
     try:
-        if isinstance(value, str) and kind is not str:
+        if isinstance(value, str) and kind is bool:
+            value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+        elif isinstance(value, str) and kind is not str:
             value = kind(value)
         elif kind is float and type(value) is int:
             value = float(value)
-    except ValueError:
+    except (ValueError, KeyError):
         raise ValueError(wrong) from None
     if value is not None and type(value) is not kind:
         raise ValueError(wrong)

@@ -360,6 +360,13 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
         (answer["prefill_seconds"] + 1023 * answer["step_ms"] / 1000) / 16, rel=0.01)
     assert report["update_over_generation"] == pytest.approx(
         report["trl_total_seconds_per_update"] / answer["seconds_per_row"], rel=0.01)
+    assert 0 < report["update_peak_rss_mib"] <= report["peak_rss_mib"] and not report["activation_checkpointing"]
+    # activation checkpointing: the same updates (the same shift to the last digit), one more forward a step
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--steps", "1", "--batch-size", "2",
+               "--updates", "2", "--answer-batch", "0", "--activation-checkpointing") == 0
+    checkpointed = json.loads(capsys.readouterr().out)
+    assert checkpointed["activation_checkpointing"] is True
+    assert checkpointed["l2_shift_per_update"] == report["l2_shift_per_update"]
 
 
 def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_dir, capsys):

@@ -209,16 +209,21 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
 
 
 def test_the_adapter_flags_reach_the_weights_step():
-    """--lora-layers and --adapter-dtype set the UpdateConfig every conversation's update uses."""
+    """--lora-layers, --adapter-dtype and --activation-checkpointing set the UpdateConfig every conversation's
+    update uses; a variant may set checkpointing (it does not shape the adapter), as true or false."""
     from rosa2_dspy.cli.parser import build_parser
-    from rosa2_dspy.experiments import session_configs
+    from rosa2_dspy.experiments import parse_method, session_configs
 
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--lora-layers", "3",
-                                      "--adapter-dtype", "model"])
+                                      "--adapter-dtype", "model", "--activation-checkpointing"])
     _, update = session_configs(vars(args), max_tokens=args.max_tokens)
-    assert (update.layers, update.adapter_dtype) == (3, "model")
+    assert (update.layers, update.adapter_dtype, update.activation_checkpointing) == (3, "model", True)
     _, default = session_configs(vars(build_parser().parse_args(["bench", "compare", "--out", "x"])), max_tokens=8)
-    assert (default.layers, default.adapter_dtype) == (None, "float32")
+    assert (default.layers, default.adapter_dtype, default.activation_checkpointing) == (None, "float32", False)
+    assert parse_method("ttt@activation_checkpointing=true") == ("ttt", {"activation_checkpointing": True})
+    assert parse_method("ttt@activation_checkpointing=0") == ("ttt", {"activation_checkpointing": False})
+    with pytest.raises(ValueError, match="activation_checkpointing takes a bool"):
+        parse_method("ttt@activation_checkpointing=maybe")
 
 
 def test_a_variant_runs_beside_its_method_with_its_own_setting(tmp_path, lively_model_dir):

@@ -438,3 +438,47 @@ def test_the_adapter_can_live_in_the_models_own_dtype(tokenizer):
         assert result.update_shift > 0 and not result.rolled_back
     with pytest.raises(UpdateError, match="adapter_dtype"):
         UpdateConfig(adapter_dtype="float16")
+
+
+def _block_forwards(engine, update) -> list[int]:
+    """How many times each transformer block's MLP ran forward during ``update()``: counted in ``forward`` itself,
+    since module hooks do not run when the backward pass recomputes a checkpointed block."""
+    mlps = [m.mlp for n, m in engine.model.named_modules() if n.split(".")[-2:-1] == ["layers"]]
+    calls = [0] * len(mlps)
+
+    def counting(index, forward):
+        def wrapped(*args, **kwargs):
+            calls[index] += 1
+            return forward(*args, **kwargs)
+        return wrapped
+
+    for i, mlp in enumerate(mlps):
+        mlp.forward = counting(i, mlp.forward)
+    try:
+        update()
+    finally:
+        for mlp in mlps:
+            del mlp.forward  # the class's again
+    return calls
+
+
+@pytest.mark.parametrize("objective", ["sft", "apo_zero_unpaired"])
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_update(tokenizer, objective):
+    """``activation_checkpointing``: each block keeps only its input and runs its forward again in the backward
+    pass, one more forward a step; the adapter after the update is the same to the bit. Turned off again on the
+    same engine, each block runs as without it."""
+    rows = [kto_row(PROMPT, GOOD, True), kto_row(PROMPT, BAD, False)] if objective != "sft" else [sft_row(PROMPT, GOOD)]
+    steps = 2
+    engines, updaters, results, forwards = {}, {}, {}, {}
+    for on in (False, True):
+        engines[on] = engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        updaters[on] = LoRAUpdater(engine, fast(objective=objective, steps=steps, activation_checkpointing=on))
+        forwards[on] = _block_forwards(engine, lambda: updaters[on].update(rows))
+        results[on] = {name: tensor.clone() for name, tensor in engine.adapter_state().items()}
+    plain = forwards[False][0]  # (apo_zero_unpaired: a reference forward too, under no_grad, from the second step)
+    assert forwards[False] == [plain, plain] and forwards[True] == [plain + steps, plain + steps]
+    for name, tensor in results[False].items():
+        torch.testing.assert_close(results[True][name], tensor, rtol=0, atol=0)
+    again = LoRAUpdater(engines[True], fast(objective=objective, steps=steps))  # off again, from moved weights
+    assert _block_forwards(engines[True], lambda: again.update(rows)) == \
+        _block_forwards(engines[False], lambda: updaters[False].update(rows))

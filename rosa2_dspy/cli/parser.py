@@ -54,6 +54,10 @@ def _add_session_args(p: argparse.ArgumentParser, method_default: str | None, **
     values = {**session_defaults(), **defaults}
     for name, setting in SESSION_SETTINGS.items():
         default = values[name]
+        if session_setting_type(name) is bool:  # --name / --no-name
+            p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default,
+                           help=setting.help)
+            continue
         p.add_argument(f"--{name.replace('_', '-')}", type=session_setting_type(name), default=default,
                        choices=setting.choices,
                        help=setting.help + ("" if default is None else f" (default {default})"))
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bu.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                     help="the adapter's dtype on a 16-bit model: float32 (PEFT's default) or the model's own")
+    bu.add_argument("--activation-checkpointing", action="store_true",
+                    help="keep only each block's input and recompute its forward in the backward pass")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
     _add_data_args(bc)

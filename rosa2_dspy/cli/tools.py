@@ -95,7 +95,8 @@ def cmd_bench(args) -> int:
         result = bench_update(args.model, objective=args.objective, steps=args.steps,
                               batch_size=args.batch_size, updates=args.updates, rows=args.rows,
                               answer_batch=args.answer_batch, answer_tokens=args.answer_tokens,
-                              layers=args.layers, adapter_dtype=args.adapter_dtype)
+                              layers=args.layers, adapter_dtype=args.adapter_dtype,
+                              activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(result, indent=2))
     return 0
 

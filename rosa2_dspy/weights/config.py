@@ -33,6 +33,9 @@ class UpdateConfig:
     # the adapter's dtype on a 16-bit model: "float32" (PEFT's default: each LoRA layer computes in float32, casting
     # its input up and its delta back) or "model" (the base weights' dtype: no casts, and half the adapter memory)
     adapter_dtype: str = "float32"
+    # keep only each block's input and run the block's forward again in the backward pass (transformers' activation
+    # checkpointing): memory for one more forward a step, the same update to the bit
+    activation_checkpointing: bool = False
     # the optimisation
     steps: int = 4
     batch_size: int = 4

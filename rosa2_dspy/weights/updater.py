@@ -123,6 +123,15 @@ def _reference_from_policy(model):
         model.forward = original
 
 
+def _checkpointing(on: bool) -> dict:
+    """TrainingArguments for activation checkpointing of every block, or none. Non-reentrant: the frozen base needs
+    no input gradients. The deprecated alias is set too, as TRL's configs default it to on."""
+    on = bool(on)
+    kwargs = {"use_reentrant": False} if on else None
+    return {"activation_checkpointing": on, "activation_checkpointing_kwargs": kwargs,
+            "gradient_checkpointing": on, "gradient_checkpointing_kwargs": kwargs}
+
+
 class LoRAUpdater:
     """Small LoRA updates of a running engine's adapter, in place, through TRL.
 
@@ -190,7 +199,7 @@ class LoRAUpdater:
             output_dir=self._output_dir, max_steps=cfg.steps, per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="constant",
             warmup_steps=0, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, logging_steps=1,
-            report_to="none", save_strategy="no", disable_tqdm=True, gradient_checkpointing=False,
+            report_to="none", save_strategy="no", disable_tqdm=True, **_checkpointing(cfg.activation_checkpointing),
             dataloader_num_workers=0, seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length,
             use_cpu=device == "cpu",
             # TRL defaults to bf16=True; on a CPU without native bf16 that is ~13x slower (BENCHMARKS.md)
@@ -212,6 +221,8 @@ class LoRAUpdater:
             # the config may have changed since the trainer was built: hand it the new settings
             # (in place: building new TrainingArguments would reset the accelerator state it uses)
             args, cfg = trainer.args, self.config
+            for name, value in _checkpointing(cfg.activation_checkpointing).items():
+                setattr(args, name, value)
             for name, value in (("max_steps", cfg.steps), ("per_device_train_batch_size", batch_size),
                                 ("learning_rate", cfg.learning_rate), ("max_grad_norm", cfg.max_grad_norm),
                                 ("seed", cfg.seed), ("data_seed", cfg.seed), ("max_length", cfg.max_length),
@@ -287,6 +298,8 @@ class LoRAUpdater:
                 prepared = time.perf_counter()
                 self._guard.bad = ""
                 # (the adapter at zero: this update starts from the base weights, the reference of its objective)
+                if not self.config.activation_checkpointing and engine.model.is_activation_checkpointing:
+                    engine.model.activation_checkpointing_disable()  # (another updater's; a Trainer only turns it on)
                 from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
                 with _score_completions_only(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
