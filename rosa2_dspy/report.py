@@ -114,12 +114,24 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
     return out
 
 
+CONTROL = "retry"  # multi-turn without adaptation (rosa2_dspy.coadapt.POLICIES)
+
+
+def _adapts(method: str) -> bool:
+    """Whether a method (or a variant, ``ttt@...``) adapts words or weights after a failed turn."""
+    from rosa2_dspy.coadapt import POLICIES
+
+    policy = POLICIES.get(method.split("@")[0])
+    return policy is not None and not policy.single_turn and (policy.words != "never" or policy.weights != "never")
+
+
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
                  reference: str | None = None, ids: list[str] | None = None,
                  notes: list[str] | None = None) -> Path:
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
     ``ids``: report only these problems. ``reference``'s accuracy (default ``rosa2``, else the first method's)
-    is compared, paired, with each other method's;
+    is compared, paired, with each other method's, and each adapting method's with ``retry``'s (the control:
+    the same further turns without adaptation) when it ran;
     records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
     out = Path(out)
     records, summaries = {}, {}
@@ -135,8 +147,10 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         raise ValueError(f"no results under {out}: run the methods first")
     # rosa2 against each baseline; without rosa2, the first method (say `whole` against `single`)
     reference = reference or ("rosa2" if "rosa2" in records else next(iter(records)))
-    paired = {f"{reference} - {m}": paired_difference(records[reference], records[m], turns=turns)
-              for m in records if reference in records and m != reference}
+    pairs = [(reference, m) for m in records if reference in records and m != reference]
+    if CONTROL in records:  # how much each adaptation adds to the further turns alone
+        pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapts(m)]
+    paired = {f"{a} - {b}": paired_difference(records[a], records[b], turns=turns) for a, b in pairs}
     by_gap = {}
     if any("semantic_gap" in r for rs in records.values() for r in rs):
         for method, rs in records.items():
@@ -183,11 +197,13 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
             lines.append(f"| {method} | {m['generation']:.2f} | {m['words']:.2f} | {m['sampling']:.2f} "
                          f"| {m['update']:.2f} | {ratio} |")
     if paired:
-        lines += ["", f"Paired differences, {reference} minus each method, on the problems both ran: accuracy and "
-                  "turns used (an unsolved problem counts T) with 95% paired-bootstrap intervals; discordant "
-                  "problems (solved by one only) and McNemar's exact p-value.", "",
-                  "| comparison | problems | accuracy difference (95% CI) | turns difference (95% CI) | only " +
-                  reference + " solved | only the other solved | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+        control = f"; then each adapting method minus `{CONTROL}`, the same turns without adaptation" \
+            if CONTROL in records and len(pairs) > len(records) - 1 else ""
+        lines += ["", f"Paired differences, {reference} minus each method{control}, on the problems both ran: "
+                  "accuracy and turns used (an unsolved problem counts T) with 95% paired-bootstrap intervals; "
+                  "discordant problems (solved by one only) and McNemar's exact p-value.", "",
+                  "| comparison A - B | problems | accuracy difference (95% CI) | turns difference (95% CI) | only A "
+                  "solved | only B solved | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, d in paired.items():
             if d["problems"]:
                 low, high = d["ci95"]

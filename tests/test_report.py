@@ -201,3 +201,20 @@ def test_stolen_time_is_read_from_proc_stat_and_absent_without_it():
     assert cpu_ticks("cpu  1 2 3 4 5 6 7 8 9 10\n") == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert cpu_ticks("intr 5\n") is None and stolen_fraction(None, [0] * 8) is None
     assert stolen_fraction([0] * 8, [30, 0, 10, 40, 0, 0, 0, 20]) == 0.2
+
+
+def test_with_retry_each_adapting_method_is_paired_with_the_control(tmp_path):
+    """retry (the further turns without adaptation) is the control: each adapting method is paired with it too,
+    a single-turn method is not; the pair's discordant problems are counted A against B."""
+    outcomes = {"rosa2": [1, 2, None], "ttt": [1, 2, 2], "retry": [1, None, None], "single": [1, None, None]}
+    for method, solved in outcomes.items():
+        (tmp_path / method).mkdir()
+        results = ResultsFile(tmp_path / method / "results.jsonl")
+        for i, solved_at in enumerate(solved):
+            results.append(_record(f"test/algebra/{i}.json", method, solved_at, shift=0.1))
+    build_report(tmp_path, list(outcomes), turns=2)
+    paired = json.loads((tmp_path / "summary.json").read_text())["paired"]
+    assert set(paired) == {"rosa2 - ttt", "rosa2 - retry", "rosa2 - single", "ttt - retry"}
+    assert (paired["ttt - retry"]["a_only"], paired["ttt - retry"]["b_only"]) == (2, 0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| ttt - retry | 3 | +66.7% (" in report and "minus `retry`, the same turns without adaptation" in report
