@@ -11,8 +11,10 @@ import torch
 from rosa2_dspy.bench import prefill_and_step
 from rosa2_dspy.provenance import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
 
-def _update_rows(limit: int = 8) -> list[dict]:
-    """SFT rows from MATH train problems: the program's prompt, a reference solution as the target."""
+def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer=None) -> list[dict]:
+    """SFT rows from MATH train problems: the program's prompt, a reference solution as the target.
+    ``completion_tokens``: each target repeated and cut to that many tokens (``tokenizer``'s), the length of a
+    long reply (a comparison's rejected replies run to the 1,024-token budget); default: as written."""
     from rosa2_dspy.adapters import FORMAT_REMINDER
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.signatures import Answer
@@ -22,7 +24,12 @@ def _update_rows(limit: int = 8) -> list[dict]:
     for example in load_examples("train", levels="1", limit=limit, seed=0):
         prompt = [{"role": "system", "content": Answer.instructions},
                   {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}]
-        rows.append(sft_row(prompt, example.solution))
+        completion = example.solution
+        if completion_tokens:
+            ids = tokenizer.encode(completion, add_special_tokens=False)
+            ids = (ids * (completion_tokens // max(len(ids), 1) + 1))[:completion_tokens]
+            completion = tokenizer.decode(ids)
+        rows.append(sft_row(prompt, completion))
     return rows
 
 
@@ -76,23 +83,26 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
 def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
                  answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32",
-                 activation_checkpointing: bool = False) -> dict:
+                 activation_checkpointing: bool = False, completion_tokens: int | None = None) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
     (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype`` and
-    ``activation_checkpointing``: :class:`~rosa2_dspy.weights.UpdateConfig`'s. ``update_peak_rss_mib``: the peak
+    ``activation_checkpointing``: :class:`~rosa2_dspy.weights.UpdateConfig`'s; ``completion_tokens``: the rows'
+    length (:func:`_update_rows`), the update's ``max_length`` fitting them. ``update_peak_rss_mib``: the peak
     resident memory while the updates ran (the model loaded before), where Linux lets it be reset."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
     engine = LocalEngine.from_pretrained(spec)
-    rows = _update_rows(limit=rows)
+    rows = _update_rows(limit=rows, completion_tokens=completion_tokens, tokenizer=engine.tokenizer)
+    max_length = max(1024, (completion_tokens or 0) + 512)  # (a prompt of the program is under 512 tokens)
     if objective in UNPAIRED:  # desirable: the reference solution; undesirable (odd rows): another problem's
         n = len(rows)          # solution, a wrong reply of realistic length
         rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
                 for i, r in enumerate(rows)]
     config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                          layers=layers, adapter_dtype=adapter_dtype, activation_checkpointing=activation_checkpointing)
+                          layers=layers, adapter_dtype=adapter_dtype, activation_checkpointing=activation_checkpointing,
+                          max_length=max_length)
     updater = LoRAUpdater(engine, config)
     update_peak = reset_peak_rss()
     start_state = engine.snapshot()
@@ -110,12 +120,13 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         engine.restore(start_state)
         if objective == "sft":
             raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
-                                               learning_rate=learning_rate))
+                                               learning_rate=learning_rate, max_length=max_length))
     engine.restore(start_state)
     update_peak = peak_rss_since_reset_mib() if update_peak else None
     out = {
         "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
         "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
+        "completion_tokens": completion_tokens or "as written",
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
                                                                      if "lora_" in n).dtype).replace("torch.", ""),
         "activation_checkpointing": activation_checkpointing,

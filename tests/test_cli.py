@@ -369,6 +369,21 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     assert checkpointed["l2_shift_per_update"] == report["l2_shift_per_update"]
 
 
+def test_bench_update_rows_of_a_long_replys_length(tiny_model_dir):
+    """--completion-tokens N: each row's target is N tokens long (a comparison's rejected replies run to 1,024)."""
+    from transformers import AutoTokenizer
+
+    from rosa2_dspy.bench_update import _update_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    as_written = _update_rows(limit=3)
+    rows = _update_rows(limit=3, completion_tokens=700, tokenizer=tokenizer)
+    lengths = [len(tokenizer.encode(r["completion"], add_special_tokens=False)) for r in rows]
+    assert all(abs(n - 700) <= 5 for n in lengths), lengths  # (decoding and encoding again may merge a few)
+    for long, short in zip(rows, as_written):
+        assert long["prompt"] == short["prompt"] and long["completion"].startswith(short["completion"][:200])
+
+
 def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_dir, capsys):
     for objective, batch in (("apo_zero_unpaired", 1), ("kto", 2)):
         assert run("bench", "update", "--model", str(tiny_model_dir), "--objective", objective, "--rows", "1",

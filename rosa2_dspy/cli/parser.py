@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bu.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
                     help="the adapter's dtype on a 16-bit model: float32 (PEFT's default) or the model's own")
+    bu.add_argument("--completion-tokens", type=int, default=None, metavar="N",
+                    help="each row's target repeated to N tokens, a long reply's length (default: as written)")
     bu.add_argument("--activation-checkpointing", action="store_true",
                     help="keep only each block's input and recompute its forward in the backward pass")
 

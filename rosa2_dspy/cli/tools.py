@@ -88,6 +88,8 @@ def cmd_bench(args) -> int:
             raise CLIError("--steps >= 1, --batch-size >= 2, --updates >= 2 and --rows 1..8 are needed")
         if args.answer_batch < 0 or args.answer_tokens < 1:
             raise CLIError("--answer-batch >= 0 and --answer-tokens >= 1 are needed")
+        if args.completion_tokens is not None and args.completion_tokens < 1:
+            raise CLIError("--completion-tokens must be >= 1")
         if args.layers is not None and args.layers < 1:
             raise CLIError("--layers must be >= 1 (the last N transformer blocks get the adapter)")
         from rosa2_dspy.bench_update import bench_update
@@ -96,7 +98,8 @@ def cmd_bench(args) -> int:
                               batch_size=args.batch_size, updates=args.updates, rows=args.rows,
                               answer_batch=args.answer_batch, answer_tokens=args.answer_tokens,
                               layers=args.layers, adapter_dtype=args.adapter_dtype,
-                              activation_checkpointing=args.activation_checkpointing)
+                              activation_checkpointing=args.activation_checkpointing,
+                              completion_tokens=args.completion_tokens)
     print(json.dumps(result, indent=2))
     return 0
 
