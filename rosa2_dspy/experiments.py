@@ -63,13 +63,16 @@ class Setting:
     """A session setting: the config it belongs to (``session``: SessionConfig, ``update``: UpdateConfig), its
     field there (which gives its type and default), what it does, and the values it may take. ``variant``: a
     method variant may set it (``rosa2@learning_rate=1e-3``); not the turn budget (one per report), nor what
-    shapes the engine's one adapter (an engine serves every method of a run)."""
+    shapes the engine's one adapter (an engine serves every method of a run). ``identity``: part of a run
+    folder's identity, as everything that changes what a run computes; not what only changes how (activation
+    checkpointing gives the same update to the bit), so that a run may resume with it on or off."""
 
     config: str
     field: str
     help: str
     choices: tuple[str, ...] | None = None
     variant: bool = True
+    identity: bool = True
 
 
 # name (the flag --name-with-dashes, the [session] recipe key, the run folder's config.json key) -> setting
@@ -92,7 +95,8 @@ SESSION_SETTINGS: dict[str, Setting] = {
                              ("float32", "model"), variant=False),
     "activation_checkpointing": Setting("update", "activation_checkpointing",
                                         "weights step: keep only each block's input and run its forward again in the "
-                                        "backward pass: less memory, one more forward a step, the same update"),
+                                        "backward pass: less memory, one more forward a step, the same update",
+                                        identity=False),
 }
 
 

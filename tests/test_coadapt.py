@@ -206,6 +206,9 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     capsys.readouterr()
     assert main([*compare, "--limit", "1", "--adapter-dtype", "model"]) == 2
     assert "adapter_dtype: 'float32' -> 'model'" in capsys.readouterr().err
+    # activation checkpointing changes how an update runs, not what it gives: not part of the folder's identity
+    assert main([*compare, "--limit", "1", "--activation-checkpointing"]) == 0
+    assert "activation_checkpointing" not in json.loads((cmp / "config.json").read_text())
 
 
 def test_the_adapter_flags_reach_the_weights_step():

@@ -146,11 +146,12 @@ def session_identity(args) -> dict:
 
     if args.user not in USERS:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
-    identity = {"user": args.user, **{name: getattr(args, name) for name in SESSION_SETTINGS}}
+    values = {name: getattr(args, name) for name in SESSION_SETTINGS}
+    identity = {"user": args.user, **{name: v for name, v in values.items() if SESSION_SETTINGS[name].identity}}
     from rosa2_dspy.experiments import session_configs
 
     try:  # a bad value (--lora-layers 0: UpdateConfig's UpdateError) stops here, before a run folder is made
-        session_configs(identity, max_tokens=getattr(args, "max_tokens", 1024))
+        session_configs(values, max_tokens=getattr(args, "max_tokens", 1024))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     return identity
