@@ -117,12 +117,10 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 CONTROL = "retry"  # multi-turn without adaptation (rosa2_dspy.coadapt.POLICIES)
 
 
-def _adapts(method: str) -> bool:
-    """Whether a method (or a variant, ``ttt@...``) adapts words or weights after a failed turn."""
-    from rosa2_dspy.coadapt import POLICIES
-
-    policy = POLICIES.get(method.split("@")[0])
-    return policy is not None and not policy.single_turn and (policy.words != "never" or policy.weights != "never")
+def _adapted(records: list[dict]) -> bool:
+    """Whether a method's conversations took a words or a weights step after some failed turn (what its records
+    say: this module sits below the policies)."""
+    return any(turn.get("words") or turn.get("weights") for r in records for turn in r.get("turns") or [])
 
 
 def build_report(out: str | Path, methods: list[str], turns: int, title: str = "rosa2 bench compare",
@@ -149,7 +147,7 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     reference = reference or ("rosa2" if "rosa2" in records else next(iter(records)))
     pairs = [(reference, m) for m in records if reference in records and m != reference]
     if CONTROL in records:  # how much each adaptation adds to the further turns alone
-        pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapts(m)]
+        pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapted(records[m])]
     paired = {f"{a} - {b}": paired_difference(records[a], records[b], turns=turns) for a, b in pairs}
     by_gap = {}
     if any("semantic_gap" in r for rs in records.values() for r in rs):

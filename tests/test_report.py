@@ -36,7 +36,7 @@ def _record(uid, method, solved_at, shift):
         correct = n == solved_at
         turns.append(_turn(n, OPENING if n == 1 else REWRITE if method == "rosa2" else OPENING + " (feedback)",
                            "4" if correct else "7", correct, words=method == "rosa2" and not correct and n < 2,
-                           weights=not correct and n < 2))
+                           weights=method in ("rosa2", "ttt") and not correct and n < 2))
     return {"unique_id": uid, "method": method, "solved": solved_at is not None, "turns_used": last,
             "semantic_gap": True, "posed": {"semantic_gap": True, "opening": OPENING, "withheld": [WITHHELD]},
             "l2_shift": shift, "turns": turns, "seconds": 3.0, "error": None,
@@ -204,8 +204,8 @@ def test_stolen_time_is_read_from_proc_stat_and_absent_without_it():
 
 
 def test_with_retry_each_adapting_method_is_paired_with_the_control(tmp_path):
-    """retry (the further turns without adaptation) is the control: each adapting method is paired with it too,
-    a single-turn method is not; the pair's discordant problems are counted A against B."""
+    """retry (the further turns without adaptation) is the control: each method that adapted is paired with it
+    too, one that did not (single) is not; the pair's discordant problems are counted A against B."""
     outcomes = {"rosa2": [1, 2, None], "ttt": [1, 2, 2], "retry": [1, None, None], "single": [1, None, None]}
     for method, solved in outcomes.items():
         (tmp_path / method).mkdir()
