@@ -125,10 +125,8 @@ class _LocalWorkers:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None and self.abort is not None:
-            with self.abort():
-                self.pool.shutdown(wait=True, cancel_futures=True)
-        else:
+        letting_go = self.abort() if exc_type is not None and self.abort is not None else contextlib.nullcontext()
+        with letting_go:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 

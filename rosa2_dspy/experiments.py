@@ -99,6 +99,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
                                         identity=False),
 }
 
+# what shapes the engine's one adapter (its blocks, its dtype): one value per engine, so no variant sets it, and a
+# compiled artifact that brings an adapter fixes it
+ADAPTER_SHAPE = tuple(name for name, s in SESSION_SETTINGS.items() if s.config == "update" and not s.variant)
+
 
 def session_defaults() -> dict[str, Any]:
     """Each session setting's default: the session's, and the weights step's (:func:`session_update_config`)."""

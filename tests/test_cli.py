@@ -65,6 +65,8 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("eval --method {tmp}/dtype.toml", "adapter_dtype must be one of float32, model, got 'half'"),
     ("bench compare --methods ttt --limit 2 --compiled {tmp}/artifact --adapter-dtype model",
      "a compiled artifact with weights brings its own"),
+    ("bench compare --methods ttt --limit 2 --compiled {tmp}/artifact --lora-layers 3",
+     "--lora-layers and --adapter-dtype shape the engine's adapter"),
     ("bench compile --recipes {tmp}/missing.toml --limit 2", "no recipe at"),
     ("bench compile --recipes optimizers/lora.toml --limit 2 --split test --eval-split test",
      "seen by every compile here"),

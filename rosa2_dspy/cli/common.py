@@ -124,13 +124,13 @@ def apply_session_recipe(args) -> None:
 def check_compiled_adapter(meta: dict, args) -> None:
     """A compiled artifact's adapter (every block, float32) is the engine's adapter: the updates of a run from it
     cannot be shaped otherwise (an engine's adapter is shaped once)."""
-    from rosa2_dspy.experiments import session_defaults
+    from rosa2_dspy.experiments import ADAPTER_SHAPE, session_defaults
 
     defaults = session_defaults()
-    if meta.get("adapter") and any(getattr(args, k, defaults[k]) != defaults[k] for k in ("lora_layers",
-                                                                                          "adapter_dtype")):
-        raise CLIError("--lora-layers and --adapter-dtype shape the engine's adapter, and a compiled artifact with "
-                       "weights brings its own: leave them at their defaults with --compiled")
+    if meta.get("adapter") and any(getattr(args, k, defaults[k]) != defaults[k] for k in ADAPTER_SHAPE):
+        flags = " and ".join("--" + k.replace("_", "-") for k in ADAPTER_SHAPE)
+        raise CLIError(f"{flags} shape the engine's adapter, and a compiled artifact with weights brings its own: "
+                       "leave them at their defaults with --compiled")
 
 
 def session_identity(args) -> dict:
