@@ -96,6 +96,10 @@ class SessionConfig:
     sample_temperature: float = 0.8
     max_tokens: int = 384
     words_max_tokens: int = 128  # per words-step call (critique, clarified problem)
+    # how the words step's rewrite is asked for and checked (rosa2_dspy.words.refine): "strict" asks for the
+    # statement only and refuses a rewrite that solves the problem or drops a number; "lenient" (the first
+    # design) keeps any rewrite that keeps one number of each piece, a solution included
+    clarify_check: str = "strict"
     keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
     seed: int = 0
 
@@ -261,7 +265,8 @@ class Session:
         # the critic is the conversation's own model (its pinned weights), unless the session names one:
         # DSPy's configured LM follows whatever weights the engine holds, which other conversations change
         return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm or conv.lm,
-                      adapter=self.adapter, max_tokens=self.config.words_max_tokens, revealed=revealed)
+                      adapter=self.adapter, max_tokens=self.config.words_max_tokens, revealed=revealed,
+                      strict=self.config.clarify_check == "strict")
 
     def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],
                          turn: int) -> tuple[list[str], list[dict]]:

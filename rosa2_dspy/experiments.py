@@ -73,6 +73,9 @@ class Setting:
     choices: tuple[str, ...] | None = None
     variant: bool = True
     identity: bool = True
+    # what a run folder written before the setting existed ran with, when that is not today's default (a 1-tuple;
+    # see session_defaults)
+    legacy: tuple = ()
 
 
 # name (the flag --name-with-dashes, the [session] recipe key, the run folder's config.json key) -> setting
@@ -80,6 +83,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "turns": Setting("session", "turns", "turn budget T per conversation", variant=False),
     "samples": Setting("session", "samples", "replies sampled per weights step (candidate desirable rows)"),
     "words_max_tokens": Setting("session", "words_max_tokens", "tokens per words-step call (critique, rewrite)"),
+    "clarify_check": Setting("session", "clarify_check",
+                             "words step: strict asks for the problem statement only and falls back to problem + "
+                             "note when the rewrite solves it or drops a number; lenient (the first design) keeps any "
+                             "rewrite that keeps one number of each piece", ("strict", "lenient"), legacy=("lenient",)),
     "objective": Setting("update", "objective", "weights step objective (TRL's KTOTrainer runs apo_zero_unpaired "
                                                 "and kto, SFTTrainer sft)", ("apo_zero_unpaired", "kto", "sft")),
     "update_steps": Setting("update", "steps", "optimizer steps per weights step"),
@@ -104,12 +111,15 @@ SESSION_SETTINGS: dict[str, Setting] = {
 ADAPTER_SHAPE = tuple(name for name, s in SESSION_SETTINGS.items() if s.config == "update" and not s.variant)
 
 
-def session_defaults() -> dict[str, Any]:
-    """Each session setting's default: the session's, and the weights step's (:func:`session_update_config`)."""
+def session_defaults(legacy: bool = False) -> dict[str, Any]:
+    """Each session setting's default: the session's, and the weights step's (:func:`session_update_config`).
+    ``legacy``: instead, what a run folder whose config.json predates a setting ran with (``Setting.legacy`` where
+    the default has changed since), so that resuming it on today's defaults is refused, not silently mixed."""
     from rosa2_dspy.coadapt import SessionConfig, session_update_config
 
     configs = {"session": SessionConfig(), "update": session_update_config()}
-    return {name: getattr(configs[s.config], s.field) for name, s in SESSION_SETTINGS.items()}
+    return {name: s.legacy[0] if legacy and s.legacy else getattr(configs[s.config], s.field)
+            for name, s in SESSION_SETTINGS.items()}
 
 
 def session_setting_type(name: str):

@@ -127,10 +127,9 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                  reference: str | None = None, ids: list[str] | None = None,
                  notes: list[str] | None = None) -> Path:
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
-    ``ids``: report only these problems. ``reference``'s accuracy (default ``rosa2``, else the first method's)
-    is compared, paired, with each other method's, and each adapting method's with ``retry``'s (the control:
-    the same further turns without adaptation) when it ran;
-    records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
+    ``ids``: report only these problems. ``reference``'s accuracy (default ``rosa2``, else its first variant's, else
+    the first method's) is compared, paired, with each other method's, and each adapting method's with ``retry``'s
+    (the control: the same further turns without adaptation) when it ran; records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
     out = Path(out)
     records, summaries = {}, {}
     for method in methods:
@@ -143,8 +142,10 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         summaries[method] = summarize_sessions(records[method], turns)
     if not summaries:
         raise ValueError(f"no results under {out}: run the methods first")
-    # rosa2 against each baseline; without rosa2, the first method (say `whole` against `single`)
-    reference = reference or ("rosa2" if "rosa2" in records else next(iter(records)))
+    # rosa2 against each baseline; without rosa2, its first variant; without either, the first method (say `whole`
+    # against `single`)
+    reference = reference or next((m for m in records if m == "rosa2"), None) or \
+        next((m for m in records if m.startswith("rosa2@")), next(iter(records)))
     pairs = [(reference, m) for m in records if reference in records and m != reference]
     if CONTROL in records:  # how much each adaptation adds to the further turns alone
         pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapted(records[m])]

@@ -197,11 +197,15 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     capsys.readouterr()
     assert main([*compare, "--limit", "1", "--user", "oracle"]) == 2
     assert "user: 'vague' -> 'oracle'" in capsys.readouterr().err
-    # a folder written before a setting existed ran with its default: it resumes, and another value is refused
+    # a folder written before a setting existed ran with its default then: it resumes with that value, and another
+    # is refused; clarify_check's default has changed since (strict, from lenient), so such a folder needs it said
     config = json.loads((cmp / "config.json").read_text())
-    assert config["lora_layers"] is None and config["adapter_dtype"] == "float32"
+    assert (config["lora_layers"], config["adapter_dtype"], config["clarify_check"]) == (None, "float32", "strict")
     (cmp / "config.json").write_text(json.dumps({k: v for k, v in config.items()
-                                                 if k not in ("lora_layers", "adapter_dtype")}))
+                                                 if k not in ("lora_layers", "adapter_dtype", "clarify_check")}))
+    assert main([*compare, "--limit", "1"]) == 2
+    assert "clarify_check: 'lenient' -> 'strict'" in capsys.readouterr().err
+    compare += ["--clarify-check", "lenient"]
     assert main([*compare, "--limit", "1"]) == 0
     capsys.readouterr()
     assert main([*compare, "--limit", "1", "--adapter-dtype", "model"]) == 2

@@ -159,6 +159,19 @@ def test_rosa2_report_rebuilds_a_partial_run_without_a_model(report_dir, capsys)
     assert "holds no run" in capsys.readouterr().err
     assert main(["report", str(report_dir), "--methods", "rosa2,nosuch"]) == 2
     assert "no results" in capsys.readouterr().err
+    # another reference: ttt against each method (a run with a redesigned rosa2 beside the first design's)
+    assert main(["report", str(report_dir), "--reference", "ttt"]) == 0
+    text = (report_dir / "report.md").read_text()
+    assert "| ttt - rosa2 | 3 |" in text and "| rosa2 - ttt |" not in text and "ttt minus each method" in text
+    assert main(["report", str(report_dir), "--reference", "nosuch"]) == 2
+    assert "no results in" in capsys.readouterr().err and "nosuch" not in (report_dir / "report.md").read_text()
+
+
+def test_without_rosa2_its_variant_is_the_reference(report_dir):
+    (report_dir / "rosa2").rename(report_dir / "rosa2@clarify_check=strict")
+    build_report(report_dir, ["ttt", "rosa2@clarify_check=strict"], turns=2)
+    paired = json.loads((report_dir / "summary.json").read_text())["paired"]
+    assert list(paired) == ["rosa2@clarify_check=strict - ttt"]
 
 
 def test_each_segment_of_a_run_is_recorded_and_the_report_names_its_code_and_stolen_time(report_dir, monkeypatch):

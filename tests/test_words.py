@@ -16,6 +16,7 @@ from rosa2_dspy.signatures import Answer, Clarify
 from rosa2_dspy.math.feedback import math_feedback, math_feedback_metric, math_score
 from rosa2_dspy.words import (Refinement, Rollout, TextualGradientOptimizer, apply_gradient, plain_text_gepa_proposer,
                               refine, textual_gradient, validate_instruction)
+from rosa2_dspy.words.refinement import RESTATE_REMINDER, solution_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_WORDS = Answer.instructions
@@ -430,6 +431,53 @@ def test_refine_falls_back_to_the_problem_with_the_feedback_as_a_note(reply):
     result = refine(dspy.Predict(Clarify), PROBLEM, [], FEEDBACK)
     assert result.clarified_problem.startswith(PROBLEM) and FEEDBACK in result.clarified_problem
     assert result.fallback and result.critique == TURN_CRITIQUE
+
+
+SOLVED = "To add them we need a common denominator:\n\\[ \\frac{1}{3} + \\frac{1}{6} = \\frac{1}{2} \\]"
+
+
+@pytest.mark.parametrize("reply, why", [
+    (SOLVED, "it solves the problem (displayed working)"),
+    ("What is the sum of 1/3 and 1/6?\n\n**Step 1:** write the first fraction, 1/3, over the same denominator.",
+     "it solves the problem (solution steps)"),
+    ("What is 1/3 + 1/6? First we write 1/3 as 2/6.", "it solves the problem (a solver's voice)"),
+    ("The sum of 1/3 and 1/6 is 1/2.", "it asks nothing"),
+    ("What is 1/3 + 1/6? The fractions come from a recipe my grandmother wrote down many years ago, when she still "
+     "lived by the sea and baked bread for the whole village every morning before sunrise, and she always insisted "
+     "that each measurement be exact, since a loaf made with careless amounts would never rise in her old oven.",
+     "characters for a statement"),
+    ("What is 1/3 plus one sixth?", "it drops the number(s) 6"),
+])
+def test_strict_refine_refuses_a_rewrite_that_solves_or_drops_a_number(reply, why):
+    """The first design kept any rewrite with one of the problem's numbers: the 1.5B default solved the problem
+    instead of restating it in most of its rewrites. Strict: asked for the statement only, checked, else the
+    problem and the feedback as a note."""
+    lm, engine = script_lm(refine_reply(clarified=reply))
+    dspy.configure(lm=lm)
+    strict = refine(dspy.Predict(Clarify), PROBLEM, [], FEEDBACK, strict=True)
+    assert RESTATE_REMINDER in engine.calls[-1][1]  # the last words of the Clarify call's user message
+    assert strict.fallback and why in strict.fallback, strict.fallback
+    assert strict.clarified_problem.startswith(PROBLEM) and FEEDBACK in strict.clarified_problem
+    lenient = refine(dspy.Predict(Clarify), PROBLEM, [], FEEDBACK)
+    assert RESTATE_REMINDER not in engine.calls[-1][1]
+    assert lenient.fallback is None and lenient.clarified_problem == reply
+
+
+def test_strict_refine_keeps_a_restatement_and_every_math_problem_passes_as_its_own():
+    lm, _ = script_lm(refine_reply())
+    dspy.configure(lm=lm)
+    kept = refine(dspy.Predict(Clarify), PROBLEM, [], FEEDBACK, strict=True)
+    assert kept.fallback is None and kept.clarified_problem == CLARIFIED
+    # a problem with displayed math, asked in the imperative, restated whole: no solution marks beyond its own
+    problem = "Find $x$ such that \\[x^2 = 2x + 2y - 3.\\]"
+    assert solution_reason(problem + " Let $y = 2$.", [problem, "Let $y = 2$."]) is None
+    from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.math.shards import shard
+
+    for example in load_examples("train", limit=2000, seed=0):  # the whole problem restates its sharded pieces
+        sharded = shard(example.problem, gold=example.answer, unique_id=example.unique_id)
+        pieces = [sharded.opening, *(sharded.pieces[i].text for i in sharded.withheld)]
+        assert solution_reason(example.problem, pieces) is None, example.problem
 
 
 def test_refine_without_a_working_critic_still_clarifies():

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild a comparison's report from its run folder, finished or not")
     rp.add_argument("out", help="the --out folder of a bench compare or eval --method run")
     rp.add_argument("--methods", help="comma-separated methods (default: every method folder there)")
+    rp.add_argument("--reference", help="the method paired against each other one (default: rosa2, else the first "
+                                        "rosa2 variant, else the first method)")
 
     info = sub.add_parser("info", help="versions, device, precision and model source")
     _add_model_args(info)

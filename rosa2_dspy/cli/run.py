@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
     if args.method:
         config.update(session_identity(args), method=args.method)
     resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
-    out = prepare_run_dir(args.out, config, resume_keys=resume_keys, defaults=session_defaults())
+    out = prepare_run_dir(args.out, config, resume_keys=resume_keys, defaults=session_defaults(legacy=True))
     if args.method:
         return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap,
                             spec=(args.program, kwargs))
@@ -214,7 +214,7 @@ def bench_compare(args) -> int:
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **session_identity(args)}
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
     out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")),
-                          defaults=session_defaults())
+                          defaults=session_defaults(legacy=True))
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled,
                         overlap=overlap, spec=(program_spec, kwargs))
 

@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
     methods = args.methods.split(",") if args.methods else \
         sorted(found, key=lambda m: (METHOD_ORDER.index(m.split("@")[0]) if m.split("@")[0] in METHOD_ORDER
                                      else len(METHOD_ORDER), m))
-    missing = [m for m in methods if m not in found]
+    missing = [m for m in [*methods, *([args.reference] if args.reference else [])] if m not in found]
     if missing or not methods:
         raise CLIError(f"no results in {out} for: {', '.join(missing) or 'any method'}")
     from rosa2_dspy.evaluation import ResultsFile
@@ -149,6 +149,6 @@ def cmd_report(args) -> int:
         "Partial: problems done so far " + ", ".join(f"{m} {c}" for m, c in counts.items()) +
         (f" of {limit}" if limit else "") + "; each method's figures are over its own, paired ones over both."]
     report = build_report(out, methods, config["turns"], title=f"rosa2 - {config.get('user')} user, "
-                          f"T={config['turns']}", notes=notes)
+                          f"T={config['turns']}", notes=notes, reference=args.reference)
     print(report.read_text())
     return 0
