@@ -230,3 +230,23 @@ def test_rosa2_shards_counts_gaps_without_a_model(capsys):
     assert sum(g["problems"] for g in out["by_subject"].values()) == 40
     assert main(["shards", "--show", "-1"]) == 2
     assert "--show must be >= 0" in capsys.readouterr().err
+
+
+def test_the_words_step_is_strict_unless_the_session_says_lenient(tiny_engine, test_problems, monkeypatch):
+    from math_solver import MathSolver
+    from test_coadapt import SpySession
+
+    import rosa2_dspy.words as words
+    from rosa2_dspy.coadapt import Session, SessionConfig
+
+    class Words(SpySession):  # scripted answers, the real words step
+        words_step = Session.words_step
+
+    strict, real = [], words.refine
+    monkeypatch.setattr(words, "refine", lambda *a, **k: strict.append(k["strict"]) or real(*a, **k))
+    example = test_problems["test/geometry/577.json"]
+    for check in ("strict", "lenient"):
+        config = SessionConfig(turns=2, clarify_check=check)
+        Words(MathSolver(), tiny_engine, "pe", ShardedUser(seed=0), config).run(example)
+    assert strict == [True, False]
+    assert SessionConfig().clarify_check == "strict"
