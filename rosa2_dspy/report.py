@@ -129,7 +129,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     """Read ``out/<method>/results.jsonl`` for each method; write summary.json, report.md, accuracy_by_turn.png.
     ``ids``: report only these problems. ``reference``'s accuracy (default ``rosa2``, else its first variant's, else
     the first method's) is compared, paired, with each other method's, and each adapting method's with ``retry``'s
-    (the control: the same further turns without adaptation) when it ran; records that say whether the problem had a semantic gap (a sharded user) are also summarised per side."""
+    (the control: the same further turns without adaptation) when it ran; records that say whether the problem had
+    a semantic gap (a sharded user) are also summarised per side."""
     out = Path(out)
     records, summaries = {}, {}
     for method in methods:
@@ -144,8 +145,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
         raise ValueError(f"no results under {out}: run the methods first")
     # rosa2 against each baseline; without rosa2, its first variant; without either, the first method (say `whole`
     # against `single`)
-    reference = reference or next((m for m in records if m == "rosa2"), None) or \
-        next((m for m in records if m.startswith("rosa2@")), next(iter(records)))
+    reference = reference or ("rosa2" if "rosa2" in records else
+                              next((m for m in records if m.startswith("rosa2@")), next(iter(records))))
     pairs = [(reference, m) for m in records if reference in records and m != reference]
     if CONTROL in records:  # how much each adaptation adds to the further turns alone
         pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapted(records[m])]
