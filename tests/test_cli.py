@@ -417,3 +417,28 @@ def test_progress_in_a_log_is_plain_lines_with_accuracy_and_eta(tmp_path, capsys
     assert err.strip().splitlines()[-1].startswith("pe: 3/3 done, acc 67%, elapsed 0:00:0")
     assert progress_line("rosa2", 10, 40, 5, 600.0) == "rosa2: 10/40 done, acc 50%, elapsed 0:10:00, ETA 0:30:00"
     assert len(results.records) == 3
+
+
+def _subcommands(parser, path=()):
+    """(command path, parser) for every runnable subcommand of ``rosa2``."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _subcommands(sub, (*path, name))
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    """`rosa2 <command> --help` is the user's reference: a flag without a help line is a flag nobody can use
+    without reading the code."""
+    from rosa2_dspy.cli.parser import build_parser
+
+    commands = dict(_subcommands(build_parser()))
+    assert {("eval",), ("compile",), ("bench", "compare"), ("bench", "compile"), ("report",)} <= set(commands)
+    silent = [f"rosa2 {' '.join(path)} {action.option_strings[0] if action.option_strings else action.dest}"
+              for path, parser in commands.items() for action in parser._actions
+              if action.help in (None, "") and action.dest != "help"]
+    assert silent == []

@@ -19,16 +19,34 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shuffle", action="store_true", help="keep the file order instead of a seeded shuffle")
 
 
+MODEL_HELP = ("'default' (embedded Qwen2.5-Coder-1.5B-Instruct), 'tiny' (embedded SmolLM2-135M-Instruct), a local HF "
+              "folder, or a hub id")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="'default' (embedded Qwen2.5-Coder-1.5B-Instruct), 'tiny' (embedded SmolLM2-135M-Instruct), "
-                        "a local HF folder, or a hub id")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (by device capability), float32, bfloat16, float16")
     p.add_argument("--batching", choices=["padded", "continuous"], default="continuous",
                    help="continuous (default): requests join and leave one running batch step by step, each reply "
                         "ending when it ends; padded: concurrent requests run as one left-padded generate that "
                         "waits for its longest row")
+
+
+PROGRAM = "programs/math_solver.py"
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, out: str, threads: int, threads_help: str,
+                  max_tokens: int = 1024, progress: bool = True) -> None:
+    """The flags every command that runs a program shares: the program, the generation budget, calls in
+    flight, the output folder and (for long runs) the progress bar."""
+    p.add_argument("--program", default=PROGRAM, help=f"the prompt program: path.py or path.py:Class (default {PROGRAM})")
+    p.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"generation budget per call (default {max_tokens}: the 1.5B default's MATH replies run long)")
+    p.add_argument("--threads", type=int, default=threads, help=f"{threads_help} (default {threads})")
+    p.add_argument("--out", required=True, help=out)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -68,28 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a prompt program on MATH problems")
-    ev.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
     ev.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
     ev.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
     _add_data_args(ev)
     _add_model_args(ev)
-    ev.add_argument("--max-tokens", type=int, default=1024,
-                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
+    _add_run_args(ev, out="run folder: results.jsonl, summary.json", threads=32,
+                  threads_help="problems in flight; the engine batches them (32 is its largest batch: on 2 cores the "
+                               "1.5B model gives 1.4x the problems per minute of 16)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ev.add_argument("--threads", type=int, default=32,
-                    help="problems in flight; the engine batches them (default 32, its largest batch: on 2 cores "
-                         "the 1.5B model gives 1.4x the problems per minute of 16)")
     ev.add_argument("--cache", action="store_true", help="use DSPy's response cache (off: timings stay honest)")
     ev.add_argument("--compiled", help="a folder written by `rosa2 compile`: its words and adapter are used")
     ev.add_argument("--allow-overlap", action="store_true",
                     help="evaluate --compiled even on problems its compile trained or validated on")
     _add_session_args(ev, method_default=None)
     _add_ray_args(ev)
-    ev.add_argument("--out", required=True, help="run folder: results.jsonl, summary.json")
-    ev.add_argument("--no-progress", action="store_true")
 
     co = sub.add_parser("compile", help="optimize a program's words and/or weights on training problems")
-    co.add_argument("--program", default="programs/math_solver.py", help="path.py or path.py:Class")
     co.add_argument("--clarify", action="store_true", help="construct the program with clarify=True")
     co.add_argument("--adapter", help="DSPy adapter for the program: boxed (default), chat, json, xml")
     co.add_argument("--optimizer", required=True, help="a recipe: optimizers/lora.toml, words.toml, gepa.toml ...")
@@ -98,17 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--val-limit", type=int, default=0,
                     help="problems after the first --limit held out as the validation set (default: none)")
     _add_model_args(co)
-    co.add_argument("--max-tokens", type=int, default=1024,
-                    help="generation budget per call (default 1024: the 1.5B default's MATH replies run long)")
-    co.add_argument("--threads", type=int, default=8, help="calls in flight; the engine batches them (default 8)")
-    co.add_argument("--out", required=True, help="artifact folder: program.json, adapter/, compile.json")
+    _add_run_args(co, out="artifact folder: program.json, adapter/, compile.json", threads=8,
+                  threads_help="calls in flight; the engine batches them", progress=False)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     be = bench_sub.add_parser("engine", help="engine throughput against raw transformers and the bandwidth bound")
-    be.add_argument("--model", default="default")
-    be.add_argument("--max-tokens", type=int, default=96)
-    be.add_argument("--concurrency", type=int, default=8)
+    be.add_argument("--model", default="default", help=MODEL_HELP)
+    be.add_argument("--max-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
+    be.add_argument("--concurrency", type=int, default=8,
+                    help="prompts sent at once through DSPy for the concurrent figure (default 8)")
     be.add_argument("--cache-variants", action="store_true",
                     help="also time raw generate with a static KV cache and with torch.compile (slow: compiles)")
     be.add_argument("--batch-sizes", default="1,8,16,32",
@@ -117,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--mixed-weights", type=int, default=0, metavar="K",
                     help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
-    bu.add_argument("--model", default="default")
-    bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"])
+    bu.add_argument("--model", default="default", help=MODEL_HELP)
+    bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"],
+                    help="sft: SFTTrainer on the rows; kto, apo_zero_unpaired: KTOTrainer with that loss (default sft)")
     bu.add_argument("--rows", type=int, default=8, help="training rows, 1..8 (fewer than --batch-size: a smaller "
                     "batch; kto takes at least 2, repeating a lone row)")
-    bu.add_argument("--steps", type=int, default=4)
-    bu.add_argument("--batch-size", type=int, default=4)
+    bu.add_argument("--steps", type=int, default=4, help="optimizer steps per update (default 4)")
+    bu.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step (default 4)")
     bu.add_argument("--updates", type=int, default=3, help="updates per path (the first pays construction)")
     bu.add_argument("--answer-batch", type=int, default=16,
                     help="update_over_generation: an answer's share of a batch of this many rows (0 skips it)")
@@ -146,37 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--methods", help="comma-separated methods (default single,pe,ttt,pe-then-ttt,rosa2; with "
                                       "--user sharded also whole, the whole problem in one pass); a variant "
                                       "sets session settings for one method, e.g. rosa2@learning_rate=1e-3")
-    bc.add_argument("--program", default="programs/math_solver.py")
     bc.add_argument("--compiled", help="start every conversation from this `rosa2 compile` artifact (words + adapter)")
     bc.add_argument("--allow-overlap", action="store_true",
                     help="run --compiled even on problems its compile trained or validated on")
-    bc.add_argument("--max-tokens", type=int, default=1024,
-                    help="generation budget per call (default 1024, as eval: `single` is eval's single pass)")
-    bc.add_argument("--threads", type=int, default=32,
-                    help="conversations in flight, every method's together (default 32, the engine's largest batch); "
-                         "problems run in order, so a run cut short keeps the conversations it finished, and a "
-                         "problem's turn 1 is generated once for all methods")
+    _add_run_args(bc, out="run folder: <method>/results.jsonl, greedy.jsonl, segments.jsonl, summary.json, "
+                          "report.md, report.html", threads=32,
+                  threads_help="conversations in flight, every method's together (32 is the engine's largest batch); "
+                               "problems run in order, so a run cut short keeps the conversations it finished, and a "
+                               "problem's turn 1 is generated once for all methods")
     _add_ray_args(bc)
-    bc.add_argument("--out", required=True)
-    bc.add_argument("--no-progress", action="store_true")
 
     bk = bench_sub.add_parser("compile", help="compile-time methods side by side: same training and test problems")
     _add_data_args(bk)
     bk.set_defaults(split="train", level="1")
-    bk.add_argument("--val-limit", type=int, default=0, help="validation problems after the first --limit")
+    bk.add_argument("--val-limit", type=int, default=0,
+                    help="validation problems after the first --limit (default: none; each recipe then holds its "
+                         "own out of the training problems, drawn once)")
     bk.add_argument("--recipes", default="optimizers/words.toml,optimizers/lora.toml,optimizers/p-then-w.toml,"
-                                         "optimizers/rosa2-compile.toml,optimizers/better-together.toml")
-    bk.add_argument("--eval-split", default="test")
-    bk.add_argument("--eval-level", default="1")
-    bk.add_argument("--eval-limit", type=int, default=20)
+                                         "optimizers/rosa2-compile.toml,optimizers/better-together.toml",
+                    help="comma-separated compile recipes (optimizers/*.toml), each compiled once and evaluated beside "
+                         "the uncompiled baseline (default: words, lora, p-then-w, rosa2-compile, better-together)")
+    bk.add_argument("--eval-split", default="test", help="split the compiled programs are evaluated on (default test)")
+    bk.add_argument("--eval-level", default="1", help="comma-separated levels of the evaluation problems (default 1)")
+    bk.add_argument("--eval-limit", type=int, default=20, help="evaluation problems (default 20)")
     bk.add_argument("--allow-overlap", action="store_true",
                     help="evaluate even on problems among the training or validation problems")
     _add_model_args(bk)
-    bk.add_argument("--program", default="programs/math_solver.py")
-    bk.add_argument("--max-tokens", type=int, default=1024)
-    bk.add_argument("--threads", type=int, default=8)
-    bk.add_argument("--out", required=True)
-    bk.add_argument("--no-progress", action="store_true")
+    _add_run_args(bk, out="run folder: <recipe>/artifact and <recipe>/results.jsonl per recipe, baseline/, report.md",
+                  threads=8, threads_help="calls in flight; the engine batches them")
 
     sh = sub.add_parser("shards", help="how many problems a sharded user poses with a semantic gap (no model)")
     _add_data_args(sh)
