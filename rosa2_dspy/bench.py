@@ -11,6 +11,7 @@ this machine in the model's dtype (``roofline_fraction``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -145,7 +146,8 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
         "peak_rss_mib": round(peak_rss_mib(), 1),
     })
     if cache_variants:
-        results["cache_variants"] = bench_cache_variants(engine, prompts, max_tokens)
+        with prepacked(engine, False):  # torch.compile traces plain linears; these variants predate prepacking
+            results["cache_variants"] = bench_cache_variants(engine, prompts, max_tokens)
     if batch_sizes:
         results["roofline"] = bench_roofline(engine, prompts, batch_sizes, max_tokens)
         results["peak_rss_mib"] = round(peak_rss_mib(), 1)
@@ -219,12 +221,24 @@ def decode_cost(model) -> tuple[int, int]:
     return read, flops
 
 
-def prefill_and_step(engine, batch: list[list[int]], steps: int) -> tuple[float, float]:
+def prefill_and_step(engine, batch: list[list[int]], steps: int) -> tuple[float, float, torch.Tensor]:
     """Seconds of the batch's prefill (one new token) and of one decode step, the latter measured over
-    ``steps`` greedy steps after the prefill, so prompt processing does not count against decoding."""
+    ``steps`` greedy steps after the prefill, so prompt processing does not count against decoding; and the
+    tokens generated."""
     _, prefill = _generate_exactly(engine, batch, 1)
-    _, whole = _generate_exactly(engine, batch, steps + 1)
-    return prefill, max(whole - prefill, 1e-9) / steps
+    new, whole = _generate_exactly(engine, batch, steps + 1)
+    return prefill, max(whole - prefill, 1e-9) / steps, new
+
+
+@contextlib.contextmanager
+def prepacked(engine, on: bool):
+    """The engine with its base weights prepacked (or not) for a while, then as it was."""
+    was = engine.prepacked
+    engine.set_prepack(on)
+    try:
+        yield
+    finally:
+        engine.set_prepack(was)
 
 
 def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_tokens: int) -> dict:
@@ -240,19 +254,38 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
     out = {"dtype": str(dtype).replace("torch.", ""), "copy_bandwidth_gb_s": round(bandwidth, 1),
            "matmul_gflop_s": round(gflops, 1), "weight_bytes_per_step": read, "flop_per_token": flops,
            "new_tokens": max_tokens, "batches": {}}
-    for size in sizes:
+    from rosa2_dspy.engine.prepack import can_prepack
+
+    # the engine's prepacking (engine.prepack) against the other setting, where this build can pack: each batch
+    # size runs both, in alternating order, so drift in machine load hits both alike
+    served = engine.prepacked
+    other = (not served) if can_prepack(engine.model) else None
+    out["prepacked"] = served
+    for index, size in enumerate(sizes):
         batch = [prompts[i % len(prompts)] for i in range(size)]
-        prefill, step = prefill_and_step(engine, batch, max_tokens - 1)
+        runs = {}
+        for on in ([served, other] if index % 2 == 0 else [other, served]):
+            if on is not None:
+                with prepacked(engine, on):
+                    runs[on] = prefill_and_step(engine, batch, max_tokens - 1)
+        prefill, step, tokens = runs[served]
         memory_s, compute_s = read / (bandwidth * 1e9), size * flops / (gflops * 1e9)
         roofline = size / max(memory_s, compute_s)
         measured = size / step
-        out["batches"][str(size)] = {
+        row = out["batches"][str(size)] = {
             "decode_tokens_per_s": round(measured, 1), "roofline_tokens_per_s": round(roofline, 1),
             "roofline_fraction": round(measured / roofline, 3),
             "bound": "memory" if memory_s >= compute_s else "compute",
             "step_ms": round(1000 * step, 1),
             "roofline_step_ms": round(1000 * max(memory_s, compute_s), 1),
             "prefill_tokens_per_s": round(sum(len(p) for p in batch) / prefill, 1)}
+        if other is not None:
+            other_prefill, other_step, other_tokens = runs[other]
+            key = "unpacked" if served else "prepacked"
+            row.update({f"{key}_step_ms": round(1000 * other_step, 1),
+                        f"{key}_prefill_tokens_per_s": round(sum(len(p) for p in batch) / other_prefill, 1),
+                        "prepack_speedup_decode": round((other_step / step) if served else (step / other_step), 3),
+                        "greedy_identical_prepacked_vs_unpacked": bool(torch.equal(tokens, other_tokens))})
     return out
 
 

@@ -75,7 +75,7 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
     steps, the step time measured over ``steps`` greedy steps. Later steps attend to a longer context;
     for a 1.5B model at 1024 tokens that adds little to steps dominated by the weight matmuls."""
     rows = [prompts[i % len(prompts)] for i in range(batch)]
-    prefill, step = prefill_and_step(engine, rows, steps)
+    prefill, step, _ = prefill_and_step(engine, rows, steps)
     return {"batch": batch, "tokens": tokens, "prefill_seconds": round(prefill, 3), "step_ms": round(1000 * step, 1),
             "seconds_per_row": round((prefill + (tokens - 1) * step) / batch, 3)}
 

@@ -47,6 +47,7 @@ class Workload:
     device: str | None = None
     dtype: str | None = None
     batching: str | None = "continuous"
+    prepack: bool | None = None  # None: the engine's default (LocalEngine.set_prepack)
     program_kwargs: dict = field(default_factory=dict)
     compiled: str | None = None
     options: dict = field(default_factory=dict)
@@ -66,7 +67,7 @@ class _Actor:
         torch.set_num_threads(max(1, int(cpus)))  # the cores Ray reserved for this actor
         self.engine = LocalEngine.shared(workload.model, device=workload.device, dtype=workload.dtype,
                                          continuous=None if workload.batching is None
-                                         else workload.batching == "continuous")
+                                         else workload.batching == "continuous", prepack=workload.prepack)
         program = load_program(workload.program, **workload.program_kwargs)
         if workload.compiled:
             from rosa2_dspy.artifacts import load_compiled

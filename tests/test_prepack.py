@@ -1,0 +1,123 @@
+"""Prepacked base weights (rosa2_dspy/engine/prepack.py): forwards without gradients read the oneDNN-packed copy,
+with the same result bit for bit in bf16; forwards with gradients, and weights changed after packing, read the
+plain weight; updates come out the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from rosa2_dspy.engine import GenSettings, LocalEngine
+from rosa2_dspy.engine.prepack import base_linears, default_for, packed_count, supported
+from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
+
+needs_bf16 = pytest.mark.skipif(not supported("cpu", torch.bfloat16), reason="this PyTorch cannot pack bf16 weights")
+needs_fp32 = pytest.mark.skipif(not supported("cpu", torch.float32), reason="this PyTorch has no oneDNN")
+
+PROMPT = [{"role": "user", "content": "What is 2+3?"}]
+
+
+def bf16_engine(tokenizer, prepack=None, init=0.2):
+    return LocalEngine(make_tiny_model(tokenizer, init=init).to(torch.bfloat16), tokenizer, name="tiny-bf16",
+                       prepack=prepack)
+
+
+def logits(engine, ids, grad: bool = False):
+    with (torch.enable_grad() if grad else torch.inference_mode()):
+        return engine.model(input_ids=torch.tensor([ids])).logits.detach().clone()
+
+
+@needs_bf16
+def test_the_default_packs_a_bf16_model_and_not_a_float32_one(tokenizer):
+    engine = bf16_engine(tokenizer)
+    assert engine.prepacked and packed_count(engine.model) == len(base_linears(engine.model)) == 2 * 7 + 1
+    assert engine.info["prepacked_linears"] == 15
+    assert default_for("cpu", torch.bfloat16) and not default_for("cpu", torch.float32)
+    assert not default_for("cuda", torch.bfloat16)
+    fp32 = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    assert not fp32.prepacked and packed_count(fp32.model) == 0
+    engine.set_prepack(False)
+    assert not engine.prepacked and packed_count(engine.model) == 0 and "prepacked_linears" not in engine.info
+
+
+@needs_bf16
+def test_bf16_logits_are_the_same_bit_for_bit_and_come_from_the_packed_copy(tokenizer):
+    engine = bf16_engine(tokenizer, prepack=False)
+    ids = engine.encode_chat(PROMPT)
+    plain = logits(engine, ids)
+    engine.set_prepack(True)
+    assert torch.equal(logits(engine, ids), plain)
+    # the packed copy is what a forward without gradients reads: spoil one, and only those forwards change
+    down = engine.model.model.layers[0].mlp.down_proj
+    down.__dict__["forward"].packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(down.weight), None)
+    assert not torch.equal(logits(engine, ids), plain)
+    assert torch.equal(logits(engine, ids, grad=True), plain)
+
+
+@needs_bf16
+def test_a_weight_changed_after_packing_is_read_plain(tokenizer):
+    engine = bf16_engine(tokenizer, prepack=True)
+    ids = engine.encode_chat(PROMPT)
+    before = logits(engine, ids)
+    with torch.no_grad():
+        engine.model.model.layers[1].mlp.up_proj.weight.mul_(3)
+    changed = logits(engine, ids)
+    assert not torch.equal(changed, before)
+    engine.set_prepack(False)
+    assert torch.equal(logits(engine, ids), changed)
+
+
+@needs_bf16
+def test_bf16_greedy_replies_and_updates_are_the_same_prepacked(tokenizer):
+    """The engine's greedy replies, and a failure-only update (its reference forward runs without gradients,
+    so packed; its policy forward and backward plain), with and without prepacking."""
+    settings = GenSettings(max_tokens=24, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    config = UpdateConfig(objective="apo_zero_unpaired", beta=0.5, steps=2, batch_size=2, learning_rate=1e-2,
+                          max_length=128)
+    rows = [kto_row(PROMPT, "I think it is 7 or so", False), kto_row(PROMPT, "2+3=5. \\boxed{5}", True)]
+    replies, adapters = [], []
+    for prepack in (False, True, False):  # (in bf16 a process's first update may differ in its last bits)
+        engine = bf16_engine(tokenizer, prepack=prepack)
+        replies.append(engine.generate_one(PROMPT, settings).text)
+        LoRAUpdater(engine, config).update(rows)
+        adapters.append({k: v.clone() for k, v in engine.adapter_state().items()})
+        replies.append(engine.generate_one(PROMPT, settings).text)
+    assert replies[0] == replies[2] == replies[4] and replies[3] == replies[5]
+    assert replies[3] != replies[2]  # the update moved the weights, and the packed model serves them
+    assert all(torch.equal(adapters[1][k], adapters[2][k]) for k in adapters[2])
+
+
+@needs_fp32
+def test_float32_prepacking_on_request_rounds_differently_but_computes_the_same_model(tokenizer):
+    engine = LocalEngine(make_tiny_model(tokenizer, init=0.2), tokenizer, name="tiny", prepack=False)
+    ids = engine.encode_chat(PROMPT)
+    plain = logits(engine, ids)
+    engine.set_prepack(True)
+    assert engine.prepacked and packed_count(engine.model) == 15
+    torch.testing.assert_close(logits(engine, ids), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_prepacking_a_model_this_build_cannot_pack_is_refused(tokenizer):
+    model = make_tiny_model(tokenizer).to(torch.float16)
+    with pytest.raises(ValueError, match="prepacked weights need a CPU model in bf16 or float32"):
+        LocalEngine(model, tokenizer, name="tiny-fp16", prepack=True)
+    assert not LocalEngine(model, tokenizer, name="tiny-fp16").prepacked
+
+
+@needs_fp32
+def test_a_float32_run_prepacked_on_request_has_its_own_identity_and_a_bf16_one_does_not():
+    """Run folders refuse to mix answers that round differently: float32 prepacked weights do, bf16 ones do not
+    (so a bf16 run resumes with or without them)."""
+    from argparse import Namespace
+
+    from rosa2_dspy.cli.common import model_identity
+
+    def identity(dtype, prepack):
+        return model_identity(Namespace(model="tiny", device="cpu", dtype=dtype, batching="continuous",
+                                        prepack=prepack))
+
+    assert identity("float32", True) == {**identity("float32", None), "prepack": True}
+    assert identity("float32", False) == identity("float32", None)
+    if supported("cpu", torch.bfloat16):
+        assert identity("bfloat16", True) == identity("bfloat16", False) == identity("bfloat16", None)
