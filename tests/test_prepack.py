@@ -69,6 +69,34 @@ def test_a_weight_changed_after_packing_is_read_plain(tokenizer):
 
 
 @needs_bf16
+def test_a_prepacked_model_copies_pickles_and_repacks_a_changed_weight(tokenizer):
+    """An opaque oneDNN tensor has no storage to copy: a deep copy or a pickled copy packs its own weights at its
+    first forward (and computes as the original), and packing again replaces a copy that went stale."""
+    import copy
+    import io
+
+    engine = bf16_engine(tokenizer, prepack=True)
+    ids = engine.encode_chat(PROMPT)
+    expected = logits(engine, ids)
+    buffer = io.BytesIO()
+    torch.save(engine.model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(engine.model), torch.load(buffer, weights_only=False)):
+        handle = clone.model.layers[0].mlp.down_proj.__dict__["forward"]
+        assert handle.module() is clone.model.layers[0].mlp.down_proj and handle.packed is None
+        with torch.inference_mode():
+            assert torch.equal(clone(input_ids=torch.tensor([ids])).logits, expected)
+        assert handle.packed is not None
+    up = engine.model.model.layers[1].mlp.up_proj
+    before = up.__dict__["forward"]
+    with torch.no_grad():
+        up.weight.mul_(3)
+    assert not before.fresh(up)
+    engine.set_prepack(True)
+    assert up.__dict__["forward"] is not before and up.__dict__["forward"].fresh(up)
+
+
+@needs_bf16
 def test_bf16_greedy_replies_and_updates_are_the_same_prepacked(tokenizer):
     """The engine's greedy replies, and a failure-only update (its reference forward runs without gradients,
     so packed; its policy forward and backward plain), with and without prepacking."""

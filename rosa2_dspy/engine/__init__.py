@@ -146,7 +146,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         key = (embedded.name if embedded else spec, device or "auto", dtype or "auto")
         with cls._registry_lock:
             if key not in cls._registry:
-                cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype)
+                cls._registry[key] = cls.from_pretrained(spec, device=device, dtype=dtype, prepack=prepack)
             engine = cls._registry[key]
         if continuous is not None:
             engine.set_batching(continuous)

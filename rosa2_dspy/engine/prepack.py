@@ -10,17 +10,21 @@ forward that takes gradients (an update's policy forward and backward, activatio
 uses the plain weight as before, so training is untouched.
 
 In bfloat16 the packed product equals the plain one bit for bit (oneDNN runs the same kernel on the same
-blocked weight; ``tests/test_engine.py`` checks a model's logits and greedy replies), so switching it on
+blocked weight; ``tests/test_prepack.py`` checks a model's logits, greedy replies and an update), so switching it on
 changes no output, only the time: 1.4-1.7x per decode step on this project's 2-core box (BENCHMARKS.md,
 session 14). The cost is a second copy of the base weights (3.1 GB for the 1.5B default in bf16). In float32
 the packed product rounds differently from the plain one and the copy would be 7 GB, so the engine packs only
 bf16 models by default; ``LocalEngine(prepack=True)`` asks for it in float32 too.
 
-The LoRA factors are not packed (they change at every update); nor is a weight that changed after it was packed
-(its in-place version or storage moved on): such a forward falls back to the plain weight.
+The LoRA factors are not packed (they change at every update). A forward falls back to the plain weight where the
+packed one would not give the same result: a weight changed after it was packed (:meth:`_Packed.fresh`), an input
+that is not contiguous (oneDNN then rounds differently in bf16), autocast, another dtype or device.
 """
 
 from __future__ import annotations
+
+import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -57,23 +61,48 @@ def default_prepack(model) -> bool:
 
 
 class _Packed:
-    """A base linear's forward: the packed weight without autograd, the module's own weight otherwise."""
+    """A base linear's forward: the packed weight without autograd, the module's own weight otherwise. It holds
+    its module weakly (the module holds it as ``forward``), so a dropped model frees both without waiting for the
+    cycle collector. A deep copy or an unpickled copy of the module packs its own weight at its first forward."""
 
     __slots__ = ("module", "packed", "version", "pointer", "dtype")
 
-    def __init__(self, module: torch.nn.Linear):
+    def __init__(self, module: torch.nn.Linear, lazy: bool = False):
+        self.module = weakref.ref(module)
+        self.packed = None
+        if not lazy:
+            self._pack(module)
+
+    def _pack(self, module: torch.nn.Linear) -> None:
         weight = module.weight
-        self.module = module
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.version, self.pointer, self.dtype = weight._version, weight.data_ptr(), weight.dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
+    def fresh(self, module: torch.nn.Linear) -> bool:
+        """Whether the packed copy is the module's weight as it is now. An in-place change through the tensor
+        (``weight.mul_``, ``copy_``) moves its version, a new tensor its storage; a change through ``.data``
+        moves neither and goes unseen (PEFT's ``merge_adapter`` writes so: the engine never merges)."""
         weight = module.weight
-        if (torch.is_grad_enabled() or x.dtype != self.dtype or x.device.type != "cpu"
-                or weight._version != self.version or weight.data_ptr() != self.pointer):
-            return F.linear(x, weight, module.bias)
+        return self.packed is not None and weight._version == self.version and weight.data_ptr() == self.pointer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module()
+        if self.packed is None and not torch.is_grad_enabled():
+            self._pack(module)
+        if (torch.is_grad_enabled() or x.dtype != self.dtype or x.device.type != "cpu" or not x.is_contiguous()
+                or torch.is_autocast_enabled("cpu") or not self.fresh(module)):
+            return F.linear(x, module.weight, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
+
+    def __deepcopy__(self, memo):  # an opaque oneDNN tensor has no storage to copy: the copy packs its own
+        return _Packed(copy.deepcopy(self.module(), memo), lazy=True)
+
+    def __reduce__(self):
+        return _lazy_packed, (self.module(),)
+
+
+def _lazy_packed(module: torch.nn.Linear) -> _Packed:
+    return _Packed(module, lazy=True)
 
 
 def base_linears(model) -> list[torch.nn.Linear]:
@@ -86,7 +115,8 @@ def prepack(model) -> int:
     """Pack every base linear of ``model`` (idempotent); returns how many are packed."""
     count = 0
     for module in base_linears(model):
-        if not isinstance(module.__dict__.get("forward"), _Packed):
+        packed = module.__dict__.get("forward")
+        if not (isinstance(packed, _Packed) and packed.fresh(module)):
             module.forward = _Packed(module)
         count += 1
     return count
