@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from rosa2_dspy.models import cpu_description
 from rosa2_dspy.provenance import peak_rss_mib
 
 BENCH_PROMPTS = [
@@ -73,7 +74,8 @@ def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: in
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts_text]
     _raw_generate(engine, prompts[:1], 8)  # warm-up
 
-    results: dict = {"model": engine.name, "device": str(engine.device), "dtype": engine.info.get("dtype"),
+    results: dict = {"model": engine.name, "device": str(engine.device), "cpu": cpu_description(),
+                     "dtype": engine.info.get("dtype"), "prepacked": engine.prepacked,
                      "torch_threads": torch.get_num_threads(), "max_tokens": max_tokens, "prompts": len(prompts)}
 
     def timed(fn):

@@ -9,6 +9,7 @@ import time
 import torch
 
 from rosa2_dspy.bench import prefill_and_step
+from rosa2_dspy.models import cpu_description
 from rosa2_dspy.provenance import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
 
 def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer=None) -> list[dict]:
@@ -124,7 +125,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
     engine.restore(start_state)
     update_peak = peak_rss_since_reset_mib() if update_peak else None
     out = {
-        "model": engine.name, "device": str(engine.device), "dtype": str(engine.model.dtype).replace("torch.", ""),
+        "model": engine.name, "device": str(engine.device), "cpu": cpu_description(), "dtype": str(engine.model.dtype).replace("torch.", ""),
         "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
         "completion_tokens": completion_tokens or "as written",
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()

@@ -239,6 +239,20 @@ def pick_device(requested: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the bf16 features that decide this project's speed, e.g. ``AMD EPYC,
+    avx512_bf16`` or ``Intel Xeon ..., avx512_bf16, amx_bf16``: machines of one kind differ in them between
+    sessions, and a run's figures are only comparable on the same."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return ", ".join([name, *(f for f in ("avx512_bf16", "amx_bf16") if f in flags)])
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX-BF16).
 

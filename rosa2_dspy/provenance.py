@@ -106,8 +106,10 @@ def segment(out: str | Path, engine=None):
 
     started, ticks = _now(), cpu_ticks()
     stats_before = dict(engine.stats) if engine is not None else None
-    line = {"started": started, "code": code_version(), "argv": sys.argv[1:],
+    line = {"started": started, "code": code_version(), "argv": sys.argv[1:], "cpu": models.cpu_description(),
             "cpu_native_bf16": models.cpu_has_native_bf16()}
+    if engine is not None:
+        line["prepacked"] = getattr(engine, "prepacked", None)
     outcome = "interrupted"
     try:
         yield line
@@ -137,8 +139,10 @@ def describe_segments(segments: list[dict]) -> str:
         return ""
     codes = list(dict.fromkeys(s.get("code", "unknown") for s in segments))
     stolen = [s["cpu_stolen"] for s in segments if s.get("cpu_stolen") is not None]
+    cpus = list(dict.fromkeys(s["cpu"] for s in segments if s.get("cpu")))  # (lines before session 14 lack it)
     text = (f"Ran in {len(segments)} segment{'s' if len(segments) > 1 else ''} ({segments[0]['started']} to "
-            f"{segments[-1].get('ended', '?')}) on code {', '.join(codes)}")
+            f"{segments[-1].get('ended', '?')}) on code {', '.join(codes)}"
+            + (f", on CPU{'s' if len(cpus) > 1 else ''} {'; '.join(cpus)}" if cpus else ""))
     if stolen:
         low, high = min(stolen), max(stolen)
         text += (f"; CPU time stolen by the host: {low:.0%}" if low == high else

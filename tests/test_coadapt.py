@@ -187,8 +187,8 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert (cmp / "accuracy_by_turn.png").stat().st_size > 1000
     (segment,) = [json.loads(line) for line in (cmp / "segments.jsonl").open()]  # where the records came from
     assert segment["outcome"] == "finished" and segment["items_left"] == 0 and segment["engine"]["steps"] > 0
-    assert segment["code"]
-    assert "Ran in 1 segment (" in report
+    assert segment["code"] and segment["cpu"] and isinstance(segment["prepacked"], bool)
+    assert "Ran in 1 segment (" in report and f"on CPU {segment['cpu']}" in report
     # the same folder with a smaller --limit reports only the problems asked for; another user is refused
     compare = ["bench", "compare", "--methods", "single,ttt", "--turns", "2", "--samples", "2", "--model",
                str(tiny_model_dir), "--max-tokens", "8", "--no-progress", "--out", str(cmp)]

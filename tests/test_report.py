@@ -180,6 +180,7 @@ def test_each_segment_of_a_run_is_recorded_and_the_report_names_its_code_and_sto
     from types import SimpleNamespace
 
     from rosa2_dspy import provenance
+    from rosa2_dspy.models import cpu_description
 
     stat = "cpu  {} 0 {} {} 0 0 0 {} 0 0\ncpu0 1 2 3 4\n"
     readings = iter([stat.format(100, 10, 800, 90), stat.format(400, 20, 900, 190)])  # 510 ticks, 100 stolen
@@ -202,9 +203,13 @@ def test_each_segment_of_a_run_is_recorded_and_the_report_names_its_code_and_sto
     assert first["cpu_stolen"] == pytest.approx(100 / 510, abs=1e-4) and second["cpu_stolen"] == 0.5
     assert first["engine"] == {"steps": 4, "row_steps": 40, "step_seconds": 2.5, "max_batch_seen": 12}
     assert second["code"] == "abc1234" and first["code"] != "abc1234" and first["peak_rss_mib"] > 0
+    assert first["cpu"] == cpu_description() and first["cpu"].strip()
+    second["cpu"] = "Another CPU, avx512_bf16, amx_bf16"  # the next session's machine
+    (report_dir / provenance.SEGMENTS).write_text("".join(json.dumps(s) + "\n" for s in (first, second)))
     build_report(report_dir, list(OUTCOMES), turns=2, title="t")
     text = (report_dir / "report.md").read_text()
-    assert f"Ran in 2 segments ({first['started']} to {second['ended']}) on code {first['code']}, abc1234" in text
+    assert (f"Ran in 2 segments ({first['started']} to {second['ended']}) on code {first['code']}, abc1234, on CPUs "
+            f"{first['cpu']}; Another CPU, avx512_bf16, amx_bf16") in text
     assert "CPU time stolen by the host: 20% to 50% per segment" in text
 
 

