@@ -11,7 +11,7 @@ uses the plain weight as before, so training is untouched.
 
 In bfloat16 the packed product equals the plain one bit for bit (oneDNN runs the same kernel on the same
 blocked weight; ``tests/test_prepack.py`` checks a model's logits, greedy replies and an update), so switching it on
-changes no output, only the time: 1.4-1.7x per decode step on this project's 2-core box (BENCHMARKS.md,
+changes no output, only the time: 1.3-1.75x per decode step on a 2-core AMD EPYC (BENCHMARKS.md,
 session 14). The cost is a second copy of the base weights (3.1 GB for the 1.5B default in bf16). In float32
 the packed product rounds differently from the plain one and the copy would be 7 GB, so the engine packs only
 bf16 models by default; ``LocalEngine(prepack=True)`` asks for it in float32 too.
