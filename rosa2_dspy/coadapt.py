@@ -43,6 +43,7 @@ from dspy.utils.exceptions import AdapterParseError
 from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, count_usage, usage_scope
 from rosa2_dspy.math.grading import last_boxed, strict_normalize
 from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, adapter_shift, kto_row
+from rosa2_dspy.words.refinement import as_told
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class SessionConfig:
     # statement only and refuses a rewrite that solves the problem or drops a number; "lenient" (the first
     # design) keeps any rewrite that keeps one number of each piece, a solution included
     clarify_check: str = "strict"
+    # what the words step does with the user's words (rosa2_dspy.words.refine): "replace" rewrites them into one
+    # problem statement; "append" keeps them verbatim (the prompt retry answers) and adds a clarification below
+    clarify_mode: str = "replace"
     keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
     seed: int = 0
 
@@ -266,7 +270,7 @@ class Session:
         # DSPy's configured LM follows whatever weights the engine holds, which other conversations change
         return refine(conv.program.clarify, problem, history, feedback, critic_lm=self.critic_lm or conv.lm,
                       adapter=self.adapter, max_tokens=self.config.words_max_tokens, revealed=revealed,
-                      strict=self.config.clarify_check == "strict")
+                      strict=self.config.clarify_check == "strict", mode=self.config.clarify_mode)
 
     def sample_desirable(self, conv: Conversation, messages: list[dict], rejected: set[str],
                          turn: int) -> tuple[list[str], list[dict]]:
@@ -394,8 +398,7 @@ class Session:
                 statement = refinement.clarified_problem
                 entry["words"] = refinement.to_dict()
             elif policy.words == "never":  # weights only, or retry: the raw feedback goes into the prompt
-                statement = f"{problem}\n\nFeedback on the earlier answer(s): " + \
-                            " ".join(h["feedback"] for h in history)
+                statement = as_told(problem, history)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
                 trained_on = statement if policy.weights_on == "next" else answered
                 with _timed(entry, "weights"):

@@ -87,6 +87,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
                              "words step: strict asks for the problem statement only and falls back to problem + "
                              "note when the rewrite solves it or drops a number; lenient (the first design) keeps any "
                              "rewrite that keeps one number of each piece", ("strict", "lenient"), legacy=("lenient",)),
+    "clarify_mode": Setting("session", "clarify_mode",
+                            "words step: replace rewrites the user's words into one problem statement; append keeps "
+                            "them verbatim (the prompt retry answers) and adds the Clarify module's clarification "
+                            "below, checked as --clarify-check says", ("replace", "append")),
     "objective": Setting("update", "objective", "weights step objective (TRL's KTOTrainer runs apo_zero_unpaired "
                                                 "and kto, SFTTrainer sft)", ("apo_zero_unpaired", "kto", "sft")),
     "update_steps": Setting("update", "steps", "optimizer steps per weights step"),

@@ -250,3 +250,36 @@ def test_the_words_step_is_strict_unless_the_session_says_lenient(tiny_engine, t
         Words(MathSolver(), tiny_engine, "pe", ShardedUser(seed=0), config).run(example)
     assert strict == [True, False]
     assert SessionConfig().clarify_check == "strict"
+
+
+def test_an_append_words_step_keeps_the_prompt_retry_answers_and_adds_below_it(tiny_engine, test_problems,
+                                                                                 monkeypatch):
+    """clarify_mode=append: each words turn's statement is retry's for the same turn, verbatim, with at most a
+    clarification below it; and rosa2's update trains on that statement."""
+    from math_solver import MathSolver
+    from test_coadapt import SpySession
+
+    import rosa2_dspy.words as words
+    from rosa2_dspy.coadapt import Session, SessionConfig
+
+    class Words(SpySession):  # scripted answers, the real words step on the tiny model
+        words_step = Session.words_step
+
+    modes, real = [], words.refine
+    monkeypatch.setattr(words, "refine", lambda *a, **k: modes.append(k["mode"]) or real(*a, **k))
+    example = test_problems["test/geometry/577.json"]
+    config = SessionConfig(turns=3, clarify_mode="append")
+    retry = Words(MathSolver(), tiny_engine, "retry", ShardedUser(seed=0), config).run(example)
+    for method in ("pe", "rosa2"):
+        session = Words(MathSolver(), tiny_engine, method, ShardedUser(seed=0), config)
+        record = session.run(example)
+        turns = record["turns"]
+        for before, ours, theirs in zip(turns[:-1], turns[1:], retry["turns"][1:], strict=True):
+            assert ours["statement"] == theirs["statement"] or ours["statement"].startswith(
+                theirs["statement"] + "\n\nClarification: "), (ours["statement"], theirs["statement"])
+            # the words step that made this turn's statement is recorded on the turn before
+            assert (before["words"]["fallback"] is None) == (ours["statement"] != theirs["statement"])
+            if method == "rosa2":
+                assert before["weights"]["trained_on"] == ours["statement"]
+    assert modes == ["append"] * 4 and SessionConfig().clarify_mode == "replace"
+    assert all(shard in retry["turns"][2]["statement"] for shard in ShardedUser(seed=0).sharded(example).shards)

@@ -16,7 +16,7 @@ from rosa2_dspy.signatures import Answer, Clarify
 from rosa2_dspy.math.feedback import math_feedback, math_feedback_metric, math_score
 from rosa2_dspy.words import (Refinement, Rollout, TextualGradientOptimizer, apply_gradient, plain_text_gepa_proposer,
                               refine, textual_gradient, validate_instruction)
-from rosa2_dspy.words.refinement import RESTATE_REMINDER, solution_reason
+from rosa2_dspy.words.refinement import APPEND_REMINDER, RESTATE_REMINDER, as_told, solution_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER_WORDS = Answer.instructions
@@ -478,6 +478,46 @@ def test_strict_refine_keeps_a_restatement_and_every_math_problem_passes_as_its_
         sharded = shard(example.problem, gold=example.answer, unique_id=example.unique_id)
         pieces = [sharded.opening, *(sharded.pieces[i].text for i in sharded.withheld)]
         assert solution_reason(example.problem, pieces) is None, example.problem
+
+
+APPEND_HISTORY = [{"answer": "\\boxed{0.5}", "feedback": FEEDBACK}]
+TOLD = f"{PROBLEM}\n\nFeedback on the earlier answer(s): {FEEDBACK}"
+
+
+@pytest.mark.parametrize("note", ["Give the result as a fraction in lowest terms.",
+                                  "Your answer 0.5 was a decimal; the user wants the sum as an exact fraction."])
+def test_append_keeps_the_users_words_verbatim_and_adds_the_clarification_below(note):
+    """Append mode: the user's words (what retry answers) stay as they are, the clarification goes below them;
+    it may repeat a number of the problem or of an earlier answer."""
+    lm, engine = script_lm(refine_reply(clarified=note))
+    dspy.configure(lm=lm)
+    assert as_told(PROBLEM, APPEND_HISTORY) == TOLD and as_told(PROBLEM, []) == PROBLEM
+    result = refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, strict=True, mode="append")
+    assert result.fallback is None and result.critique == TURN_CRITIQUE
+    assert result.clarified_problem == f"{TOLD}\n\nClarification: {note}"
+    system, user = engine.calls[-1]
+    assert system == CLARIFY_WORDS and TOLD in user and TURN_CRITIQUE in user
+    assert user.rstrip().endswith(APPEND_REMINDER) and RESTATE_REMINDER not in user
+
+
+@pytest.mark.parametrize("note, why", [
+    (SOLVED, "it solves the problem (displayed working)"),
+    ("First we write 1/3 as 2/6, then add.", "it solves the problem (a solver's voice)"),
+    ("The user wants the sum, which is 1/2.", "it gives the number(s) 2, which the user did not"),
+    ("", "the clarify call failed"),
+    ("#### $$$$ %%%% ^^^^", "garbled"),
+])
+def test_append_refuses_a_clarification_that_solves_and_leaves_the_users_words_alone(note, why):
+    lm, _ = script_lm(refine_reply(clarified=note))
+    dspy.configure(lm=lm)
+    result = refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, strict=True, mode="append")
+    assert result.fallback and why in result.fallback, result.fallback
+    assert result.clarified_problem == TOLD  # exactly retry's prompt: the words step added nothing
+    if note.startswith("The user"):  # lenient: only a garbled clarification is refused
+        lenient = refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, mode="append")
+        assert lenient.fallback is None and lenient.clarified_problem.endswith(note)
+    with pytest.raises(ValueError, match="mode must be"):
+        refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, mode="rewrite")
 
 
 def test_refine_without_a_working_critic_still_clarifies():

@@ -77,13 +77,20 @@ _ASKS = re.compile(r"\?|(?i:\b(?:find|compute|calculate|determine|evaluate|simpl
                    r"what|which|how|show|prove|write|list|round)\b)")
 
 
+def _solution_marks(text: str, sources: list[str]) -> str | None:
+    """Which of a solution's marks ``text`` has more of than ``sources`` together (a problem may display math)."""
+    for what, pattern in _SOLUTION_MARKS:
+        if len(pattern.findall(text)) > sum(len(pattern.findall(source)) for source in sources):
+            return what
+    return None
+
+
 def solution_reason(clarified: str, sources: list[str]) -> str | None:
     """Why a clarified problem reads as (the start of) a solution rather than a problem statement, or None:
     it has more of a solution's marks than ``sources``, the texts it restates (the problem, what the user added),
     or is much longer than they are together."""
-    for what, pattern in _SOLUTION_MARKS:  # (more of them than the texts restated have: a problem may display math)
-        if len(pattern.findall(clarified)) > sum(len(pattern.findall(text)) for text in sources):
-            return f"it solves the problem ({what})"
+    if what := _solution_marks(clarified, sources):
+        return f"it solves the problem ({what})"
     if not _ASKS.search(clarified) and any(_ASKS.search(text) for text in sources):
         return "it asks nothing (an answer stated, not a problem)"
     limit = 2 * sum(len(text) for text in sources) + 200
@@ -92,9 +99,56 @@ def solution_reason(clarified: str, sources: list[str]) -> str | None:
     return None
 
 
+def as_told(problem: str, history: list[dict] | None) -> str:
+    """The conversation in the user's own words: the first message, then every feedback so far (a sharded user's
+    revealed conditions are in it). What ``retry`` and ``ttt`` answer, and what the ``append`` words step keeps
+    verbatim above its clarification."""
+    if not history:
+        return problem
+    return f"{problem}\n\nFeedback on the earlier answer(s): " + " ".join(h["feedback"] for h in history)
+
+
+# how a clarification is asked for in append mode (the last line of the Clarify call's user message)
+APPEND_REMINDER = ("Reply with a short clarification to add below the user's words, in one to three sentences: "
+                   "what exactly is asked and in what form the answer is wanted, given the feedback. Do not restate "
+                   "the problem, do not solve it, and give no number the user did not give.")
+CLARIFICATION_HEADER = "Clarification:"
+_NEW_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+
+def clarification_reason(note: str, told: str, history: list | None) -> str | None:
+    """Why a clarification to append is refused in strict mode, or None: it reads as a solution (a solution's marks
+    beyond the user's words) or gives a number that neither the user nor an earlier answer gave (a computed
+    result: the 1.5B default's rewrites stated answers, right and wrong, in most of those session 13 read)."""
+    if what := _solution_marks(note, [told]):
+        return f"it solves the problem ({what})"
+    given = _numbers(told) | set().union(*(_numbers(str(h.get("answer", ""))) for h in history or [] if
+                                           isinstance(h, dict)))
+    new = sorted({n for n in _NEW_NUMBER.findall(note)} - given, key=len)
+    return f"it gives the number(s) {', '.join(new[:5])}, which the user did not" if new else None
+
+
+def _append(predictor: dspy.Module, told: str, note: str, history: list | None, config: dict,
+            adapter: dspy.Adapter | None, strict: bool) -> tuple[str, str | None]:
+    """The append words step: (the user's words with the Clarify module's clarification below them, or the user's
+    words alone and why the clarification was refused)."""
+    try:
+        with dspy.context(adapter=adapter or BoxedAdapter()):
+            clarification = clean_reply(predictor(problem=told, feedback=note, config=dict(config))
+                                        .get("clarified_problem"))
+    except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
+        return told, f"the clarify call failed: {type(exc).__name__}"
+    reason = garbled_reason(clarification) or (clarification_reason(clarification, told, history) if strict
+                                               else None)
+    if reason:
+        logger.info("refine: the clarification was refused (%s); the user's words alone", reason)
+        return told, f"the clarification was rejected: {reason}"
+    return f"{told}\n\n{CLARIFICATION_HEADER} {clarification.strip()}", None
+
+
 def refine(clarify: Any, problem: str, history: list | None, feedback: str, critic_lm: Any = None,
            adapter: dspy.Adapter | None = None, max_tokens: int | None = None,
-           revealed: list[str] | None = None, strict: bool = False) -> Refinement:
+           revealed: list[str] | None = None, strict: bool = False, mode: str = "replace") -> Refinement:
     """Turn the user's feedback on the last turn into a clarified problem for the next turn.
 
     The critic (``critic_lm``, else the clarify predictor's LM, else DSPy's) first says what was
@@ -110,7 +164,16 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
     number of the problem and of what the user added, and must not read as a solution (:func:`solution_reason`);
     otherwise the fallback. Not strict (the first design, kept for the runs made with it): any rewrite that keeps
     one number of each passes, a solution included.
+
+    ``mode="append"``: the user's words stay as they are (:func:`as_told`: the problem and every feedback, the
+    prompt ``retry`` answers) and the Clarify module, asked by :data:`APPEND_REMINDER`, writes a clarification that
+    goes below them; a refused one (garbled; strict: :func:`clarification_reason`) leaves the user's words alone.
+    Why: the rewrites session 14 read dropped what decided the answer (a word, an instruction, the question, that
+    the last answer was wrong), which no check on numbers sees; appending cannot lose the user's words.
+    ``mode="replace"`` (the design of the main run): the rewrite replaces the statement, as above.
     """
+    if mode not in ("replace", "append"):
+        raise ValueError(f"refine: mode must be 'replace' or 'append', not {mode!r}")
     predictor = _clarify_predictor(clarify)
     config = {"max_tokens": max_tokens} if max_tokens else {}
     history_text = format_history(history)
@@ -129,6 +192,11 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
         parts.append("Earlier turns:\n" + history_text)
     parts.append(f"Latest feedback from the user: {feedback}")
     parts.append(f"What was unclear: {critique}")
+    if mode == "append":
+        parts.append(APPEND_REMINDER)
+        clarified, fallback = _append(predictor, as_told(problem, history), "\n\n".join(parts), history, config,
+                                      adapter, strict)
+        return Refinement(clarified_problem=clarified, critique=critique, fallback=fallback)
     if strict:
         parts.append(RESTATE_REMINDER)
     note = "\n\n".join(parts)
