@@ -128,7 +128,7 @@ def test_float32_prepacking_on_request_rounds_differently_but_computes_the_same_
 
 def test_prepacking_a_model_this_build_cannot_pack_is_refused(tokenizer):
     model = make_tiny_model(tokenizer).to(torch.float16)
-    with pytest.raises(ValueError, match="prepacked weights need a CPU model in bf16 or float32"):
+    with pytest.raises(ValueError, match="prepack: float16 weights on cpu cannot be prepacked"):
         LocalEngine(model, tokenizer, name="tiny-fp16", prepack=True)
     assert not LocalEngine(model, tokenizer, name="tiny-fp16").prepacked
 

@@ -17,7 +17,7 @@ class CLIError(Exception):
 def engine_for(args):
     from rosa2_dspy.engine import LocalEngine
 
-    model_identity(args)  # refuses a --prepack this machine cannot serve before the model loads
+    check_prepack(args)  # before the model loads
     return LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
                               continuous=args.batching == "continuous", prepack=getattr(args, "prepack", None))
 
@@ -55,6 +55,18 @@ def program_kwargs(args) -> dict:
     return kwargs
 
 
+def check_prepack(args) -> tuple[str, object]:
+    """The device and dtype ``args`` resolve to; a ``--prepack`` they cannot serve is refused (CLIError)."""
+    from rosa2_dspy.engine.prepack import refusal
+    from rosa2_dspy.models import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    if getattr(args, "prepack", None) and (reason := refusal(device, dtype)):
+        raise CLIError(f"--prepack: {reason}: drop --prepack")
+    return device, dtype
+
+
 def model_identity(args) -> dict:
     """The model, the precision and device it runs in, resolved (``auto`` differs between machines: a run
     resumed where bf16 is not native would mix float32 answers into a bf16 run), and the batching (rows batched
@@ -62,18 +74,10 @@ def model_identity(args) -> dict:
     prepacked weights round differently, so such a run says so (in bf16 they change no output, and no identity)."""
     import torch
 
-    from rosa2_dspy.engine.prepack import supported
-    from rosa2_dspy.models import pick_device, pick_dtype
-
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
-    prepack = getattr(args, "prepack", None)
-    if prepack and not supported(device, dtype):
-        raise CLIError(f"--prepack: {str(dtype).removeprefix('torch.')} weights on {device} cannot be prepacked "
-                       "(a CPU model in bf16 or float32 and a PyTorch with oneDNN can): drop --prepack")
+    device, dtype = check_prepack(args)
     identity = {"model": args.model, "device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch."),
                 "batching": getattr(args, "batching", None)}
-    if prepack and dtype == torch.float32:
+    if getattr(args, "prepack", None) and dtype == torch.float32:
         identity["prepack"] = True
     return identity
 

@@ -160,9 +160,8 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         decode step on 2 cores, one more copy of the weights). Asking for it where this build cannot pack the
         model's weights is a ValueError."""
         wanted = _prepack.default_prepack(self.model) if on is None else bool(on)
-        if wanted and not _prepack.can_prepack(self.model):
-            raise ValueError("prepacked weights need a CPU model in bf16 or float32 and a PyTorch with oneDNN "
-                             "(its bf16 kernels for bf16): run without prepacking")
+        if wanted and (refusal := _prepack.model_refusal(self.model)):
+            raise ValueError(f"prepack: {refusal}: run without prepacking")
         with self.weights_lock:
             if wanted:
                 self.info["prepacked_linears"] = _prepack.prepack(self.model)

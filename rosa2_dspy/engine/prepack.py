@@ -42,6 +42,15 @@ def supported(device: str, dtype) -> bool:
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def refusal(device: str, dtype) -> str | None:
+    """Why weights of ``dtype`` on ``device`` cannot be packed here (the one message the engine and the CLI give),
+    or None where they can."""
+    if supported(device, dtype):
+        return None
+    return (f"{str(dtype).removeprefix('torch.')} weights on {device} cannot be prepacked (a CPU model in bf16 or "
+            "float32 and a PyTorch with oneDNN, with its bf16 kernels for bf16, can)")
+
+
 def default_for(device: str, dtype) -> bool:
     """On by default where it changes no output and costs one bf16 copy: a bf16 model on a CPU that runs bf16."""
     return dtype == torch.bfloat16 and supported(device, dtype)
@@ -54,6 +63,11 @@ def _device_dtype(model) -> tuple[str, torch.dtype | None]:
 
 def can_prepack(model) -> bool:
     return supported(*_device_dtype(model))
+
+
+def model_refusal(model) -> str | None:
+    """:func:`refusal` for a model's weights."""
+    return refusal(*_device_dtype(model))
 
 
 def default_prepack(model) -> bool:
