@@ -1,6 +1,7 @@
-"""Prepacked base weights (rosa2_dspy/engine/prepack.py): forwards without gradients read the oneDNN-packed copy,
-with the same result bit for bit in bf16; forwards with gradients, and weights changed after packing, read the
-plain weight; updates come out the same."""
+"""Prepacked base weights (rosa2_dspy/engine/prepack.py): the oneDNN-packed copy replaces the plain weight inside
+the blocks (the head keeps both), forwards with and without gradients read it, with the same result bit for bit in
+bf16; weights changed after packing are read plain; updates come out the same; copies, pickles and state dicts
+hold the plain weights."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from conftest import make_tiny_model
 from rosa2_dspy.engine import GenSettings, LocalEngine
-from rosa2_dspy.engine.prepack import base_linears, default_for, packed_count, supported
+from rosa2_dspy.engine.prepack import base_linears, default_for, packed_count, plain_weights_dropped, supported
 from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
 
 needs_bf16 = pytest.mark.skipif(not supported("cpu", torch.bfloat16), reason="this PyTorch cannot pack bf16 weights")
@@ -45,23 +46,49 @@ def test_the_default_packs_a_bf16_model_and_not_a_float32_one(tokenizer):
 def test_bf16_logits_are_the_same_bit_for_bit_and_come_from_the_packed_copy(tokenizer):
     engine = bf16_engine(tokenizer, prepack=False)
     ids = engine.encode_chat(PROMPT)
-    plain = logits(engine, ids)
+    plain, with_grad = logits(engine, ids), logits(engine, ids, grad=True)
     engine.set_prepack(True)
-    assert torch.equal(logits(engine, ids), plain)
-    # the packed copy is what a forward without gradients reads: spoil one, and only those forwards change
+    assert torch.equal(logits(engine, ids), plain) and torch.equal(logits(engine, ids, grad=True), with_grad)
+    # the packed copy is what every forward reads: spoil one, and forwards with and without gradients change
     down = engine.model.model.layers[0].mlp.down_proj
-    down.__dict__["forward"].packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(down.weight), None)
+    down.__dict__["forward"].packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(down.weight.shape,
+                                                                                          dtype=torch.bfloat16), None)
     assert not torch.equal(logits(engine, ids), plain)
-    assert torch.equal(logits(engine, ids, grad=True), plain)
+    assert not torch.equal(logits(engine, ids, grad=True), with_grad)
 
 
 @needs_bf16
-def test_a_weight_changed_after_packing_is_read_plain(tokenizer):
+def test_the_packed_copy_replaces_the_plain_weight_inside_the_blocks_and_state_dicts_stay_plain(tokenizer):
+    """Packing costs no memory inside the blocks: each projection's weight is a one-element placeholder; the head
+    keeps its plain weight (an update's fused head reads it). A state dict unpacks; unpacking restores the weights
+    to the bit; a placeholder cannot be written to, and a converted one is refused, not read as garbage."""
+    engine = bf16_engine(tokenizer, prepack=False)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    engine.set_prepack(True)
+    model = engine.model
+    blocks = [m for m in base_linears(model) if m is not model.get_output_embeddings()]
+    assert plain_weights_dropped(model) == len(blocks) == 14
+    assert all(m.weight.untyped_storage().nbytes() == 2 for m in blocks)
+    assert model.get_output_embeddings().weight.untyped_storage().nbytes() >= model.get_output_embeddings().weight.numel()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        blocks[0].weight.mul_(2)
+    engine.set_prepack(False)
+    assert plain_weights_dropped(model) == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    engine.set_prepack(True)
+    model.to(torch.float32)  # converts the placeholders' one element: there is no weight left to read
+    with pytest.raises(RuntimeError, match="unpack the model"), torch.inference_mode():
+        model(input_ids=torch.tensor([engine.encode_chat(PROMPT)]))
+
+
+@needs_bf16
+def test_a_weight_replaced_after_packing_is_read_plain(tokenizer):
     engine = bf16_engine(tokenizer, prepack=True)
     ids = engine.encode_chat(PROMPT)
     before = logits(engine, ids)
-    with torch.no_grad():
-        engine.model.model.layers[1].mlp.up_proj.weight.mul_(3)
+    up = engine.model.model.layers[1].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.__dict__["forward"].plain(up) * 3, requires_grad=False)
     changed = logits(engine, ids)
     assert not torch.equal(changed, before)
     engine.set_prepack(False)
@@ -70,8 +97,9 @@ def test_a_weight_changed_after_packing_is_read_plain(tokenizer):
 
 @needs_bf16
 def test_a_prepacked_model_copies_pickles_and_repacks_a_changed_weight(tokenizer):
-    """An opaque oneDNN tensor has no storage to copy: a deep copy or a pickled copy packs its own weights at its
-    first forward (and computes as the original), and packing again replaces a copy that went stale."""
+    """An opaque oneDNN tensor has no storage to copy: a deep copy or a pickled copy gets the plain weights back
+    and packs them at its first forward (and computes as the original), and packing again replaces a copy that
+    went stale."""
     import copy
     import io
 
@@ -82,27 +110,31 @@ def test_a_prepacked_model_copies_pickles_and_repacks_a_changed_weight(tokenizer
     torch.save(engine.model, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(engine.model), torch.load(buffer, weights_only=False)):
-        handle = clone.model.layers[0].mlp.down_proj.__dict__["forward"]
-        assert handle.module() is clone.model.layers[0].mlp.down_proj and handle.packed is None
+        down = clone.model.layers[0].mlp.down_proj
+        handle = down.__dict__["forward"]
+        assert handle.module() is down and handle.packed is None and plain_weights_dropped(clone) == 0
+        assert torch.equal(down.weight, engine.model.model.layers[0].mlp.down_proj.__dict__["forward"].plain(
+            engine.model.model.layers[0].mlp.down_proj))
         with torch.inference_mode():
             assert torch.equal(clone(input_ids=torch.tensor([ids])).logits, expected)
         assert handle.packed is not None
     up = engine.model.model.layers[1].mlp.up_proj
     before = up.__dict__["forward"]
-    with torch.no_grad():
-        up.weight.mul_(3)
+    up.weight = torch.nn.Parameter(before.plain(up) * 3, requires_grad=False)
     assert not before.fresh(up)
     engine.set_prepack(True)
     assert up.__dict__["forward"] is not before and up.__dict__["forward"].fresh(up)
+    assert plain_weights_dropped(engine.model) == 14
 
 
 @needs_bf16
-def test_bf16_greedy_replies_and_updates_are_the_same_prepacked(tokenizer):
-    """The engine's greedy replies, and a failure-only update (its reference forward runs without gradients,
-    so packed; its policy forward and backward plain), with and without prepacking."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_greedy_replies_and_updates_are_the_same_prepacked(tokenizer, checkpointing):
+    """The engine's greedy replies, and a failure-only update (its reference forward without gradients, its
+    policy forward and backward through the packed copy), with and without prepacking."""
     settings = GenSettings(max_tokens=24, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
     config = UpdateConfig(objective="apo_zero_unpaired", beta=0.5, steps=2, batch_size=2, learning_rate=1e-2,
-                          max_length=128)
+                          max_length=128, activation_checkpointing=checkpointing)
     rows = [kto_row(PROMPT, "I think it is 7 or so", False), kto_row(PROMPT, "2+3=5. \\boxed{5}", True)]
     replies, adapters = [], []
     for prepack in (False, True, False):  # (in bf16 a process's first update may differ in its last bits)

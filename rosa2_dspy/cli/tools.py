@@ -35,7 +35,7 @@ def cmd_info(args) -> int:
         "device": device, "cpu": models.cpu_description(), "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "prepacked_weights": "yes (bit-identical in bf16; --no-prepack to save the second copy)"
+        "prepacked_weights": "yes (bit-identical in bf16; --no-prepack to turn it off)"
                              if default_for(device, dtype) else "no (--prepack to ask for it)",
         "cache_dir": str(models.cache_dir()),
     }
@@ -44,7 +44,8 @@ def cmd_info(args) -> int:
         report.update({f"model_{k}": v for k, v in embedded.describe().items() if k not in ("aliases", "sha256")})
         report["model_memory"] = (f"about {embedded.converted_bytes / 1e9:.1f} GB of weights in bf16 "
                                   f"({2 * embedded.converted_bytes / 1e9:.1f} GB in float32), plus the KV cache"
-                                  + (", plus a prepacked copy of the weights" if default_for(device, dtype) else ""))
+                                  + (", plus a prepacked copy of the output head" if default_for(device, dtype)
+                                     else ""))
         try:
             models.part_paths(embedded)
             report["model_installed"] = "yes"

@@ -155,10 +155,10 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         return engine
 
     def set_prepack(self, on: bool | None = None) -> None:
-        """Serve forwards without gradients from oneDNN-prepacked base weights (:mod:`~rosa2_dspy.engine.prepack`),
-        or not. None: the default, on for a bf16 model on a CPU (the same outputs bit for bit, 1.3-1.75x per
-        decode step on 2 cores, one more copy of the weights). Asking for it where this build cannot pack the
-        model's weights is a ValueError."""
+        """Serve forwards from oneDNN-prepacked base weights (:mod:`~rosa2_dspy.engine.prepack`: the packed copy
+        replaces the plain weights inside the blocks), or not. None: the default, on for a bf16 model on a CPU
+        (the same outputs and updates bit for bit, 1.3-1.75x per decode step on 2 cores, one more copy of the
+        output head only). Asking for it where this build cannot pack the model's weights is a ValueError."""
         wanted = _prepack.default_prepack(self.model) if on is None else bool(on)
         if wanted and (refusal := _prepack.model_refusal(self.model)):
             raise ValueError(f"prepack: {refusal}: run without prepacking")

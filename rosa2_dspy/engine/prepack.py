@@ -5,16 +5,22 @@ megabytes, so it should run at the speed of reading the weights. PyTorch's plain
 weight into oneDNN's blocked layout on every call; at few rows that reorder costs as much as the product. The
 engine therefore packs every base linear once (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's
 weight freezing does) and serves forwards without autograd (generation under ``inference_mode``, an update's
-reference forward under ``no_grad``) from the packed copy through ``torch.ops.mkldnn._linear_pointwise``. A
-forward that takes gradients (an update's policy forward and backward, activation checkpointing's recompute)
-uses the plain weight as before, so training is untouched.
+reference forward under ``no_grad``) from the packed copy through ``torch.ops.mkldnn._linear_pointwise``.
 
 In bfloat16 the packed product equals the plain one bit for bit (oneDNN runs the same kernel on the same
 blocked weight; ``tests/test_prepack.py`` checks a model's logits, greedy replies and an update), so switching it on
 changes no output, only the time: 1.3-1.75x per decode step on a 2-core AMD EPYC (BENCHMARKS.md,
-session 14). The cost is a second copy of the base weights (3.1 GB for the 1.5B default in bf16). In float32
-the packed product rounds differently from the plain one and the copy would be 7 GB, so the engine packs only
+session 14). In float32 the packed product rounds differently from the plain one, so the engine packs only
 bf16 models by default; ``LocalEngine(prepack=True)`` asks for it in float32 too.
+
+The packed copy replaces the plain weight of every projection inside the blocks, so packing costs no memory
+there: the module's ``weight`` becomes a :class:`_Placeholder` (its shape and dtype, one element of storage), and
+forwards that take gradients run the packed product too (:class:`_PackedLinear`: its backward unpacks the weight
+for ``grad @ W``, the product plain ``F.linear`` computes, so an update comes out the same bit for bit). The engine
+trains LoRA factors only, never a base weight. The output head keeps its plain weight beside the packed one (the
+fused LM head of an update reads it directly: 0.47 GB for the default model), as does a weight tied to another
+(SmolLM2's head is its embedding). A deep copy, a pickle or a ``state_dict`` of the model gets the plain weights
+back (unpacked), so copies and checkpoints are what they were.
 
 The LoRA factors are not packed (they change at every update). A forward falls back to the plain weight where the
 packed one would not give the same result: a weight changed after it was packed (:meth:`_Packed.fresh`), an input
@@ -74,18 +80,69 @@ def default_prepack(model) -> bool:
     return default_for(*_device_dtype(model))
 
 
+class _Placeholder(torch.nn.Parameter):
+    """A base weight whose only copy is the packed one: its shape and dtype on one element of storage (writing to
+    it fails: every element is the same one). A deep copy or a pickle of it is the plain weight, unpacked."""
+
+    def __new__(cls, weight: torch.Tensor, packed: torch.Tensor):
+        data = torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.packed = packed
+        return self
+
+    def dense(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def __deepcopy__(self, memo):
+        return torch.nn.Parameter(self.dense(), requires_grad=False)
+
+    def __reduce_ex__(self, protocol):
+        return torch.nn.Parameter, (self.dense(), False)
+
+
+def _dense_state(module, state_dict, prefix, local_metadata) -> None:
+    """A ``state_dict`` of a module whose weight is a placeholder holds the weight unpacked."""
+    weight = module.__dict__["_parameters"].get("weight")
+    if isinstance(weight, _Placeholder):
+        state_dict[prefix + "weight"] = weight.dense()
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` from the packed weight, with a gradient for ``x`` (the weight is frozen): ``grad @ W`` on
+    the weight unpacked, the same product as plain ``F.linear``'s backward."""
+
+    @staticmethod
+    def forward(ctx, x, handle, bias):
+        ctx.handle = handle
+        return torch.ops.mkldnn._linear_pointwise(x, handle.packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.matmul(ctx.handle.packed.to_dense()) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
 class _Packed:
-    """A base linear's forward: the packed weight without autograd, the module's own weight otherwise. It holds
-    its module weakly (the module holds it as ``forward``), so a dropped model frees both without waiting for the
-    cycle collector. A deep copy or an unpickled copy of the module packs its own weight at its first forward."""
+    """A base linear's forward: the packed weight where it gives the plain product, the plain weight otherwise.
+    ``only``: the packed copy is the only one (the module's weight is a :class:`_Placeholder`), and forwards with
+    gradients read it too. It holds its module weakly (the module holds it as ``forward``), so a dropped model
+    frees both without waiting for the cycle collector. A deep copy or an unpickled copy of the module has its
+    plain weight back and packs it at its first forward without gradients."""
 
-    __slots__ = ("module", "packed", "version", "pointer", "dtype")
+    __slots__ = ("module", "packed", "version", "pointer", "dtype", "only")
 
-    def __init__(self, module: torch.nn.Linear, lazy: bool = False):
+    def __init__(self, module: torch.nn.Linear, lazy: bool = False, only: bool = False):
         self.module = weakref.ref(module)
         self.packed = None
+        self.only = False
         if not lazy:
             self._pack(module)
+            if only:
+                module.weight = _Placeholder(module.weight, self.packed)
+                self.version, self.pointer, self.only = module.weight._version, module.weight.data_ptr(), True
+                if _dense_state not in module._state_dict_hooks.values():
+                    module._register_state_dict_hook(_dense_state)
 
     def _pack(self, module: torch.nn.Linear) -> None:
         weight = module.weight
@@ -99,13 +156,26 @@ class _Packed:
         weight = module.weight
         return self.packed is not None and weight._version == self.version and weight.data_ptr() == self.pointer
 
+    def plain(self, module: torch.nn.Linear) -> torch.Tensor:
+        """The module's weight as a plain tensor: unpacked where the packed copy is the only one."""
+        weight = module.weight
+        if isinstance(weight, _Placeholder):
+            if not self.fresh(module):  # its storage converted (``model.to(dtype)``): no plain weight is left
+                raise RuntimeError("a prepacked weight was converted or replaced in place; unpack the model "
+                                   "(LocalEngine.set_prepack(False)) before changing its base weights")
+            return weight.dense()
+        return weight
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module()
-        if self.packed is None and not torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if self.packed is None and not grad:
             self._pack(module)
-        if (torch.is_grad_enabled() or x.dtype != self.dtype or x.device.type != "cpu" or not x.is_contiguous()
-                or torch.is_autocast_enabled("cpu") or not self.fresh(module)):
-            return F.linear(x, module.weight, module.bias)
+        if (x.dtype != self.dtype or x.device.type != "cpu" or not x.is_contiguous()
+                or torch.is_autocast_enabled("cpu") or not self.fresh(module) or (grad and not self.only)):
+            return F.linear(x, self.plain(module), module.bias)
+        if grad:
+            return _PackedLinear.apply(x, self, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
 
     def __deepcopy__(self, memo):  # an opaque oneDNN tensor has no storage to copy: the copy packs its own
@@ -125,22 +195,45 @@ def base_linears(model) -> list[torch.nn.Linear]:
             if type(module) is torch.nn.Linear and ".lora_" not in f".{name}"]
 
 
+def _keeps_plain(model) -> set[int]:
+    """The ids of the base linears whose plain weight stays beside the packed copy: the output head (an update's
+    fused LM head reads its weight) and any whose weight another module shares (a head tied to the embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {id(m) for m in base_linears(model) if m is head or owners.get(id(m.weight), 0) > 1}
+
+
 def prepack(model) -> int:
-    """Pack every base linear of ``model`` (idempotent); returns how many are packed."""
+    """Pack every base linear of ``model`` (idempotent); returns how many are packed. The packed copy replaces
+    the plain weight, except where :func:`_keeps_plain` says."""
+    keep = _keeps_plain(model)
     count = 0
     for module in base_linears(model):
         packed = module.__dict__.get("forward")
         if not (isinstance(packed, _Packed) and packed.fresh(module)):
-            module.forward = _Packed(module)
+            if isinstance(packed, _Packed) and isinstance(module.weight, _Placeholder):
+                packed.plain(module)  # refuses: a converted placeholder has no weight left to pack
+            module.forward = _Packed(module, only=id(module) not in keep)
         count += 1
     return count
 
 
 def unpack(model) -> None:
-    """Back to plain ``F.linear`` everywhere; the packed copies are freed."""
+    """Back to plain weights and ``F.linear`` everywhere; the packed copies are freed."""
     for module in base_linears(model):
-        if isinstance(module.__dict__.get("forward"), _Packed):
+        packed = module.__dict__.get("forward")
+        if isinstance(packed, _Packed):
+            if isinstance(module.weight, _Placeholder):
+                module.weight = torch.nn.Parameter(packed.plain(module), requires_grad=False)
             del module.forward
+
+
+def plain_weights_dropped(model) -> int:
+    """How many base linears hold their weight packed only."""
+    return sum(isinstance(m.weight, _Placeholder) for m in base_linears(model))
 
 
 def packed_count(model) -> int:
