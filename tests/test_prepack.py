@@ -148,6 +148,53 @@ def test_bf16_greedy_replies_and_updates_are_the_same_prepacked(tokenizer, check
     assert all(torch.equal(adapters[1][k], adapters[2][k]) for k in adapters[2])
 
 
+@needs_bf16
+def test_the_packed_products_gradient_is_plain_f_linears_bit_for_bit():
+    from rosa2_dspy.engine.prepack import _PackedLinear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    grad = torch.randn(2, 48, 5, dtype=torch.bfloat16).transpose(1, 2)  # not contiguous, as a backward may give
+    outputs, grads = [], []
+    for fn in (lambda x: torch.nn.functional.linear(x, weight, bias), lambda x: _PackedLinear.apply(x, packed, bias)):
+        x_ = x.clone().requires_grad_()
+        out = fn(x_)
+        out.backward(grad)
+        outputs.append(out.detach())
+        grads.append(x_.grad)
+    assert torch.equal(*outputs) and torch.equal(*grads)
+
+
+@needs_bf16
+def test_an_update_runs_through_the_packed_copy_and_saving_its_adapter_unpacks_nothing(tokenizer, monkeypatch,
+                                                                                      tmp_path):
+    """A bf16 update runs under bf16 autocast: its forwards and backward must still read the packed copy (else
+    every step unpacks every weight, and autograd keeps the unpacked copies), and PEFT's save must not take the
+    whole model's state dict (which unpacks every weight)."""
+    from rosa2_dspy.engine import prepack
+
+    counts = {"packed": 0, "unpacked": 0}
+    apply, dense = prepack._PackedLinear.apply, prepack._Placeholder.dense
+    monkeypatch.setattr(prepack._PackedLinear, "apply",
+                        lambda *a: counts.__setitem__("packed", counts["packed"] + 1) or apply(*a))
+    monkeypatch.setattr(prepack._Placeholder, "dense",
+                        lambda self: counts.__setitem__("unpacked", counts["unpacked"] + 1) or dense(self))
+    engine = bf16_engine(tokenizer, prepack=True)
+    config = UpdateConfig(objective="apo_zero_unpaired", beta=0.5, steps=1, batch_size=1, learning_rate=1e-2,
+                          max_length=128)
+    LoRAUpdater(engine, config).update([kto_row(PROMPT, "I think it is 7 or so", False)])
+    assert counts["packed"] >= 14 and counts["unpacked"] == 0, counts
+    engine.save_adapter(tmp_path / "adapter")
+    assert counts["unpacked"] == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    saved = engine.adapter_state()
+    expected = {k: v.detach().clone() for k, v in saved.items()}
+    engine.reset_adapter()
+    engine.load_adapter(tmp_path / "adapter")
+    assert all(torch.equal(engine.adapter_state()[k], expected[k]) for k in expected)
+
+
 @needs_fp32
 def test_float32_prepacking_on_request_rounds_differently_but_computes_the_same_model(tokenizer):
     engine = LocalEngine(make_tiny_model(tokenizer, init=0.2), tokenizer, name="tiny", prepack=False)

@@ -24,7 +24,8 @@ back (unpacked), so copies and checkpoints are what they were.
 
 The LoRA factors are not packed (they change at every update). A forward falls back to the plain weight where the
 packed one would not give the same result: a weight changed after it was packed (:meth:`_Packed.fresh`), an input
-that is not contiguous (oneDNN then rounds differently in bf16), autocast, another dtype or device.
+that is not contiguous (oneDNN then rounds differently in bf16), autocast to another dtype, another dtype or
+device.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class _Placeholder(torch.nn.Parameter):
     it fails: every element is the same one). A deep copy or a pickle of it is the plain weight, unpacked."""
 
     def __new__(cls, weight: torch.Tensor, packed: torch.Tensor):
-        data = torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        # NaN, so that any code that reads it anyway computes NaN, not a plausible number
+        data = torch.full((), float("nan"), dtype=weight.dtype, device=weight.device).expand(weight.shape)
         self = torch.Tensor._make_subclass(cls, data, False)
         self.packed = packed
         return self
@@ -112,13 +114,13 @@ class _PackedLinear(torch.autograd.Function):
     the weight unpacked, the same product as plain ``F.linear``'s backward."""
 
     @staticmethod
-    def forward(ctx, x, handle, bias):
-        ctx.handle = handle
-        return torch.ops.mkldnn._linear_pointwise(x, handle.packed, bias, "none", [], "")
+    def forward(ctx, x, packed, bias):
+        ctx.packed = packed
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad.matmul(ctx.handle.packed.to_dense()) if ctx.needs_input_grad[0] else None
+        grad_x = grad.matmul(ctx.packed.to_dense()) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 
@@ -171,11 +173,14 @@ class _Packed:
         grad = torch.is_grad_enabled()
         if self.packed is None and not grad:
             self._pack(module)
-        if (x.dtype != self.dtype or x.device.type != "cpu" or not x.is_contiguous()
-                or torch.is_autocast_enabled("cpu") or not self.fresh(module) or (grad and not self.only)):
+        if (x.dtype != self.dtype or x.device.type != "cpu" or not x.is_contiguous() or not self.fresh(module)
+                or (grad and not self.only) or (torch.is_autocast_enabled("cpu")
+                                                 and torch.get_autocast_dtype("cpu") != x.dtype)):
+            # (autocast to the input's own dtype casts nothing: an update of a bf16 model runs under bf16
+            # autocast, and the packed product is then the plain one; to another dtype it would not be)
             return F.linear(x, self.plain(module), module.bias)
         if grad:
-            return _PackedLinear.apply(x, self, module.bias)
+            return _PackedLinear.apply(x, self.packed, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
 
     def __deepcopy__(self, memo):  # an opaque oneDNN tensor has no storage to copy: the copy packs its own

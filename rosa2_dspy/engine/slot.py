@@ -286,7 +286,10 @@ class AdapterSlotMixin:
             raise ValueError("no adapter is attached; nothing to save")
         target = Path(path)
         with staged_dir(target) as staging, self.weights_lock:
-            self.peft_model.save_pretrained(staging, selected_adapters=["default"])
+            # the adapter's own tensors: PEFT would otherwise take the whole model's state_dict, which unpacks
+            # every prepacked base weight (rosa2_dspy.engine.prepack) only to keep the LoRA keys
+            state = {name: t.detach() for name, t in self.adapter_state().items()}
+            self.peft_model.save_pretrained(staging, selected_adapters=["default"], state_dict=state)
         return target
 
     def load_adapter(self, path: str | os.PathLike) -> None:
