@@ -485,7 +485,8 @@ TOLD = f"{PROBLEM}\n\nFeedback on the earlier answer(s): {FEEDBACK}"
 
 
 @pytest.mark.parametrize("note", ["Give the result as a fraction in lowest terms.",
-                                  "Your answer 0.5 was a decimal; the user wants the sum as an exact fraction."])
+                                  "Your answer .50 in turn 1 was a decimal; the user wants the sum as an exact "
+                                  "fraction, like \\frac{1}{3} is."])
 def test_append_keeps_the_users_words_verbatim_and_adds_the_clarification_below(note):
     """Append mode: the user's words (what retry answers) stay as they are, the clarification goes below them;
     it may repeat a number of the problem or of an earlier answer."""
@@ -495,6 +496,10 @@ def test_append_keeps_the_users_words_verbatim_and_adds_the_clarification_below(
     result = refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, strict=True, mode="append")
     assert result.fallback is None and result.critique == TURN_CRITIQUE
     assert result.clarified_problem == f"{TOLD}\n\nClarification: {note}"
+    lm, _ = script_lm(refine_reply(clarified=f"**Clarification:** {note}"))  # a label of its own: said once
+    dspy.configure(lm=lm)
+    labelled = refine(dspy.Predict(Clarify), PROBLEM, APPEND_HISTORY, FEEDBACK, strict=True, mode="append")
+    assert labelled.clarified_problem == result.clarified_problem
     system, user = engine.calls[-1]
     assert system == CLARIFY_WORDS and TOLD in user and TURN_CRITIQUE in user
     assert user.rstrip().endswith(APPEND_REMINDER) and RESTATE_REMINDER not in user
@@ -504,6 +509,13 @@ def test_append_keeps_the_users_words_verbatim_and_adds_the_clarification_below(
     (SOLVED, "it solves the problem (displayed working)"),
     ("First we write 1/3 as 2/6, then add.", "it solves the problem (a solver's voice)"),
     ("The user wants the sum, which is 1/2.", "it gives the number(s) 2, which the user did not"),
+    ("The user wants the sum; it is .25 more than 1/3.", "it gives the number(s) 0.25, which the user did not"),
+    ("The user asks for the exact sum of the two fractions written as one fraction in lowest terms, not a decimal "
+     "approximation and not a mixed number. The earlier reply gave a decimal, which the user did not want. Both "
+     "fractions have to be brought to a common denominator first; the result must then be reduced fully, and the "
+     "final form should be a single fraction such as the user would write on paper, with a numerator and a "
+     "denominator that share no common factor, since anything else would not be what the user asked.",
+     "no short clarification"),
     ("", "the clarify call failed"),
     ("#### $$$$ %%%% ^^^^", "garbled"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from typing import Any
 
 import dspy
@@ -113,18 +114,34 @@ APPEND_REMINDER = ("Reply with a short clarification to add below the user's wor
                    "what exactly is asked and in what form the answer is wanted, given the feedback. Do not restate "
                    "the problem, do not solve it, and give no number the user did not give.")
 CLARIFICATION_HEADER = "Clarification:"
-_NEW_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+MAX_CLARIFICATION_CHARS = 400  # one to three sentences; a longer reply restates or solves the problem
+_LABEL = re.compile(r"(?i)^\W*clarification\W*:\W*")
+_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,)(?=\d{3}(?!\d))")
+_FRAC_DIGITS = re.compile(r"\\[dt]?frac\s*(\d)(\d)")
+_TURN = re.compile(r"(?i)\b(?:turn|answer|attempt)\s*#?\d+")
+_DECIMAL = re.compile(r"\d*\.\d+|\d+")
+
+
+def given_numbers(text: str) -> set[str]:
+    """The numbers a text states, read alike in the user's words and in a clarification: ``1{,}000`` and
+    ``1,000`` are 1000, ``\\frac12`` is 1 and 2, ``.50`` is 0.5; "turn 2" (how the earlier turns are listed to the
+    Clarify call) is no number. (Replace mode keeps its own, older reading, :func:`_numbers`, as its runs had it.)"""
+    text = _TURN.sub(" ", _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", _THOUSANDS.sub("", text)))
+    return {format(Decimal(n).normalize(), "f") for n in _DECIMAL.findall(text)}
 
 
 def clarification_reason(note: str, told: str, history: list | None) -> str | None:
     """Why a clarification to append is refused in strict mode, or None: it reads as a solution (a solution's marks
-    beyond the user's words) or gives a number that neither the user nor an earlier answer gave (a computed
-    result: the 1.5B default's rewrites stated answers, right and wrong, in most of those session 13 read)."""
+    beyond the user's words, or longer than :data:`MAX_CLARIFICATION_CHARS`) or gives a number that neither the
+    user nor an earlier answer gave (a computed result: the 1.5B default's rewrites stated answers, right and
+    wrong, in most of those session 13 read)."""
     if what := _solution_marks(note, [told]):
         return f"it solves the problem ({what})"
-    given = _numbers(told) | set().union(*(_numbers(str(h.get("answer", ""))) for h in history or [] if
-                                           isinstance(h, dict)))
-    new = sorted({n for n in _NEW_NUMBER.findall(note)} - given, key=len)
+    if len(note) > MAX_CLARIFICATION_CHARS:
+        return f"it is no short clarification ({len(note)} characters, at most {MAX_CLARIFICATION_CHARS})"
+    given = given_numbers(told).union(*(given_numbers(str(h.get("answer", ""))) for h in history or []
+                                        if isinstance(h, dict)))
+    new = sorted(given_numbers(note) - given, key=lambda n: (len(n), n))
     return f"it gives the number(s) {', '.join(new[:5])}, which the user did not" if new else None
 
 
@@ -134,8 +151,8 @@ def _append(predictor: dspy.Module, told: str, note: str, history: list | None, 
     words alone and why the clarification was refused)."""
     try:
         with dspy.context(adapter=adapter or BoxedAdapter()):
-            clarification = clean_reply(predictor(problem=told, feedback=note, config=dict(config))
-                                        .get("clarified_problem"))
+            clarification = _LABEL.sub("", clean_reply(predictor(problem=told, feedback=note, config=dict(config))
+                                                       .get("clarified_problem")) or "")
     except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
         return told, f"the clarify call failed: {type(exc).__name__}"
     reason = garbled_reason(clarification) or (clarification_reason(clarification, told, history) if strict
@@ -214,7 +231,7 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
             None if not lost else "it drops every number of the problem" if lost[0] is problem
             else f"it drops every number of what the user added: {_clip(lost[0], 80)!r}")
         if strict and not reason:
-            missing = sorted(set().union(*map(_numbers, sources)) - _numbers(clarified), key=len)
+            missing = sorted(set().union(*map(_numbers, sources)) - _numbers(clarified), key=lambda n: (len(n), n))
             reason = solution_reason(clarified, sources) or (
                 f"it drops the number(s) {', '.join(missing[:5])}" if missing else None)
         fallback = f"the clarified problem was rejected: {reason}" if reason else None
