@@ -84,17 +84,19 @@ def answer_share_seconds(engine, prompts: list[list[int]], *, batch: int, tokens
 def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 4, batch_size: int = 4,
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
                  answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32",
-                 activation_checkpointing: bool = False, completion_tokens: int | None = None) -> dict:
+                 activation_checkpointing: bool = False, completion_tokens: int | None = None,
+                 prepack: bool | None = None) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
     (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype`` and
     ``activation_checkpointing``: :class:`~rosa2_dspy.weights.UpdateConfig`'s; ``completion_tokens``: the rows'
     length (:func:`_update_rows`), the update's ``max_length`` fitting them. ``update_peak_rss_mib``: the peak
-    resident memory while the updates ran (the model loaded before), where Linux lets it be reset."""
+    resident memory while the updates ran (the model loaded before), where Linux lets it be reset. ``prepack``:
+    the engine's (None: its default)."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
-    engine = LocalEngine.from_pretrained(spec)
+    engine = LocalEngine.from_pretrained(spec, prepack=prepack)
     rows = _update_rows(limit=rows, completion_tokens=completion_tokens, tokenizer=engine.tokenizer)
     max_length = max(1024, (completion_tokens or 0) + 512)  # (a prompt of the program is under 512 tokens)
     if objective in UNPAIRED:  # desirable: the reference solution; undesirable (odd rows): another problem's
@@ -130,7 +132,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         "completion_tokens": completion_tokens or "as written",
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
                                                                      if "lora_" in n).dtype).replace("torch.", ""),
-        "activation_checkpointing": activation_checkpointing,
+        "activation_checkpointing": activation_checkpointing, "prepacked": engine.prepacked,
         "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),
         "construction_seconds_first_update": round(first_update.prepare_seconds, 3),

@@ -364,11 +364,16 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     assert report["update_over_generation"] == pytest.approx(
         report["trl_total_seconds_per_update"] / answer["seconds_per_row"], rel=0.01)
     assert 0 < report["update_peak_rss_mib"] <= report["peak_rss_mib"] and not report["activation_checkpointing"]
-    # activation checkpointing: the same updates (the same shift to the last digit), one more forward a step
+    import torch
+
+    from rosa2_dspy.engine.prepack import default_for
+
+    assert report["prepacked"] == default_for("cpu", getattr(torch, report["dtype"]))
+    # activation checkpointing, and plain weights: the same updates (the same shift to the last digit)
     assert run("bench", "update", "--model", str(tiny_model_dir), "--steps", "1", "--batch-size", "2",
-               "--updates", "2", "--answer-batch", "0", "--activation-checkpointing") == 0
+               "--updates", "2", "--answer-batch", "0", "--activation-checkpointing", "--no-prepack") == 0
     checkpointed = json.loads(capsys.readouterr().out)
-    assert checkpointed["activation_checkpointing"] is True
+    assert checkpointed["activation_checkpointing"] is True and checkpointed["prepacked"] is False
     assert checkpointed["l2_shift_per_update"] == report["l2_shift_per_update"]
 
 

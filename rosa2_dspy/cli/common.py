@@ -60,8 +60,8 @@ def check_prepack(args) -> tuple[str, object]:
     from rosa2_dspy.engine.prepack import refusal
     from rosa2_dspy.models import pick_device, pick_dtype
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
+    device = pick_device(getattr(args, "device", "auto"))
+    dtype = pick_dtype(device, getattr(args, "dtype", "auto"))
     if getattr(args, "prepack", None) and (reason := refusal(device, dtype)):
         raise CLIError(f"--prepack: {reason}: drop --prepack")
     return device, dtype

@@ -31,6 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="continuous (default): requests join and leave one running batch step by step, each reply "
                         "ending when it ends; padded: concurrent requests run as one left-padded generate that "
                         "waits for its longest row")
+    _add_prepack_arg(p)
+
+
+def _add_prepack_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="serve the model from oneDNN-prepacked weights, which replace the plain ones inside its "
                         "blocks: 1.3-1.75x per decode step on a 2-core CPU, one more copy of the output head only "
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")
     bu.add_argument("--model", default="default", help=MODEL_HELP)
+    _add_prepack_arg(bu)
     bu.add_argument("--objective", default="sft", choices=["sft", "kto", "apo_zero_unpaired"],
                     help="sft: SFTTrainer on the rows; kto, apo_zero_unpaired: KTOTrainer with that loss (default sft)")
     bu.add_argument("--rows", type=int, default=8, help="training rows, 1..8 (fewer than --batch-size: a smaller "

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from rosa2_dspy.cli.common import METHOD_ORDER, CLIError
+from rosa2_dspy.cli.common import METHOD_ORDER, CLIError, check_prepack
 from rosa2_dspy.cli.run import bench_compare, bench_compile
 
 
@@ -98,6 +98,7 @@ def cmd_bench(args) -> int:
             raise CLIError("--completion-tokens must be >= 1")
         if args.layers is not None and args.layers < 1:
             raise CLIError("--layers must be >= 1 (the last N transformer blocks get the adapter)")
+        check_prepack(args)
         from rosa2_dspy.bench_update import bench_update
 
         result = bench_update(args.model, objective=args.objective, steps=args.steps,
@@ -105,7 +106,7 @@ def cmd_bench(args) -> int:
                               answer_batch=args.answer_batch, answer_tokens=args.answer_tokens,
                               layers=args.layers, adapter_dtype=args.adapter_dtype,
                               activation_checkpointing=args.activation_checkpointing,
-                              completion_tokens=args.completion_tokens)
+                              completion_tokens=args.completion_tokens, prepack=args.prepack)
     print(json.dumps(result, indent=2))
     return 0
 
