@@ -117,6 +117,28 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 CONTROL = "retry"  # multi-turn without adaptation (rosa2_dspy.coadapt.POLICIES)
 
 
+def words_next_turn(records: list[dict], control: list[dict]) -> dict:
+    """What a method's words step did to the next answer, against the control's answer at the same turn of the same
+    problem (``retry``: the user's own words): for each words step after turn k that both conversations went on
+    from (both failed turn k), whether turn k+1 was correct in each, split by whether the rewrite was kept or fell
+    back to the user's words. A kept rewrite that helps answers more next turns correctly than the control does."""
+    by_id = {r["unique_id"]: r for r in control}
+    out = {side: {"steps": 0, "correct": 0, "control_correct": 0} for side in ("kept", "fallback")}
+    for record in records:
+        other = by_id.get(record["unique_id"])
+        if other is None:
+            continue
+        ours, theirs = record.get("turns") or [], other.get("turns") or []
+        for k, turn in enumerate(ours[:-1]):
+            if not turn.get("words") or k + 1 >= len(theirs):
+                continue  # no words step here, or the control ended (solved, or out of turns) at this turn
+            side = out["fallback" if turn["words"].get("fallback") else "kept"]
+            side["steps"] += 1
+            side["correct"] += bool(ours[k + 1].get("correct"))
+            side["control_correct"] += bool(theirs[k + 1].get("correct"))
+    return out
+
+
 def _adapted(records: list[dict]) -> bool:
     """Whether a method's conversations took a words or a weights step after some failed turn (what its records
     say: this module sits below the policies)."""
@@ -151,13 +173,17 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     if CONTROL in records:  # how much each adaptation adds to the further turns alone
         pairs += [(m, CONTROL) for m in records if m not in (reference, CONTROL) and _adapted(records[m])]
     paired = {f"{a} - {b}": paired_difference(records[a], records[b], turns=turns) for a, b in pairs}
+    next_turn = {m: words_next_turn(records[m], records[CONTROL]) for m in records
+                  if CONTROL in records and m != CONTROL and any(t.get("words") for r in records[m]
+                                                                 for t in r.get("turns") or [])}
     by_gap = {}
     if any("semantic_gap" in r for rs in records.values() for r in rs):
         for method, rs in records.items():
             by_gap[method] = {side: summarize_sessions([r for r in rs if bool(r.get("semantic_gap")) == flag], turns)
                               for side, flag in (("gap", True), ("no_gap", False))}
     write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries, "paired": paired,
-                                             "by_semantic_gap": by_gap or None})
+                                             "by_semantic_gap": by_gap or None,
+                                             "words_next_turn": next_turn or None})
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     ran = describe_segments(read_segments(out))  # (its own paragraph)
     notes = [*(notes or []), *([""] if notes and ran else []), *([ran] if ran else [])]
@@ -229,6 +255,18 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                     f"({low:.0%}-{high:.0%}) | {' / '.join(f'{v:.0%}' for v in s['cumulative_accuracy_by_turn'])} "
                     f"| {s['mean_turns']:.2f} | {s['mean_l2_shift']:.4f} "
                     f"| {fallback} |")
+    if next_turn:
+        lines += ["", f"The words step's next turn, against `{CONTROL}` at the same turn of the same problem (both "
+                  "failed the turn before): how often the next answer was correct after a rewrite the check kept, "
+                  f"and after a fallback to the user's words.", "",
+                  f"| method | words step | steps | next turn correct | `{CONTROL}` correct |",
+                  "|---|---|---:|---:|---:|"]
+        for method, sides in next_turn.items():
+            for side, d in sides.items():
+                if d["steps"]:
+                    lines.append(f"| {method} | {side} | {d['steps']} "
+                                 f"| {d['correct']} ({d['correct'] / d['steps']:.0%}) "
+                                 f"| {d['control_correct']} ({d['control_correct'] / d['steps']:.0%}) |")
     sampled = [f"{m} {s['samples_kept']}/{s['samples_drawn']}" for m, s in summaries.items() if s["weights_steps"]]
     if sampled:
         lines += ["", "Weights-step samples that passed the self-checks (kept as desirable rows / drawn): " +

@@ -236,3 +236,32 @@ def test_with_retry_each_adapting_method_is_paired_with_the_control(tmp_path):
     assert (paired["ttt - retry"]["a_only"], paired["ttt - retry"]["b_only"]) == (2, 0)
     report = (tmp_path / "report.md").read_text()
     assert "| ttt - retry | 3 | +66.7% (" in report and "minus `retry`, the same turns without adaptation" in report
+
+
+def test_the_words_steps_next_turn_is_paired_with_retry_and_split_by_kept_and_fallback(tmp_path):
+    def conversation(uid, method, correct_by_turn, fallback=None):
+        turns = [_turn(n, OPENING, "4" if ok else "7", ok, words=method == "pe" and not ok)
+                 for n, ok in enumerate(correct_by_turn, 1)]
+        for turn in turns:
+            if turn["words"] and fallback:
+                turn["words"]["fallback"] = fallback
+        return {"unique_id": uid, "method": method, "solved": correct_by_turn[-1], "turns_used": len(turns),
+                "l2_shift": 0.0, "turns": turns, "seconds": 1.0, "error": None,
+                "seconds_split": {"generation": 1.0, "words": 0.0, "weights": 0.0}}
+
+    runs = {"retry": [conversation("p0", "retry", [False, False, True]), conversation("p1", "retry", [False, True]),
+                      conversation("p2", "retry", [True])],
+            "pe": [conversation("p0", "pe", [False, True]),  # kept: right where retry was wrong
+                   conversation("p1", "pe", [False, False, False], fallback="it drops the number(s) 3"),
+                   conversation("p2", "pe", [False, True])]}  # retry ended at turn 1: nothing to pair
+    for method, records in runs.items():
+        (tmp_path / method).mkdir()
+        results = ResultsFile(tmp_path / method / "results.jsonl")
+        for record in records:
+            results.append(record)
+    report = build_report(tmp_path, ["retry", "pe"], turns=3).read_text()
+    next_turn = json.loads((tmp_path / "summary.json").read_text())["words_next_turn"]
+    assert list(next_turn) == ["pe"]  # retry takes no words step
+    assert next_turn["pe"] == {"kept": {"steps": 1, "correct": 1, "control_correct": 0},
+                               "fallback": {"steps": 1, "correct": 0, "control_correct": 1}}  # (retry ended at 2)
+    assert "| pe | kept | 1 | 1 (100%) | 0 (0%) |" in report and "| pe | fallback | 1 | 0 (0%) | 1 (100%) |" in report
