@@ -145,16 +145,25 @@ def clarification_reason(note: str, told: str, history: list | None) -> str | No
     return f"it gives the number(s) {', '.join(new[:5])}, which the user did not" if new else None
 
 
+def _clarify(predictor: dspy.Module, problem: str, note: str, config: dict,
+             adapter: dspy.Adapter | None) -> tuple[str | None, str | None]:
+    """One Clarify call, in either mode: (its reply, cleaned; or None and why the call failed)."""
+    try:
+        with dspy.context(adapter=adapter or BoxedAdapter()):
+            return clean_reply(predictor(problem=problem, feedback=note, config=dict(config))
+                               .get("clarified_problem")), None
+    except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
+        return None, f"the clarify call failed: {type(exc).__name__}"
+
+
 def _append(predictor: dspy.Module, told: str, note: str, history: list | None, config: dict,
             adapter: dspy.Adapter | None, strict: bool) -> tuple[str, str | None]:
     """The append words step: (the user's words with the Clarify module's clarification below them, or the user's
     words alone and why the clarification was refused)."""
-    try:
-        with dspy.context(adapter=adapter or BoxedAdapter()):
-            clarification = _LABEL.sub("", clean_reply(predictor(problem=told, feedback=note, config=dict(config))
-                                                       .get("clarified_problem")) or "")
-    except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
-        return told, f"the clarify call failed: {type(exc).__name__}"
+    reply, failed = _clarify(predictor, told, note, config, adapter)
+    if failed:
+        return told, failed
+    clarification = _LABEL.sub("", reply or "")
     reason = garbled_reason(clarification) or (clarification_reason(clarification, told, history) if strict
                                                else None)
     if reason:
@@ -217,13 +226,8 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
     if strict:
         parts.append(RESTATE_REMINDER)
     note = "\n\n".join(parts)
-    fallback = None
-    try:
-        with dspy.context(adapter=adapter or BoxedAdapter()):
-            clarified = clean_reply(predictor(problem=problem, feedback=note, config=dict(config))
-                                    .get("clarified_problem"))
-    except Exception as exc:  # noqa: BLE001 - e.g. an empty reply (AdapterParseError) or an LM error
-        clarified, fallback = "", f"the clarify call failed: {type(exc).__name__}"
+    clarified, fallback = _clarify(predictor, problem, note, config, adapter)
+    clarified = "" if fallback else clarified
     if not fallback:
         sources = [problem, *(revealed or [])]
         lost = [text for text in sources if _lost_problem(text, clarified)]
