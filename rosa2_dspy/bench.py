@@ -256,12 +256,12 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
     out = {"dtype": str(dtype).replace("torch.", ""), "copy_bandwidth_gb_s": round(bandwidth, 1),
            "matmul_gflop_s": round(gflops, 1), "weight_bytes_per_step": read, "flop_per_token": flops,
            "new_tokens": max_tokens, "batches": {}}
-    from rosa2_dspy.engine.prepack import can_prepack
+    from rosa2_dspy.engine.prepack import model_refusal
 
     # the engine's prepacking (engine.prepack) against the other setting, where this build can pack: each batch
     # size runs both, in alternating order, so drift in machine load hits both alike
     served = engine.prepacked
-    other = (not served) if can_prepack(engine.model) else None
+    other = (not served) if model_refusal(engine.model) is None else None
     out["prepacked"] = served
     for index, size in enumerate(sizes):
         batch = [prompts[i % len(prompts)] for i in range(size)]

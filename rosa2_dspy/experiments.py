@@ -23,7 +23,9 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -442,41 +444,89 @@ def compare_compiled(methods: dict[str, str | None], program_spec: str, trainset
                      threads: int = 8, meta: dict | None = None, progress: bool = True) -> dict[str, dict]:
     """Each recipe (``methods``: name -> recipe path; None: the uncompiled baseline) compiled from the base
     weights on the same training problems, then evaluated on the same held-out problems. Resumable: finished
-    artifacts (``out/<name>/artifact``) and results are kept. Returns each method's summary (or its error)."""
+    artifacts (``out/<name>/artifact``) and results are kept; ``kill -USR1`` stops it between phases
+    (:func:`_drain_between_methods`). Returns each finished method's summary (or its error)."""
+    out = Path(out)
+    summaries = {}
+    with _drain_between_methods() as draining:
+        for name, recipe in methods.items():
+            if draining.is_set():
+                print(f"stopped before {name}: run the same command again to go on", file=sys.stderr, flush=True)
+                break
+            summary = _compile_and_evaluate(name, recipe, program_spec, trainset, valset, tests, out, engine=engine,
+                                            program_kwargs=program_kwargs, max_tokens=max_tokens, threads=threads,
+                                            meta=meta, progress=progress, draining=draining)
+            if summary is None:  # compiled and saved, then stopped before its evaluation
+                print(f"stopped after compiling {name}: run the same command again to go on", file=sys.stderr,
+                      flush=True)
+                break
+            summaries[name] = summary
+            if summary.get("problems", 0) < len(tests) and "error" not in summary:
+                draining.set()  # its evaluation was drained (kill -USR1 while it ran): stop here too
+    return summaries
+
+
+@contextlib.contextmanager
+def _drain_between_methods():
+    """``kill -USR1`` (evaluation.DRAIN_SIGNAL) during a ``bench compile``: the compile under way finishes and is
+    saved, then the run stops before the next phase (a compile killed midway starts again from nothing). During
+    an evaluation, the evaluation's own drain takes the signal: it stops with the items in flight, and the caller
+    sees its problems fall short. Yields the event that says a stop was asked for."""
+    from rosa2_dspy.evaluation import DRAIN_SIGNAL
+
+    draining = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield draining
+        return
+
+    def drain(signum, frame):
+        draining.set()
+        print("stopping after the phase under way (a compile finishes and is saved first); run the same command "
+              "again to go on", file=sys.stderr, flush=True)
+
+    previous = signal.signal(DRAIN_SIGNAL, drain)
+    try:
+        yield draining
+    finally:
+        signal.signal(DRAIN_SIGNAL, previous)
+
+
+def _compile_and_evaluate(name: str, recipe: str | None, program_spec: str, trainset: list, valset: list,
+                          tests: list, out: Path, *, engine, program_kwargs, max_tokens, threads, meta,
+                          progress, draining: threading.Event) -> dict | None:
+    """One method of :func:`compare_compiled`: its compile (unless its artifact is there), then its evaluation;
+    None when a stop was asked for (``draining``) before the evaluation began."""
     from rosa2_dspy.artifacts import load_compiled, read_meta
     from rosa2_dspy.program_loader import load_program
 
-    out = Path(out)
-    summaries = {}
-    for name, recipe in methods.items():
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        compiled = {}
-        if recipe is not None:
-            artifact = folder / "artifact"
-            if not (artifact / "compile.json").exists():
-                print(f"{name}: compiling on {len(trainset)} problems")
-                try:
-                    compile_program(program_spec, recipe, trainset, valset, artifact, engine=engine,
-                                    program_kwargs=program_kwargs, max_tokens=max_tokens, threads=threads, meta=meta)
-                except Exception as exc:  # noqa: BLE001 - one method failing is a result; the others still run
-                    print(f"{name}: compile failed: {type(exc).__name__}: {exc}")
-                    summaries[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    continue
-            compiled = read_meta(artifact)
-        program = load_program(program_spec, **(program_kwargs or {}))
-        if engine.has_adapter:
-            engine.reset_adapter()
-        if recipe is not None:
-            load_compiled(folder / "artifact", program, engine)
-        summary = evaluate(program, tests, folder, engine=engine, threads=threads, max_tokens=max_tokens,
-                           progress=progress, description=f"eval {name}")
-        summary.update({"compile_seconds": compiled.get("seconds"),
-                        "adapter_l2_shift": compiled.get("adapter_l2_shift", 0.0),
-                        "instructions_changed": sorted(k for k, v in (compiled.get("instructions") or {}).items()
-                                                       if v != (compiled.get("instructions_before") or {}).get(k))})
-        summaries[name] = summary
-    return summaries
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    compiled = {}
+    if recipe is not None:
+        artifact = folder / "artifact"
+        if not (artifact / "compile.json").exists():
+            print(f"{name}: compiling on {len(trainset)} problems")
+            try:
+                compile_program(program_spec, recipe, trainset, valset, artifact, engine=engine,
+                                program_kwargs=program_kwargs, max_tokens=max_tokens, threads=threads, meta=meta)
+            except Exception as exc:  # noqa: BLE001 - one method failing is a result; the others still run
+                print(f"{name}: compile failed: {type(exc).__name__}: {exc}")
+                return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        compiled = read_meta(artifact)
+    if draining.is_set():
+        return None
+    program = load_program(program_spec, **(program_kwargs or {}))
+    if engine.has_adapter:
+        engine.reset_adapter()
+    if recipe is not None:
+        load_compiled(folder / "artifact", program, engine)
+    summary = evaluate(program, tests, folder, engine=engine, threads=threads, max_tokens=max_tokens,
+                       progress=progress, description=f"eval {name}")
+    summary.update({"compile_seconds": compiled.get("seconds"),
+                    "adapter_l2_shift": compiled.get("adapter_l2_shift", 0.0),
+                    "instructions_changed": sorted(k for k, v in (compiled.get("instructions") or {}).items()
+                                                   if v != (compiled.get("instructions_before") or {}).get(k))})
+    return summary
 
 
 __all__ = ["SESSION_SETTINGS", "Setting", "compare_compiled", "compare_methods", "compile_program", "evaluate",

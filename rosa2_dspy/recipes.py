@@ -94,7 +94,7 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
             from rosa2_dspy.words import TextualGradientOptimizer
 
             return TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
-                                            **settings)
+                                            **{"num_threads": num_threads, **settings})
         if recipe.kind == "gepa":
             return _gepa(recipe, engine, settings, num_threads)
         if recipe.kind == "rosa2":
@@ -111,7 +111,7 @@ def build_optimizer(recipe: Recipe, engine, *, num_threads: int = 8):
 
             keep, sources = settings.pop("keep", "correct"), settings.pop("sources", ("bootstrap",))
             words = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=critic_lm(recipe, engine),
-                                             **settings)
+                                             **{"num_threads": num_threads, **settings})
             weights = LoRAFinetune(math_metric(keep), config=update_config(recipe, objective="sft"),
                                    num_threads=num_threads, sources=sources)
             return Sequential(words, weights)

@@ -459,24 +459,57 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def build_compile_report(out: str | Path, summaries: dict[str, dict], overlap: int = 0) -> Path:
-    """``rosa2 bench compile``: one row per method (baseline first), plus a bar chart of accuracy and boxed rate."""
+def build_compile_report(out: str | Path, summaries: dict[str, dict], overlap: int = 0,
+                         ids: list[str] | None = None) -> Path:
+    """``rosa2 bench compile``: one row per method (baseline first); each compiled method's accuracy minus the
+    baseline's on the same evaluation problems (``ids``: the run's, in order), paired; the run's segments; a bar
+    chart of accuracy and boxed rate."""
     out = Path(out)
-    write_json_atomic(out / "summary.json", summaries)
+    every = dict(summaries)
+    wanted = set(ids) if ids is not None else None
     lines = ["# rosa2 bench compile", "",
              "Each method compiled from the base weights on the same training problems, evaluated on the same "
              f"held-out problems. 95% Wilson intervals. Evaluation problems among the training or validation "
-             f"problems: {overlap}.", "",
-             "| method | problems | accuracy (95% CI) | boxed rate | parse fail | L2 shift | compile s "
-             "| instructions changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"problems: {overlap}.", ""]
+    segments = read_segments(out)
+    if segments:
+        lines += [describe_segments(segments) + " (segments.jsonl).", ""]
+    lines += ["| method | problems | accuracy (95% CI) | boxed rate | parse fail | L2 shift | compile s "
+              "| instructions changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     failed = {name: s for name, s in summaries.items() if "error" in s}
     summaries = {name: s for name, s in summaries.items() if "error" not in s}
     for name, s in summaries.items():
         low, high = s["accuracy_ci95"]
-        lines.append(f"| {name} | {s['problems']} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) | {s['boxed_rate']:.1%} "
-                     f"| {s['parse_failure_rate']:.1%} | {s.get('adapter_l2_shift') or 0:.4f} "
+        short = f" of {len(ids)}, stopped early" if ids is not None and s["problems"] < len(ids) else ""
+        lines.append(f"| {name} | {s['problems']}{short} | {s['accuracy']:.1%} ({low:.0%}-{high:.0%}) "
+                     f"| {s['boxed_rate']:.1%} | {s['parse_failure_rate']:.1%} | {s.get('adapter_l2_shift') or 0:.4f} "
                      f"| {s.get('compile_seconds') or '-'} | {', '.join(s.get('instructions_changed') or []) or '-'} |")
     lines += [f"| {name} | - | compile failed: {s['error']} | | | | | |" for name, s in failed.items()]
+
+    def graded(name: str) -> list[dict]:  # one pass's records as paired_difference reads them: solved = correct
+        records = ResultsFile(out / name / "results.jsonl", repair=False).records.values()
+        return [{"unique_id": r["unique_id"], "solved": bool(r.get("correct"))} for r in records
+                if wanted is None or r["unique_id"] in wanted]
+
+    paired = {}
+    if "baseline" in summaries:
+        base = graded("baseline")
+        paired = {f"{name} - baseline": paired_difference(graded(name), base)
+                  for name in summaries if name != "baseline"}
+    if paired:
+        lines += ["", "Each compiled method minus the uncompiled baseline on the problems both ran: accuracy "
+                  "difference with a 95% paired-bootstrap interval, discordant problems (solved by one only) and "
+                  "McNemar's exact p-value.", "",
+                  "| comparison A - B | problems | accuracy difference (95% CI) | only A solved | only B solved "
+                  "| McNemar p |", "|---|---:|---:|---:|---:|---:|"]
+        for label, d in paired.items():
+            if not d["problems"]:
+                lines.append(f"| {label} | 0 | - | - | - | - |")
+                continue
+            low, high = d["ci95"]
+            lines.append(f"| {label} | {d['problems']} | {d['difference']:+.1%} ({low:+.1%} to {high:+.1%}) "
+                         f"| {d['a_only']} | {d['b_only']} | {d['mcnemar_p']:.3g} |")
+    write_json_atomic(out / "summary.json", {"methods": every, "paired": paired})
     lines += ["", "![accuracy and boxed rate](compile_methods.png)", ""]
     _bar_plot(out / "compile_methods.png", summaries)
     report = out / "report.md"

@@ -20,7 +20,8 @@ class ROSA2(dspy.teleprompt.Teleprompter):
 
     def __init__(self, metric=None, critic_lm=None, config: UpdateConfig | None = None, rounds: int = 2,
                  num_threads: int = 8, minibatch_size: int = 4, val_size: int = 8, keep: str = "correct",
-                 sources: tuple[str, ...] | list[str] = ("bootstrap",), max_instruction_chars: int = 1200):
+                 sources: tuple[str, ...] | list[str] = ("bootstrap",), max_instruction_chars: int = 1200,
+                 format_credit: float = 0.0):
         from rosa2_dspy.evaluation import math_metric
         from rosa2_dspy.math.feedback import math_feedback_metric
         from rosa2_dspy.words import TextualGradientOptimizer
@@ -29,7 +30,8 @@ class ROSA2(dspy.teleprompt.Teleprompter):
         self.rounds = rounds
         self.words = TextualGradientOptimizer(metric=metric or math_feedback_metric, critic_lm=critic_lm, rounds=1,
                                               minibatch_size=minibatch_size, val_size=val_size,
-                                              max_instruction_chars=max_instruction_chars, num_threads=num_threads)
+                                              max_instruction_chars=max_instruction_chars, num_threads=num_threads,
+                                              format_credit=format_credit)
         self.weights = LoRAFinetune(math_metric(keep), config=config or UpdateConfig(objective="sft"),
                                     num_threads=num_threads, sources=sources)
         self.history: list[dict] = []

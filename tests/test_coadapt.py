@@ -329,6 +329,11 @@ def test_every_shipped_recipe_builds(tiny_engine):
              for name in ("lora", "words", "gepa", "rosa2-compile", "p-then-w", "better-together")}
     assert built == {"lora": "LoRAFinetune", "words": "TextualGradientOptimizer", "gepa": "GEPA",
                      "rosa2-compile": "ROSA2", "p-then-w": "Sequential", "better-together": "BetterTogether"}
+    # every words step runs as many program calls in flight as the command's --threads, with the same settings
+    words = {name: build_optimizer(load_recipe(root / f"{name}.toml"), tiny_engine, num_threads=6)
+             for name in ("words", "p-then-w", "rosa2-compile")}
+    steps = [words["words"], words["p-then-w"].p, words["rosa2-compile"].words]
+    assert {(s.num_threads, s.val_size, s.format_credit) for s in steps} == {(6, 16, 0.05)}
 
 
 def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir, capsys):
@@ -347,11 +352,21 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     args = ["bench", "compile", "--recipes", f"{recipe},{broken}", "--limit", "2", "--eval-limit", "2", "--model", str(model),
             "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    written = json.loads((out / "summary.json").read_text())
+    summary = written["methods"]
     assert list(summary) == ["baseline", "lora", "broken"] and "keep" in summary["broken"]["error"]
     assert summary["baseline"]["adapter_l2_shift"] == 0.0 and summary["lora"]["adapter_l2_shift"] > 0
     assert summary["lora"]["problems"] == 2
-    assert "| lora |" in (out / "report.md").read_text() and (out / "compile_methods.png").exists()
+    # paired against the baseline on the same problems, from the records (a tiny model solves nothing: no
+    # discordant problem), and the run's segment: command, code, outcome
+    assert list(written["paired"]) == ["lora - baseline"]
+    assert written["paired"]["lora - baseline"] == {"problems": 2, "difference": 0.0, "ci95": [0.0, 0.0],
+                                                    "a_only": 0, "b_only": 0, "mcnemar_p": 1.0}
+    report = (out / "report.md").read_text()
+    assert "| lora |" in report and "| lora - baseline | 2 | +0.0% (+0.0% to +0.0%) | 0 | 0 | 1 |" in report
+    assert "Ran in 1 segment" in report and (out / "compile_methods.png").exists()
+    segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
+    assert segments[-1]["code"] and segments[-1]["outcome"] == "finished"
     compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
     assert main(args) == 0  # resume: the artifact is reused, not recompiled
     assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
@@ -359,11 +374,58 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     assert main(args) == 2
     assert "changed since" in capsys.readouterr().err
     assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+    shutil.rmtree(out / "lora" / "artifact")  # results left without the artifact they came from: refused
+    assert main(args) == 2
+    assert "holds evaluation results but no compiled artifact" in capsys.readouterr().err
     twin = tmp_path / "other"
     twin.mkdir()
     shutil.copy(recipe, twin / "lora.toml")  # two recipes named lora would share one folder
     assert main([*args[:3], f"{recipe},{twin / 'lora.toml'}", *args[4:]]) == 2
     assert "share the folder 'lora'" in capsys.readouterr().err
+
+
+def test_bench_compile_stops_between_phases_on_usr1(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """kill -USR1 during a compile: that compile finishes and is saved, nothing more runs; the same command then
+    goes on from there, the artifact reused."""
+    import os
+    import shutil
+    import signal
+
+    from rosa2_dspy import experiments
+    from rosa2_dspy.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    recipes = []
+    for name in ("first", "second"):
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text("[optimizer]\nkind = 'lora'\nsources = ['solutions']\n[update]\nobjective = 'sft'\n"
+                          "steps = 1\nbatch_size = 2\nlearning_rate = 0.01\nmax_length = 128\n")
+        recipes.append(str(recipe))
+    compile_program = experiments.compile_program
+
+    def signalled(*args, **kwargs):  # the signal arrives while the first compile runs
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return compile_program(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "compile_program", signalled)
+    out = tmp_path / "cmp"
+    args = ["bench", "compile", "--recipes", ",".join(recipes), "--limit", "2", "--eval-limit", "2", "--model",
+            str(model), "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "stopped after compiling first" in capsys.readouterr().err
+    assert (out / "baseline" / "results.jsonl").is_file() and (out / "first" / "artifact" / "compile.json").is_file()
+    assert not (out / "first" / "results.jsonl").exists() and not (out / "second").exists()
+    assert json.loads((out / "segments.jsonl").read_text().splitlines()[-1])["outcome"] == "stopped early"
+    assert list(json.loads((out / "summary.json").read_text())["methods"]) == ["baseline"]
+    compiled_at = (out / "first" / "artifact" / "compile.json").stat().st_mtime
+    monkeypatch.setattr(experiments, "compile_program", compile_program)
+    assert main(args) == 0
+    assert (out / "first" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["baseline", "first", "second"]
+    assert all(s["problems"] == 2 for s in summary["methods"].values())
+    assert json.loads((out / "segments.jsonl").read_text().splitlines()[-1])["outcome"] == "finished"
 
 
 def test_concurrent_conversations_match_sequential_ones(tiny_engine):

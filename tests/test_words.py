@@ -556,7 +556,7 @@ def test_the_recipe_files_build_their_optimizers():
     words, words_critic = _table("words.toml")
     optimizer = TextualGradientOptimizer(metric=math_feedback_metric, critic_lm=None, **words)
     assert (optimizer.rounds, optimizer.minibatch_size, optimizer.val_size, optimizer.max_instruction_chars) \
-        == (2, 4, 8, 1200)
+        == (2, 4, 16, 1200)
     assert words_critic == {"model": "engine"}
     gepa, gepa_critic = _table("gepa.toml")
     assert gepa == {"max_metric_calls": 60, "reflection_minibatch_size": 3} and gepa_critic == {"model": "engine"}

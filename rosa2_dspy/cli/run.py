@@ -149,6 +149,7 @@ def bench_compile(args) -> int:
     from rosa2_dspy.evaluation import prepare_run_dir
     from rosa2_dspy.experiments import compare_compiled
     from rosa2_dspy.math.data import load_examples
+    from rosa2_dspy.provenance import segment
     from rosa2_dspy.recipes import load_recipe
     from rosa2_dspy.report import build_compile_report
 
@@ -164,7 +165,10 @@ def bench_compile(args) -> int:
         text, artifact = load_recipe(recipe).text if recipe else None, Path(args.out) / name / "artifact"
         if recipe and (artifact / "compile.json").is_file() and read_meta(artifact).get("recipe_text") != text:
             raise CLIError(f"{recipe} changed since {artifact} was compiled from it: use another --out "
-                           "(or delete that artifact to compile it again)")
+                           f"(or delete {artifact.parent} to compile and evaluate it again)")
+        if recipe and not (artifact / "compile.json").is_file() and (artifact.parent / "results.jsonl").is_file():
+            raise CLIError(f"{artifact.parent} holds evaluation results but no compiled artifact: they came from "
+                           f"another compile; delete {artifact.parent} to compile and evaluate it again")
     trainset, valset = train_val(args)
     tests = load_examples(args.eval_split, levels=args.eval_level, limit=args.eval_limit, seed=args.seed)
     overlap = compile_overlap([e.unique_id for e in trainset + valset], tests, args.allow_overlap,
@@ -175,11 +179,16 @@ def bench_compile(args) -> int:
               "seed": args.seed, **model_identity(args), "program": args.program, "max_tokens": args.max_tokens}
     out = prepare_run_dir(args.out, config,
                           resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
-    summaries = compare_compiled(methods, args.program, trainset, valset, tests, out, engine=engine_for(args),
-                                 program_kwargs=program_kwargs(args), max_tokens=args.max_tokens,
-                                 threads=args.threads, meta={"model": args.model, "split": args.split,
-                                                             "seed": args.seed}, progress=not args.no_progress)
-    report = build_compile_report(out, summaries, overlap=overlap)
+    engine = engine_for(args)
+    with segment(out, engine) as line:  # the run's command, commit, machine and peak memory, per segment
+        summaries = compare_compiled(methods, args.program, trainset, valset, tests, out, engine=engine,
+                                     program_kwargs=program_kwargs(args), max_tokens=args.max_tokens,
+                                     threads=args.threads, meta={"model": args.model, "split": args.split,
+                                                                 "seed": args.seed}, progress=not args.no_progress)
+        line["items_left"] = sum(1 for name in methods
+                                 if "error" not in summaries.get(name, {}) and summaries.get(name, {}).get(
+                                     "problems", 0) < len(tests))
+    report = build_compile_report(out, summaries, overlap=overlap, ids=[e.unique_id for e in tests])
     print(report.read_text())
     return 0
 

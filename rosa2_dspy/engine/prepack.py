@@ -68,10 +68,6 @@ def _device_dtype(model) -> tuple[str, torch.dtype | None]:
     return ("none", None) if param is None else (param.device.type, param.dtype)
 
 
-def can_prepack(model) -> bool:
-    return supported(*_device_dtype(model))
-
-
 def model_refusal(model) -> str | None:
     """:func:`refusal` for a model's weights."""
     return refusal(*_device_dtype(model))
