@@ -473,7 +473,7 @@ def build_compile_report(out: str | Path, summaries: dict[str, dict], overlap: i
              f"problems: {overlap}.", ""]
     segments = read_segments(out)
     if segments:
-        lines += [describe_segments(segments) + " (segments.jsonl).", ""]
+        lines += [describe_segments(segments), ""]
     lines += ["| method | problems | accuracy (95% CI) | boxed rate | parse fail | L2 shift | compile s "
               "| instructions changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     failed = {name: s for name, s in summaries.items() if "error" in s}

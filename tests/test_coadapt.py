@@ -364,7 +364,8 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
                                                     "a_only": 0, "b_only": 0, "mcnemar_p": 1.0}
     report = (out / "report.md").read_text()
     assert "| lora |" in report and "| lora - baseline | 2 | +0.0% (+0.0% to +0.0%) | 0 | 0 | 1 |" in report
-    assert "Ran in 1 segment" in report and (out / "compile_methods.png").exists()
+    assert "Ran in 1 segment" in report and report.count("(segments.jsonl)") == 1
+    assert (out / "compile_methods.png").exists()
     segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
     assert segments[-1]["code"] and segments[-1]["outcome"] == "finished"
     compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
