@@ -134,11 +134,10 @@ DRAIN_SIGNAL = signal.SIGUSR1  # kill -USR1 <pid>: a long run starts nothing new
 
 
 @contextlib.contextmanager
-def _drain_on_signal(futures: dict[Future, Any], description: str):
-    """While a run submits and waits for its items (``futures``, filled inside): on ``DRAIN_SIGNAL``, cancel every
-    item not yet started, so that the run ends once those in flight have finished and been written (killing it
-    would lose them: a conversation resumes from its start). Yields an event that says a drain was asked for, so
-    that no item is submitted after it. Only the main thread can take a signal; elsewhere none is taken."""
+def drain_signal(on_drain: Callable[[], None] | None = None):
+    """While open, ``DRAIN_SIGNAL`` sets the event it yields (and runs ``on_drain``) instead of ending the process:
+    a long run checks the event and starts nothing new. Only the main thread can take a signal; elsewhere none is
+    taken and the event is never set."""
     draining = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield draining
@@ -146,16 +145,29 @@ def _drain_on_signal(futures: dict[Future, Any], description: str):
 
     def drain(signum, frame):
         draining.set()
-        cancelled = sum(future.cancel() for future in list(futures))
-        running = sum(not future.done() for future in futures)
-        print(f"{description}: stopping: {cancelled} not started, {running} in flight will finish and be saved; "
-              f"run the same command again to go on", file=sys.stderr, flush=True)
+        if on_drain is not None:
+            on_drain()
 
     previous = signal.signal(DRAIN_SIGNAL, drain)
     try:
         yield draining
     finally:
         signal.signal(DRAIN_SIGNAL, previous)
+
+
+def _drain_on_signal(futures: dict[Future, Any], description: str):
+    """:func:`drain_signal` while a run submits and waits for its items (``futures``, filled inside): on
+    ``DRAIN_SIGNAL``, cancel every item not yet started, so that the run ends once those in flight have finished
+    and been written (killing it would lose them: a conversation resumes from its start). The event it yields
+    says a drain was asked for, so that no item is submitted after it."""
+
+    def cancel():
+        cancelled = sum(future.cancel() for future in list(futures))
+        running = sum(not future.done() for future in futures)
+        print(f"{description}: stopping: {cancelled} not started, {running} in flight will finish and be saved; "
+              f"run the same command again to go on", file=sys.stderr, flush=True)
+
+    return drain_signal(cancel)
 
 
 def _as_completed_awake(futures):

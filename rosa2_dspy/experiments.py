@@ -23,7 +23,6 @@ import inspect
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -461,34 +460,26 @@ def compare_compiled(methods: dict[str, str | None], program_spec: str, trainset
                       flush=True)
                 break
             summaries[name] = summary
-            if summary.get("problems", 0) < len(tests) and "error" not in summary:
+            if not compile_method_done(summary, len(tests)):
                 draining.set()  # its evaluation was drained (kill -USR1 while it ran): stop here too
     return summaries
 
 
-@contextlib.contextmanager
 def _drain_between_methods():
     """``kill -USR1`` (evaluation.DRAIN_SIGNAL) during a ``bench compile``: the compile under way finishes and is
     saved, then the run stops before the next phase (a compile killed midway starts again from nothing). During
     an evaluation, the evaluation's own drain takes the signal: it stops with the items in flight, and the caller
     sees its problems fall short. Yields the event that says a stop was asked for."""
-    from rosa2_dspy.evaluation import DRAIN_SIGNAL
+    from rosa2_dspy.evaluation import drain_signal
 
-    draining = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield draining
-        return
+    return drain_signal(lambda: print("stopping after the phase under way (a compile finishes and is saved first); "
+                                      "run the same command again to go on", file=sys.stderr, flush=True))
 
-    def drain(signum, frame):
-        draining.set()
-        print("stopping after the phase under way (a compile finishes and is saved first); run the same command "
-              "again to go on", file=sys.stderr, flush=True)
 
-    previous = signal.signal(DRAIN_SIGNAL, drain)
-    try:
-        yield draining
-    finally:
-        signal.signal(DRAIN_SIGNAL, previous)
+def compile_method_done(summary: dict | None, problems: int) -> bool:
+    """Whether a ``bench compile`` method is through: its compile failed (a result), or it answered all
+    ``problems``; not when it was stopped before or during its evaluation."""
+    return summary is not None and ("error" in summary or summary.get("problems", 0) >= problems)
 
 
 def _compile_and_evaluate(name: str, recipe: str | None, program_spec: str, trainset: list, valset: list,
@@ -529,5 +520,5 @@ def _compile_and_evaluate(name: str, recipe: str | None, program_spec: str, trai
     return summary
 
 
-__all__ = ["SESSION_SETTINGS", "Setting", "compare_compiled", "compare_methods", "compile_program", "evaluate",
-           "parse_method", "session_configs", "session_defaults"]
+__all__ = ["SESSION_SETTINGS", "Setting", "compare_compiled", "compare_methods", "compile_method_done",
+           "compile_program", "evaluate", "parse_method", "session_configs", "session_defaults"]

@@ -147,7 +147,7 @@ def bench_compile(args) -> int:
     same held-out problems; plus the uncompiled baseline (experiments.compare_compiled). Resumable."""
     from rosa2_dspy.artifacts import read_meta
     from rosa2_dspy.evaluation import prepare_run_dir
-    from rosa2_dspy.experiments import compare_compiled
+    from rosa2_dspy.experiments import compare_compiled, compile_method_done
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.provenance import segment
     from rosa2_dspy.recipes import load_recipe
@@ -185,9 +185,7 @@ def bench_compile(args) -> int:
                                      program_kwargs=program_kwargs(args), max_tokens=args.max_tokens,
                                      threads=args.threads, meta={"model": args.model, "split": args.split,
                                                                  "seed": args.seed}, progress=not args.no_progress)
-        line["items_left"] = sum(1 for name in methods
-                                 if "error" not in summaries.get(name, {}) and summaries.get(name, {}).get(
-                                     "problems", 0) < len(tests))
+        line["items_left"] = sum(not compile_method_done(summaries.get(name), len(tests)) for name in methods)
     report = build_compile_report(out, summaries, overlap=overlap, ids=[e.unique_id for e in tests])
     print(report.read_text())
     return 0
