@@ -94,7 +94,9 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
     import numpy as np
 
     by_id = {r["unique_id"]: r for r in b}
-    pairs = [(r, by_id[r["unique_id"]]) for r in a if r["unique_id"] in by_id]
+    # in the problems' order, not the records': a report rebuilt from a folder (records in the order they finished)
+    # draws the same resamples as the one written at the end of the run
+    pairs = sorted(((r, by_id[r["unique_id"]]) for r in a if r["unique_id"] in by_id), key=lambda p: p[0]["unique_id"])
     n = len(pairs)
     if not n:
         return {"problems": 0}
@@ -117,26 +119,60 @@ def paired_difference(a: list[dict], b: list[dict], resamples: int = 10000, seed
 CONTROL = "retry"  # multi-turn without adaptation (rosa2_dspy.coadapt.POLICIES)
 
 
-def words_next_turn(records: list[dict], control: list[dict]) -> dict:
-    """What a method's words step did to the next answer, against the control's answer at the same turn of the same
-    problem (``retry``: the user's own words): for each words step after turn k that both conversations went on
-    from (both failed turn k), whether turn k+1 was correct in each, split by whether the rewrite was kept or fell
-    back to the user's words. A kept rewrite that helps answers more next turns correctly than the control does."""
+def next_turns(records: list[dict], control: list[dict], side, labels: tuple[str, ...]) -> dict:
+    """What happened at the turn after each failed turn, against the control's conversation about the same problem
+    (``retry``: the user's own words, no adaptation). For each failed turn k that both conversations went on from
+    (both failed turn k), grouped by ``side(turn, k)`` (one of ``labels``; None: not counted): steps, how often the
+    next answer differed from the failed one (the boxed answers as written; no answer twice counts as the same) and
+    how often it was correct, in each conversation."""
     by_id = {r["unique_id"]: r for r in control}
-    out = {side: {"steps": 0, "correct": 0, "control_correct": 0} for side in ("kept", "fallback")}
+    out = {label: dict.fromkeys(("steps", "changed", "correct", "control_changed", "control_correct"), 0)
+           for label in labels}
     for record in records:
         other = by_id.get(record["unique_id"])
         if other is None:
             continue
         ours, theirs = record.get("turns") or [], other.get("turns") or []
         for k, turn in enumerate(ours[:-1]):
-            if not turn.get("words") or k + 1 >= len(theirs):
-                continue  # no words step here, or the control ended (solved, or out of turns) at this turn
-            side = out["fallback" if turn["words"].get("fallback") else "kept"]
-            side["steps"] += 1
-            side["correct"] += bool(ours[k + 1].get("correct"))
-            side["control_correct"] += bool(theirs[k + 1].get("correct"))
+            label = side(turn, k)
+            if label is None or k + 1 >= len(theirs):
+                continue  # not counted here, or the control ended (solved, or out of turns) at this turn
+            d = out[label]
+            d["steps"] += 1
+            d["changed"] += ours[k + 1].get("answer") != turn.get("answer")
+            d["correct"] += bool(ours[k + 1].get("correct"))
+            d["control_changed"] += theirs[k + 1].get("answer") != theirs[k].get("answer")
+            d["control_correct"] += bool(theirs[k + 1].get("correct"))
     return out
+
+
+def words_next_turn(records: list[dict], control: list[dict]) -> dict:
+    """What a method's words step did to the next answer (``next_turns``), split by whether the rewrite was kept or
+    fell back to the user's words. A kept rewrite that helps answers more next turns correctly than the control."""
+    return next_turns(records, control, labels=("kept", "fallback"),
+                      side=lambda turn, k: None if not turn.get("words") else
+                      "fallback" if turn["words"].get("fallback") else "kept")
+
+
+def turn_by_turn(records: list[dict], control: list[dict], turns: int) -> dict:
+    """The turn after each failed turn, by turn (``next_turns``): whether a method's adaptation at that point of the
+    conversation changes the answer, and to a correct one, more often than a retry does."""
+    return next_turns(records, control, labels=tuple(f"after turn {k}" for k in range(1, turns)),
+                      side=lambda turn, k: f"after turn {k + 1}")
+
+
+def _next_turn_table(rows: dict[str, dict], step: str) -> list[str]:
+    """A markdown table of ``next_turns``' counts, one row per method and group with steps."""
+    pct = lambda n, d: f"{n} ({n / d:.0%})"  # noqa: E731
+    lines = [f"| method | {step} | steps | next answer new | next correct | `{CONTROL}` new | `{CONTROL}` correct |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for method, groups in rows.items():
+        for group, d in groups.items():
+            if d["steps"]:
+                lines.append(f"| {method} | {group} | {d['steps']} | {pct(d['changed'], d['steps'])} "
+                             f"| {pct(d['correct'], d['steps'])} | {pct(d['control_changed'], d['steps'])} "
+                             f"| {pct(d['control_correct'], d['steps'])} |")
+    return lines
 
 
 def _adapted(records: list[dict]) -> bool:
@@ -176,6 +212,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     next_turn = {m: words_next_turn(records[m], records[CONTROL]) for m in records
                   if CONTROL in records and m != CONTROL and any(t.get("words") for r in records[m]
                                                                  for t in r.get("turns") or [])}
+    by_turn = {m: turn_by_turn(records[m], records[CONTROL], turns) for m in records
+               if CONTROL in records and any(len(r.get("turns") or []) > 1 for r in records[m])}
     by_gap = {}
     if any("semantic_gap" in r for rs in records.values() for r in rs):
         for method, rs in records.items():
@@ -183,7 +221,8 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                               for side, flag in (("gap", True), ("no_gap", False))}
     write_json_atomic(out / "summary.json", {"turns": turns, "methods": summaries, "paired": paired,
                                              "by_semantic_gap": by_gap or None,
-                                             "words_next_turn": next_turn or None})
+                                             "words_next_turn": next_turn or None,
+                                             "next_turn_by_turn": by_turn or None})
     _plot(out / "accuracy_by_turn.png", summaries, turns, title)
     ran = describe_segments(read_segments(out))  # (its own paragraph)
     notes = [*(notes or []), *([""] if notes and ran else []), *([ran] if ran else [])]
@@ -257,16 +296,13 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
                     f"| {fallback} |")
     if next_turn:
         lines += ["", f"The words step's next turn, against `{CONTROL}` at the same turn of the same problem (both "
-                  "failed the turn before): how often the next answer was correct after a rewrite the check kept, "
-                  f"and after a fallback to the user's words.", "",
-                  f"| method | words step | steps | next turn correct | `{CONTROL}` correct |",
-                  "|---|---|---:|---:|---:|"]
-        for method, sides in next_turn.items():
-            for side, d in sides.items():
-                if d["steps"]:
-                    lines.append(f"| {method} | {side} | {d['steps']} "
-                                 f"| {d['correct']} ({d['correct'] / d['steps']:.0%}) "
-                                 f"| {d['control_correct']} ({d['control_correct'] / d['steps']:.0%}) |")
+                  "failed the turn before): how often the next answer was new (not the rejected one) and correct "
+                  "after a rewrite the check kept, and after a fallback to the user's words.", "",
+                  *_next_turn_table(next_turn, "words step")]
+    if by_turn:
+        lines += ["", f"Every failed turn's next turn, by turn, against `{CONTROL}` the same way (`{CONTROL}`'s own "
+                  "row: itself): does a method's adaptation at that point change the rejected answer, and to a "
+                  "correct one, more often than asking again does?", "", *_next_turn_table(by_turn, "after")]
     sampled = [f"{m} {s['samples_kept']}/{s['samples_drawn']}" for m, s in summaries.items() if s["weights_steps"]]
     if sampled:
         lines += ["", "Weights-step samples that passed the self-checks (kept as desirable rows / drawn): " +

@@ -131,6 +131,21 @@ def test_paired_difference_counts_turns_an_unsolved_problem_as_the_budget():
     assert "turns_difference" not in paired_difference(a, b)
 
 
+def test_paired_intervals_do_not_depend_on_the_order_records_finished_in():
+    """A report rebuilt from a run folder (records in the order they finished) gives the run's own intervals."""
+    import random
+
+    from rosa2_dspy.report import paired_difference
+
+    outcomes = random.Random(0).choices([None, 1, 2, 3], k=40)
+    a = [{"unique_id": f"p{i:02d}", "solved": s is not None, "turns_used": s or 3} for i, s in enumerate(outcomes)]
+    b = [{**r, "solved": i % 3 == 0, "turns_used": 2 if i % 3 == 0 else 3} for i, r in enumerate(a)]
+    first = paired_difference(a, b, turns=3, resamples=200)
+    shuffled = a[::-1], random.Random(1).sample(b, len(b))
+    assert paired_difference(*shuffled, turns=3, resamples=200) == first
+    assert first["ci95"][0] < first["difference"] < first["ci95"][1]
+
+
 def test_the_report_gives_turns_to_success_and_the_median_shift(report_dir):
     summary = json.loads((report_dir / "summary.json").read_text())
     assert summary["methods"]["rosa2"]["mean_turns_to_success"] == pytest.approx(1.5)  # solved at 1 and 2
@@ -262,6 +277,40 @@ def test_the_words_steps_next_turn_is_paired_with_retry_and_split_by_kept_and_fa
     report = build_report(tmp_path, ["retry", "pe"], turns=3).read_text()
     next_turn = json.loads((tmp_path / "summary.json").read_text())["words_next_turn"]
     assert list(next_turn) == ["pe"]  # retry takes no words step
-    assert next_turn["pe"] == {"kept": {"steps": 1, "correct": 1, "control_correct": 0},
-                               "fallback": {"steps": 1, "correct": 0, "control_correct": 1}}  # (retry ended at 2)
-    assert "| pe | kept | 1 | 1 (100%) | 0 (0%) |" in report and "| pe | fallback | 1 | 0 (0%) | 1 (100%) |" in report
+    # (pe's fallback repeated its rejected answer; retry's turn 2 was new and right, then it ended)
+    assert next_turn["pe"] == {"kept": {"steps": 1, "changed": 1, "correct": 1, "control_changed": 0,
+                                        "control_correct": 0},
+                               "fallback": {"steps": 1, "changed": 0, "correct": 0, "control_changed": 1,
+                                            "control_correct": 1}}
+    assert "| pe | kept | 1 | 1 (100%) | 1 (100%) | 0 (0%) | 0 (0%) |" in report
+    assert "| pe | fallback | 1 | 0 (0%) | 0 (0%) | 1 (100%) | 1 (100%) |" in report
+
+
+def test_every_failed_turns_next_turn_is_counted_by_turn_against_retry(tmp_path):
+    def conversation(uid, method, answers, gold="4"):
+        turns = [_turn(n, OPENING, a, a == gold) for n, a in enumerate(answers, 1)]
+        return {"unique_id": uid, "method": method, "solved": answers[-1] == gold, "turns_used": len(turns),
+                "l2_shift": 0.0, "turns": turns, "seconds": 1.0, "error": None,
+                "seconds_split": {"generation": 1.0, "words": 0.0, "weights": 0.0}}
+
+    runs = {"retry": [conversation("p0", "retry", ["7", "7", "7"]), conversation("p1", "retry", ["7", "4"]),
+                      conversation("p2", "retry", ["4"])],
+            "ttt": [conversation("p0", "ttt", ["7", "5", "4"]), conversation("p1", "ttt", ["7", "7", "7"]),
+                    conversation("p2", "ttt", ["7", "4"])],  # p2: retry solved turn 1, nothing to pair
+            "single": [conversation("p0", "single", ["7"])]}  # one turn: no next turn to count
+    for method, records in runs.items():
+        (tmp_path / method).mkdir()
+        results = ResultsFile(tmp_path / method / "results.jsonl")
+        for record in records:
+            results.append(record)
+    report = build_report(tmp_path, list(runs), turns=3).read_text()
+    by_turn = json.loads((tmp_path / "summary.json").read_text())["next_turn_by_turn"]
+    assert list(by_turn) == ["retry", "ttt"]
+    assert by_turn["ttt"] == {"after turn 1": {"steps": 2, "changed": 1, "correct": 0, "control_changed": 1,
+                                               "control_correct": 1},
+                              "after turn 2": {"steps": 1, "changed": 1, "correct": 1, "control_changed": 0,
+                                               "control_correct": 0}}
+    assert by_turn["retry"]["after turn 2"] == {"steps": 1, "changed": 0, "correct": 0, "control_changed": 0,
+                                                "control_correct": 0}
+    assert "| ttt | after turn 1 | 2 | 1 (50%) | 0 (0%) | 1 (50%) | 1 (50%) |" in report
+    assert "| ttt | after turn 2 | 1 | 1 (100%) | 1 (100%) | 0 (0%) | 0 (0%) |" in report
