@@ -104,6 +104,9 @@ class SessionConfig:
     # what the words step does with the user's words (rosa2_dspy.words.refine): "replace" rewrites them into one
     # problem statement; "append" keeps them verbatim (the prompt retry answers) and adds a clarification below
     clarify_mode: str = "replace"
+    # which failed turns take the words step the method's policy schedules: "every" one, or the "first" only (later
+    # turns keep those words, plus what the user revealed since, and a weights step trains on them)
+    words_after: str = "every"
     keep_adapter: bool = False  # keep the adapter after the conversation (continual use)
     seed: int = 0
 
@@ -392,6 +395,8 @@ class Session:
             history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
             answered = statement  # the prompt this turn's answer was given
             do_words, do_weights = policy.steps(turn, budget)
+            if cfg.words_after == "first" and any(t["words"] for t in turns):
+                do_words = False  # the words were rewritten once; later turns keep them
             if do_words:  # 3. words step
                 with _timed(entry, "words"):
                     refinement = self.words_step(conv, problem, history, verdict.feedback, revealed)
@@ -399,6 +404,8 @@ class Session:
                 entry["words"] = refinement.to_dict()
             elif policy.words == "never":  # weights only, or retry: the raw feedback goes into the prompt
                 statement = as_told(problem, history)
+            elif shown:  # words kept from an earlier step: what the user just revealed is added, as a fallback adds it
+                statement = f"{statement}\n\nThe user added: {shown.strip()}"
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
                 trained_on = statement if policy.weights_on == "next" else answered
                 with _timed(entry, "weights"):

@@ -92,6 +92,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
                             "words step: replace rewrites the user's words into one problem statement; append keeps "
                             "them verbatim (the prompt retry answers) and adds the Clarify module's clarification "
                             "below, checked as --clarify-check says", ("replace", "append")),
+    "words_after": Setting("session", "words_after",
+                           "which failed turns take the method's words step: every one its policy schedules, or the "
+                           "first only (later turns keep those words, plus what the user revealed since)",
+                           ("every", "first")),
     "objective": Setting("update", "objective", "weights step objective (TRL's KTOTrainer runs apo_zero_unpaired "
                                                 "and kto, SFTTrainer sft)", ("apo_zero_unpaired", "kto", "sft")),
     "update_steps": Setting("update", "steps", "optimizer steps per weights step"),

@@ -68,6 +68,17 @@ def test_each_policy_calls_exactly_its_steps_in_order(tiny_engine, method):
     assert record["turns_used"] == (1 if POLICIES[method].single_turn else 4) == len(record["turns"])
 
 
+@pytest.mark.parametrize("method", ["pe", "rosa2", "pe-then-ttt", "ttt"])
+def test_words_after_first_rewrites_once_and_keeps_those_words(tiny_engine, method):
+    session = SpySession(MathSolver(), tiny_engine, method, ScriptedUser(), SessionConfig(turns=4, words_after="first"))
+    record = session.run(EXAMPLE)
+    words = session.calls.index("words") + 1 if "words" in session.calls else 0
+    assert session.calls == EXPECTED[method][:words] + [c for c in EXPECTED[method][words:] if c != "words"]
+    assert session.calls.count("words") == (0 if method == "ttt" else 1)
+    if words:  # every later turn answers the one rewrite (the scripted user reveals nothing)
+        assert {t["statement"] for t in record["turns"][1:]} == {f"{EXAMPLE.problem} (clarified 1)"}
+
+
 @pytest.mark.parametrize("method", ["ttt", "retry"])
 def test_turns_stop_at_acceptance_and_ttt_and_retry_append_raw_feedback(tiny_engine, method):
     """retry is ttt without its update: the same prompts, turn by turn, answered by the same weights."""

@@ -175,6 +175,25 @@ def test_sessions_pose_the_opening_reveal_shards_and_record_the_gap(tiny_engine,
     assert whole["turns"][0]["statement"] == example.problem and whole["semantic_gap"] is True
 
 
+@pytest.mark.parametrize("method,config", [("pe-then-ttt", {}), ("rosa2", {"words_after": "first"})])
+def test_words_kept_from_an_earlier_turn_add_what_the_user_revealed_since(tiny_engine, test_problems, method, config):
+    """A words method that skips its words step after a turn (pe-then-ttt's second half, words_after=first) answers
+    the words it has plus what the user revealed at that turn, not the words alone."""
+    from math_solver import MathSolver
+    from test_coadapt import SpySession
+
+    from rosa2_dspy.coadapt import SessionConfig
+
+    example = test_problems["test/geometry/577.json"]
+    user = ShardedUser(seed=0)
+    shards = user.sharded(example).shards
+    record = SpySession(MathSolver(), tiny_engine, method, user, SessionConfig(turns=3, **config)).run(example)
+    assert [bool(t["words"]) for t in record["turns"]] == [True, False, False]
+    rewritten = f"{user.opening(example)} (clarified 1)"
+    assert record["turns"][1]["statement"] == rewritten
+    assert record["turns"][2]["statement"] == f"{rewritten}\n\nThe user added: {shards[1].strip()}"
+
+
 def test_refine_keeps_what_the_user_revealed_or_falls_back_to_it():
     from test_words import CLARIFIED, FEEDBACK, refine_reply, script_lm
 
