@@ -87,11 +87,14 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def progress_line(description: str, done: int, total: int, correct: int, elapsed: float) -> str:
-    """One line of progress for a log: done/total, accuracy so far, elapsed and the remaining time at this pace."""
-    eta = elapsed / done * (total - done) if done else 0.0
-    return (f"{description}: {done}/{total} done, acc {correct / done:.0%}, elapsed {_clock(elapsed)}, "
-            f"ETA {_clock(eta)}" if done else f"{description}: 0/{total} done, elapsed {_clock(elapsed)}")
+def progress_line(description: str, done: int, total: int, correct: int | None, elapsed: float) -> str:
+    """One line of progress for a log: done/total, accuracy so far (``correct``; None: not graded), elapsed and the
+    remaining time at this pace."""
+    if not done:
+        return f"{description}: 0/{total} done, elapsed {_clock(elapsed)}"
+    eta = elapsed / done * (total - done)
+    acc = "" if correct is None else f", acc {correct / done:.0%}"
+    return f"{description}: {done}/{total} done{acc}, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
 
 
 def error_record(item, exc: BaseException) -> dict:

@@ -40,6 +40,17 @@ def test_sft_raises_the_likelihood_of_its_targets(tiny_engine):
     assert result.losses[-1] < result.losses[0]
 
 
+def test_an_update_of_several_steps_reports_its_progress_and_a_one_step_update_stays_quiet(tiny_engine, capsys):
+    updater = LoRAUpdater(tiny_engine, fast(steps=3))
+    result = updater.update([sft_row(PROMPT, GOOD)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("weights: optimizer steps: 3/3 done, elapsed 0:00:")
+    assert lines[-1].endswith(f"ETA 0:00:00 (loss {result.losses[-1]:.4g})")
+    updater.config = fast(steps=1)
+    updater.update([sft_row(PROMPT, GOOD)])
+    assert "optimizer steps" not in capsys.readouterr().err
+
+
 def test_kto_lowers_undesirable_relative_to_desirable(tiny_engine):
     updater = LoRAUpdater(tiny_engine, fast(objective="kto", beta=0.5, steps=6))
     margin_before = sequence_logprob(tiny_engine, PROMPT, GOOD) - sequence_logprob(tiny_engine, PROMPT, BAD)

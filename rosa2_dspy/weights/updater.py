@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from rosa2_dspy import models
 from rosa2_dspy.engine import LocalEngine, release_free_memory
+from rosa2_dspy.evaluation import progress_line
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.weights.config import OBJECTIVES, UNPAIRED, Shift, UpdateConfig, UpdateError, UpdateResult
 from rosa2_dspy.weights.rows import _to_trl
@@ -20,23 +22,37 @@ from rosa2_dspy.weights.shift import adapter_shift
 
 
 class _LossGuard:
-    """A TrainerCallback that stops training at the first non-finite loss or gradient norm."""
+    """A TrainerCallback that stops training at the first non-finite loss or gradient norm; and, in an update of
+    several optimizer steps (a compile's LoRA training, minutes long), writes a progress line to stderr at most
+    every ``every`` seconds and at the last step: steps done, loss, elapsed, ETA. A session's one-step updates stay
+    quiet (their conversation's progress is the run's)."""
 
-    def __init__(self):
+    def __init__(self, every: float = 60.0):
         from transformers import TrainerCallback
 
         guard = self
 
         class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                guard.started = guard.last_line = time.perf_counter()
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 for key in ("loss", "grad_norm"):
                     value = (logs or {}).get(key)
                     if value is not None and not math.isfinite(float(value)):
                         guard.bad = f"non-finite {key} ({value}) at step {state.global_step}"
                         control.should_training_stop = True
+                now, loss = time.perf_counter(), (logs or {}).get("loss")
+                if state.max_steps > 1 and loss is not None and (
+                        now - guard.last_line >= guard.every or state.global_step >= state.max_steps):
+                    guard.last_line = now
+                    line = progress_line("weights: optimizer steps", state.global_step, state.max_steps, None,
+                                         now - guard.started)
+                    print(f"{line} (loss {float(loss):.4g})", file=sys.stderr, flush=True)
                 return control
 
-        self.bad = ""
+        self.bad, self.every = "", every
+        self.started = self.last_line = time.perf_counter()
         self.callback = _Callback()
 
 
