@@ -41,9 +41,9 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from rosa2_dspy.engine import GenSettings, LocalEngine, LocalLM, count_usage, usage_scope
-from rosa2_dspy.math.grading import last_boxed, strict_normalize
+from rosa2_dspy.math.grading import answer_key, last_boxed
 from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, adapter_shift, kto_row
-from rosa2_dspy.words.refinement import as_told
+from rosa2_dspy.words.refinement import as_told, kept_words
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,15 @@ def get_policy(name: str) -> Policy:
     return POLICIES[name]
 
 
+def check_policy_settings(policy: Policy, config: SessionConfig) -> None:
+    """Refuse settings that make a method's turns pointless: ``words_after = "first"`` keeps the words after the
+    first words step, so a method must then take a weights step after every later failed turn (``rosa2``), or a
+    turn could ask the same prompt on the same weights again (greedy: the same answer)."""
+    if config.words_after == "first" and policy.words != "never" and policy.weights != "always":
+        raise ValueError(f"{policy.name}: words_after=first needs a method that updates the weights after every "
+                         f"failed turn (rosa2): {policy.name} would ask the same prompt on the same weights again")
+
+
 @dataclass
 class SessionConfig:
     turns: int = 3
@@ -116,13 +125,6 @@ def _answer_predictor(program: dspy.Module):
         if "answer" in predictor.signature.output_fields:
             return name, predictor
     raise ValueError("the program has no predictor with an 'answer' output")
-
-
-def _normalized(answer: str | None) -> str | None:
-    if not answer:
-        return None
-    inner = last_boxed(answer) if "\\boxed" in answer else answer
-    return strict_normalize(inner) if inner else None
 
 
 @dataclass
@@ -185,6 +187,7 @@ class Session:
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.user = user
         self.config = config or SessionConfig()
+        check_policy_settings(self.policy, self.config)
         # one updater (and so one TRL trainer per objective) can serve every method run on the engine
         self.updater = updater or LoRAUpdater(engine, update or session_update_config())
         self.critic_lm = critic_lm
@@ -293,7 +296,7 @@ class Session:
         for completion in completions:
             count_usage(completion)
         replies = [c.text for c in completions]
-        answers = [_normalized(boxed) if (boxed := last_boxed(r)) else None for r in replies]
+        answers = [answer_key(boxed) if (boxed := last_boxed(r)) else None for r in replies]
         counts = collections.Counter(a for a in answers if a)
         majority, votes = counts.most_common(1)[0] if counts else (None, 0)
         kept, checks = [], []
@@ -387,8 +390,8 @@ class Session:
                 return {"solved": True, "turns_used": turn}
             if turn == budget:
                 break
-            if _normalized(answer):
-                rejected_answers.add(_normalized(answer))
+            if answer_key(answer):
+                rejected_answers.add(answer_key(answer))
             rejected_replies.append(reply)
             if shown:
                 revealed.append(shown)
@@ -404,8 +407,8 @@ class Session:
                 entry["words"] = refinement.to_dict()
             elif policy.words == "never":  # weights only, or retry: the raw feedback goes into the prompt
                 statement = as_told(problem, history)
-            elif shown:  # words kept from an earlier step: what the user just revealed is added, as a fallback adds it
-                statement = f"{statement}\n\nThe user added: {shown.strip()}"
+            elif any(t["words"] for t in turns):  # the words of an earlier step, brought up to date
+                statement = kept_words(statement, problem, history, shown, cfg.clarify_mode)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
                 trained_on = statement if policy.weights_on == "next" else answered
                 with _timed(entry, "weights"):

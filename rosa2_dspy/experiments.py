@@ -188,15 +188,16 @@ def session_configs(values: dict[str, Any], *, max_tokens: int, seed: int = 0):
 # ----------------------------------------------------------------------------- multi-turn methods
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_method(spec: str, settings: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``rosa2`` or a variant ``rosa2@learning_rate=1e-3@update_steps=2``: (the method, its setting overrides).
+    ``settings``: the run's session settings by name (its flags), which the overrides are checked on top of.
 
     Variants run in the same pool as the plain methods, on the same problems, each in its own folder (named by
     the spec), and are paired with the others in the report: a setting compared on the same conversations."""
-    from rosa2_dspy.coadapt import get_policy
+    from rosa2_dspy.coadapt import check_policy_settings, get_policy
 
     name, *pairs = spec.split("@")
-    get_policy(name)
+    policy = get_policy(name)
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -208,8 +209,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             overrides[key] = setting_value(key, value)
         except ValueError as exc:
             raise ValueError(f"{spec!r}: {exc}") from None
-    try:  # out of range (rosa2@update_steps=0): refused here, before a run folder is made
-        with_settings(*session_configs({}, max_tokens=1024), overrides)
+    try:  # out of range (rosa2@update_steps=0), or pointless for the method: refused here, before a run folder
+        session, _ = with_settings(*session_configs(settings or {}, max_tokens=1024), overrides)
+        check_policy_settings(policy, session)
     except ValueError as exc:
         raise ValueError(f"{spec!r}: {exc}") from None
     return name, overrides

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rosa2_dspy.evaluation import ResultsFile, wilson_interval
 from rosa2_dspy.fsutil import staged_file, write_json_atomic, write_text_atomic
+from rosa2_dspy.math.grading import answer_key
 from rosa2_dspy.provenance import describe_segments, read_segments
 
 
@@ -123,25 +124,26 @@ def next_turns(records: list[dict], control: list[dict], side, labels: tuple[str
     """What happened at the turn after each failed turn, against the control's conversation about the same problem
     (``retry``: the user's own words, no adaptation). For each failed turn k that both conversations went on from
     (both failed turn k), grouped by ``side(turn, k)`` (one of ``labels``; None: not counted): steps, how often the
-    next answer differed from the failed one (the boxed answers as written; no answer twice counts as the same) and
-    how often it was correct, in each conversation."""
+    next answer differed from the failed one (compared as the strict grader normalises them; no answer twice counts
+    as the same) and how often it was correct, in each conversation. A conversation that ended in an error counts
+    for none of its turns."""
     by_id = {r["unique_id"]: r for r in control}
     out = {label: dict.fromkeys(("steps", "changed", "correct", "control_changed", "control_correct"), 0)
            for label in labels}
+    changed = lambda a, b: answer_key(a.get("answer")) != answer_key(b.get("answer"))  # noqa: E731
     for record in records:
         other = by_id.get(record["unique_id"])
-        if other is None:
+        if other is None or record.get("error") or other.get("error"):
             continue
         ours, theirs = record.get("turns") or [], other.get("turns") or []
         for k, turn in enumerate(ours[:-1]):
-            label = side(turn, k)
-            if label is None or k + 1 >= len(theirs):
+            d = out.get(side(turn, k))
+            if d is None or k + 1 >= len(theirs):
                 continue  # not counted here, or the control ended (solved, or out of turns) at this turn
-            d = out[label]
             d["steps"] += 1
-            d["changed"] += ours[k + 1].get("answer") != turn.get("answer")
+            d["changed"] += changed(ours[k + 1], turn)
             d["correct"] += bool(ours[k + 1].get("correct"))
-            d["control_changed"] += theirs[k + 1].get("answer") != theirs[k].get("answer")
+            d["control_changed"] += changed(theirs[k + 1], theirs[k])
             d["control_correct"] += bool(theirs[k + 1].get("correct"))
     return out
 
@@ -157,8 +159,8 @@ def words_next_turn(records: list[dict], control: list[dict]) -> dict:
 def turn_by_turn(records: list[dict], control: list[dict], turns: int) -> dict:
     """The turn after each failed turn, by turn (``next_turns``): whether a method's adaptation at that point of the
     conversation changes the answer, and to a correct one, more often than a retry does."""
-    return next_turns(records, control, labels=tuple(f"after turn {k}" for k in range(1, turns)),
-                      side=lambda turn, k: f"after turn {k + 1}")
+    return next_turns(records, control, labels=tuple(f"turn {k}" for k in range(1, turns)),
+                      side=lambda turn, k: f"turn {k + 1}")
 
 
 def _next_turn_table(rows: dict[str, dict], step: str) -> list[str]:
@@ -302,7 +304,7 @@ def build_report(out: str | Path, methods: list[str], turns: int, title: str = "
     if by_turn:
         lines += ["", f"Every failed turn's next turn, by turn, against `{CONTROL}` the same way (`{CONTROL}`'s own "
                   "row: itself): does a method's adaptation at that point change the rejected answer, and to a "
-                  "correct one, more often than asking again does?", "", *_next_turn_table(by_turn, "after")]
+                  "correct one, more often than asking again does?", "", *_next_turn_table(by_turn, "failed turn")]
     sampled = [f"{m} {s['samples_kept']}/{s['samples_drawn']}" for m, s in summaries.items() if s["weights_steps"]]
     if sampled:
         lines += ["", "Weights-step samples that passed the self-checks (kept as desirable rows / drawn): " +

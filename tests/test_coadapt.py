@@ -68,15 +68,29 @@ def test_each_policy_calls_exactly_its_steps_in_order(tiny_engine, method):
     assert record["turns_used"] == (1 if POLICIES[method].single_turn else 4) == len(record["turns"])
 
 
-@pytest.mark.parametrize("method", ["pe", "rosa2", "pe-then-ttt", "ttt"])
+@pytest.mark.parametrize("method", ["rosa2", "ttt", "retry"])
 def test_words_after_first_rewrites_once_and_keeps_those_words(tiny_engine, method):
     session = SpySession(MathSolver(), tiny_engine, method, ScriptedUser(), SessionConfig(turns=4, words_after="first"))
     record = session.run(EXAMPLE)
     words = session.calls.index("words") + 1 if "words" in session.calls else 0
     assert session.calls == EXPECTED[method][:words] + [c for c in EXPECTED[method][words:] if c != "words"]
-    assert session.calls.count("words") == (0 if method == "ttt" else 1)
-    if words:  # every later turn answers the one rewrite (the scripted user reveals nothing)
+    assert session.calls.count("words") == (1 if method == "rosa2" else 0)
+    if words:  # every later turn answers the one rewrite, on new weights (the scripted user reveals nothing)
         assert {t["statement"] for t in record["turns"][1:]} == {f"{EXAMPLE.problem} (clarified 1)"}
+
+
+@pytest.mark.parametrize("method", ["pe", "pe-then-ttt"])
+def test_words_after_first_is_refused_where_a_turn_would_repeat_the_last(tiny_engine, method):
+    """Without an update after every later failed turn, kept words would ask the same prompt on the same weights."""
+    from rosa2_dspy.experiments import parse_method
+
+    with pytest.raises(ValueError, match="words_after=first needs a method that updates the weights after every"):
+        SpySession(MathSolver(), tiny_engine, method, ScriptedUser(), SessionConfig(words_after="first"))
+    with pytest.raises(ValueError, match=f"{method}: words_after=first needs"):
+        parse_method(f"{method}@words_after=first")
+    with pytest.raises(ValueError, match="words_after=first needs"):
+        parse_method(method, {"words_after": "first"})  # the run's flag, not the variant's
+    assert parse_method("rosa2", {"words_after": "first"}) == ("rosa2", {})
 
 
 @pytest.mark.parametrize("method", ["ttt", "retry"])

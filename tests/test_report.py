@@ -294,9 +294,10 @@ def test_every_failed_turns_next_turn_is_counted_by_turn_against_retry(tmp_path)
                 "seconds_split": {"generation": 1.0, "words": 0.0, "weights": 0.0}}
 
     runs = {"retry": [conversation("p0", "retry", ["7", "7", "7"]), conversation("p1", "retry", ["7", "4"]),
-                      conversation("p2", "retry", ["4"])],
+                      conversation("p2", "retry", ["4"]), conversation("p3", "retry", ["7", "7"])],
             "ttt": [conversation("p0", "ttt", ["7", "5", "4"]), conversation("p1", "ttt", ["7", "7", "7"]),
-                    conversation("p2", "ttt", ["7", "4"])],  # p2: retry solved turn 1, nothing to pair
+                    conversation("p2", "ttt", ["7", "4"]),  # p2: retry solved turn 1, nothing to pair
+                    {**conversation("p3", "ttt", ["7", "5"]), "error": "RuntimeError: lost"}],  # counts nowhere
             "single": [conversation("p0", "single", ["7"])]}  # one turn: no next turn to count
     for method, records in runs.items():
         (tmp_path / method).mkdir()
@@ -306,11 +307,11 @@ def test_every_failed_turns_next_turn_is_counted_by_turn_against_retry(tmp_path)
     report = build_report(tmp_path, list(runs), turns=3).read_text()
     by_turn = json.loads((tmp_path / "summary.json").read_text())["next_turn_by_turn"]
     assert list(by_turn) == ["retry", "ttt"]
-    assert by_turn["ttt"] == {"after turn 1": {"steps": 2, "changed": 1, "correct": 0, "control_changed": 1,
+    assert by_turn["ttt"] == {"turn 1": {"steps": 2, "changed": 1, "correct": 0, "control_changed": 1,
                                                "control_correct": 1},
-                              "after turn 2": {"steps": 1, "changed": 1, "correct": 1, "control_changed": 0,
+                              "turn 2": {"steps": 1, "changed": 1, "correct": 1, "control_changed": 0,
                                                "control_correct": 0}}
-    assert by_turn["retry"]["after turn 2"] == {"steps": 1, "changed": 0, "correct": 0, "control_changed": 0,
+    assert by_turn["retry"]["turn 2"] == {"steps": 1, "changed": 0, "correct": 0, "control_changed": 0,
                                                 "control_correct": 0}
-    assert "| ttt | after turn 1 | 2 | 1 (50%) | 0 (0%) | 1 (50%) | 1 (50%) |" in report
-    assert "| ttt | after turn 2 | 1 | 1 (100%) | 1 (100%) | 0 (0%) | 0 (0%) |" in report
+    assert "| ttt | turn 1 | 2 | 1 (50%) | 0 (0%) | 1 (50%) | 1 (50%) |" in report
+    assert "| ttt | turn 2 | 1 | 1 (100%) | 1 (100%) | 0 (0%) | 0 (0%) |" in report

@@ -194,6 +194,32 @@ def test_words_kept_from_an_earlier_turn_add_what_the_user_revealed_since(tiny_e
     assert record["turns"][2]["statement"] == f"{rewritten}\n\nThe user added: {shards[1].strip()}"
 
 
+def test_append_words_kept_from_an_earlier_turn_stay_below_the_users_words_as_they_are_now(tiny_engine,
+                                                                                          test_problems):
+    """Append mode's promise holds on a turn without a words step: the prompt is what retry answers at that turn
+    (the user's words, verbatim, every feedback so far) with the last clarification below it."""
+    from math_solver import MathSolver
+    from test_coadapt import SpySession
+
+    from rosa2_dspy.coadapt import SessionConfig
+    from rosa2_dspy.words import Refinement, as_told
+
+    class Appending(SpySession):
+        def words_step(self, conv, problem, history, feedback, revealed=None):
+            self.calls.append("words")
+            return Refinement(clarified_problem=f"{as_told(problem, history)}\n\nClarification: find the length.",
+                              critique="unclear")
+
+    example = test_problems["test/geometry/577.json"]
+    user = ShardedUser(seed=0)
+    config = SessionConfig(turns=3, clarify_mode="append", words_after="first")
+    turns = Appending(MathSolver(), tiny_engine, "rosa2", user, config).run(example)["turns"]
+    retry = SpySession(MathSolver(), tiny_engine, "retry", user, SessionConfig(turns=3)).run(example)["turns"]
+    assert [bool(t["words"]) for t in turns] == [True, False, False]
+    for ours, theirs in zip(turns[1:], retry[1:]):
+        assert ours["statement"] == f"{theirs['statement']}\n\nClarification: find the length."
+
+
 def test_refine_keeps_what_the_user_revealed_or_falls_back_to_it():
     from test_words import CLARIFIED, FEEDBACK, refine_reply, script_lm
 

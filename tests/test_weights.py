@@ -40,14 +40,16 @@ def test_sft_raises_the_likelihood_of_its_targets(tiny_engine):
     assert result.losses[-1] < result.losses[0]
 
 
-def test_an_update_of_several_steps_reports_its_progress_and_a_one_step_update_stays_quiet(tiny_engine, capsys):
-    updater = LoRAUpdater(tiny_engine, fast(steps=3))
+def test_compile_time_training_reports_its_progress_and_session_updates_stay_quiet(tiny_engine, capsys):
+    updater = LoRAUpdater(tiny_engine, fast(steps=3), progress=True)  # as LoRAFinetune and the provider make it
     result = updater.update([sft_row(PROMPT, GOOD)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("weights: optimizer steps: 3/3 done, elapsed 0:00:")
     assert lines[-1].endswith(f"ETA 0:00:00 (loss {result.losses[-1]:.4g})")
     updater.config = fast(steps=1)
     updater.update([sft_row(PROMPT, GOOD)])
+    assert "optimizer steps" not in capsys.readouterr().err  # one step: nothing to follow
+    LoRAUpdater(tiny_engine, fast(steps=3)).update([sft_row(PROMPT, GOOD)])  # a session's (rosa2@update_steps=3)
     assert "optimizer steps" not in capsys.readouterr().err
 
 

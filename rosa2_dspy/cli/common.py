@@ -168,7 +168,11 @@ def session_identity(args) -> dict:
     from rosa2_dspy.experiments import session_configs
 
     try:  # a bad value (--lora-layers 0: UpdateConfig's UpdateError) stops here, before a run folder is made
-        session_configs(values, max_tokens=getattr(args, "max_tokens", 1024))
+        session, _ = session_configs(values, max_tokens=getattr(args, "max_tokens", 1024))
+        if getattr(args, "method", None):
+            from rosa2_dspy.coadapt import check_policy_settings
+
+            check_policy_settings(POLICIES[args.method], session)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     return identity

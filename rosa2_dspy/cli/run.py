@@ -200,7 +200,7 @@ def bench_compare(args) -> int:
     default = [m for m in METHOD_ORDER if m != "whole" or args.user == "sharded"]
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())) if args.methods else default
     for method in methods:
-        parse_method(method)
+        parse_method(method, vars(args))
     if args.limit is None or args.limit < 1:
         raise CLIError("--limit must be given and >= 1 (each method runs every problem)")
     examples = load_examples(args.split, data_file=args.data_file, input_field=args.input_field,

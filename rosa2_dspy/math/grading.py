@@ -92,6 +92,15 @@ def strict_normalize(answer: str) -> str:
     return _fix_a_slash_b(s)
 
 
+def answer_key(answer: str | None) -> str | None:
+    """An answer as compared with another (a rejected one, the last turn's): its last boxed content (or the text),
+    normalised as the strict grader does; None for no answer."""
+    if not answer:
+        return None
+    inner = last_boxed(answer) if "\\boxed" in answer else answer
+    return strict_normalize(inner) if inner else None
+
+
 def strict_equal(prediction: str | None, gold: str) -> bool:
     if prediction is None:
         return False

@@ -72,7 +72,8 @@ class LocalProvider(Provider):
     def updater(self, engine: LocalEngine, config: UpdateConfig | None = None) -> LoRAUpdater:
         key = id(engine)
         if key not in self._updaters:
-            self._updaters[key] = LoRAUpdater(engine, config or self.config or UpdateConfig(objective="sft"))
+            self._updaters[key] = LoRAUpdater(engine, config or self.config or UpdateConfig(objective="sft"),
+                                              progress=True)
         return self._updaters[key]
 
     @staticmethod
@@ -226,7 +227,7 @@ class LoRAFinetune(Teleprompter):
         base_lm = next((p.lm for p in student.predictors() if isinstance(p.lm, LocalLM)), None) \
             or dspy.settings.lm
         self.updater = self.updater if self.updater and self.updater.engine is engine else \
-            LoRAUpdater(engine, self.config)
+            LoRAUpdater(engine, self.config, progress=True)
         program = (teacher or student).deepcopy()
         adapter = self.adapter or getattr(student, "adapter", None) or dspy.settings.adapter
         traces = []

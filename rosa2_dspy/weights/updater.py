@@ -22,12 +22,12 @@ from rosa2_dspy.weights.shift import adapter_shift
 
 
 class _LossGuard:
-    """A TrainerCallback that stops training at the first non-finite loss or gradient norm; and, in an update of
-    several optimizer steps (a compile's LoRA training, minutes long), writes a progress line to stderr at most
-    every ``every`` seconds and at the last step: steps done, loss, elapsed, ETA. A session's one-step updates stay
-    quiet (their conversation's progress is the run's)."""
+    """A TrainerCallback that stops training at the first non-finite loss or gradient norm; and, with ``progress``
+    (a compile's LoRA training, minutes long), writes a progress line to stderr at most every ``every`` seconds and
+    at the last step of an update of several optimizer steps: steps done, loss, elapsed, ETA. A session's updates
+    stay quiet: their conversations' progress is the run's."""
 
-    def __init__(self, every: float = 60.0):
+    def __init__(self, progress: bool = False, every: float = 60.0):
         from transformers import TrainerCallback
 
         guard = self
@@ -43,7 +43,7 @@ class _LossGuard:
                         guard.bad = f"non-finite {key} ({value}) at step {state.global_step}"
                         control.should_training_stop = True
                 now, loss = time.perf_counter(), (logs or {}).get("loss")
-                if state.max_steps > 1 and loss is not None and (
+                if guard.progress and state.max_steps > 1 and loss is not None and (
                         now - guard.last_line >= guard.every or state.global_step >= state.max_steps):
                     guard.last_line = now
                     line = progress_line("weights: optimizer steps", state.global_step, state.max_steps, None,
@@ -51,7 +51,7 @@ class _LossGuard:
                     print(f"{line} (loss {float(loss):.4g})", file=sys.stderr, flush=True)
                 return control
 
-        self.bad, self.every = "", every
+        self.bad, self.progress, self.every = "", progress, every
         self.started = self.last_line = time.perf_counter()
         self.callback = _Callback()
 
@@ -156,7 +156,9 @@ class LoRAUpdater:
     ``weights_lock`` is held for the whole update, so no generation sees half-updated weights.
     """
 
-    def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None):
+    def __init__(self, engine: LocalEngine, config: UpdateConfig | None = None, progress: bool = False):
+        """``progress``: write a line a minute to stderr during an update of several optimizer steps (for
+        compile-time training; a session's updates leave progress to the run)."""
         self.engine = engine
         self.config = config or UpdateConfig()
         try:
@@ -165,7 +167,7 @@ class LoRAUpdater:
         except ValueError as exc:
             raise UpdateError(str(exc)) from None
         self._trainers: dict[str, Any] = {}
-        self._guard = _LossGuard()
+        self._guard = _LossGuard(progress)
         self._output_dir = tempfile.mkdtemp(prefix="rosa2-trainer-")  # TRL wants one; nothing is saved there
         self.session_start = engine.snapshot()
         self.history: list[UpdateResult] = []

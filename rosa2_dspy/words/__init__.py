@@ -32,9 +32,9 @@ from rosa2_dspy.words.gradient import (FORMAT_MARKERS, Critique, Rewrite, TurnCr
                                        plain_text_gepa_proposer, required_formats, textual_gradient,
                                        validate_instruction)
 from rosa2_dspy.words.optimizer import Rollout, TextualGradientOptimizer, hold_out
-from rosa2_dspy.words.refinement import Refinement, as_told, format_history, refine
+from rosa2_dspy.words.refinement import Refinement, as_told, format_history, kept_words, refine
 
-__all__ = ["FORMAT_MARKERS", "Critique", "Refinement", "Rewrite", "Rollout", "TextualGradientOptimizer", "TurnCritique",
+__all__ = ["FORMAT_MARKERS", "Critique", "Refinement", "Rewrite", "Rollout", "TextualGradientOptimizer", "TurnCritique", "kept_words",
            "apply_gradient", "as_told", "clean_reply", "feedback_summary", "format_history", "format_records",
            "garbled_reason", "hold_out", "judge", "plain_text_gepa_proposer", "refine", "required_formats",
            "textual_gradient", "validate_instruction"]

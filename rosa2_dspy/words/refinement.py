@@ -109,6 +109,23 @@ def as_told(problem: str, history: list[dict] | None) -> str:
     return f"{problem}\n\nFeedback on the earlier answer(s): " + " ".join(h["feedback"] for h in history)
 
 
+def user_added(text: str) -> str:
+    """A piece of the problem the user revealed, as a fallback or kept words add it below the problem."""
+    return f"\n\nThe user added: {text.strip()}"
+
+
+def kept_words(words: str, problem: str, history: list[dict], shown: str | None, mode: str = "replace") -> str:
+    """The prompt of a turn that takes no words step after an earlier one did (``pe-then-ttt``'s second half,
+    ``words_after = "first"``): ``words``, the last words step's prompt, brought up to date with the conversation.
+    Replace mode keeps the rewrite and adds what the user revealed at the last turn (``shown``); append mode keeps
+    its promise that the user's words stand verbatim, :func:`as_told` now, with the last clarification below them
+    (none when it was refused)."""
+    if mode == "append":
+        _, header, clarification = words.rpartition(f"\n\n{CLARIFICATION_HEADER} ")
+        return as_told(problem, history) + (f"{header}{clarification}" if header else "")
+    return words + (user_added(shown) if shown else "")
+
+
 # how a clarification is asked for in append mode (the last line of the Clarify call's user message)
 APPEND_REMINDER = ("Reply with a short clarification to add below the user's words, in one to three sentences: "
                    "what exactly is asked and in what form the answer is wanted, given the feedback. Do not restate "
@@ -241,7 +258,7 @@ def refine(clarify: Any, problem: str, history: list | None, feedback: str, crit
         fallback = f"the clarified problem was rejected: {reason}" if reason else None
     if fallback:
         logger.info("refine: %s; using the original problem with the feedback as a note", fallback)
-        added = "".join(f"\n\nThe user added: {text.strip()}" for text in revealed or [])
+        added = "".join(user_added(text) for text in revealed or [])
         note = "" if revealed and revealed[-1].strip() in feedback else \
             f"\n\nNote from the user about an earlier answer: {feedback.strip()}"
         clarified = f"{problem.strip()}{added}{note}"
