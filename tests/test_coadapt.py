@@ -359,6 +359,12 @@ def test_every_shipped_recipe_builds(tiny_engine):
              for name in ("words", "p-then-w", "rosa2-compile")}
     steps = [words["words"], words["p-then-w"].p, words["rosa2-compile"].words]
     assert {(s.num_threads, s.val_size, s.format_credit) for s in steps} == {(6, 16, 0.05)}
+    # every recipe that trains keeps its activations small enough for the 1.5B default in 24 GB
+    from rosa2_dspy.recipes import update_config
+
+    training = {name: update_config(load_recipe(root / f"{name}.toml"))
+                for name in ("lora", "rosa2-compile", "p-then-w", "better-together")}
+    assert {name: c.activation_checkpointing for name, c in training.items()} == dict.fromkeys(training, True)
 
 
 def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir, capsys):
