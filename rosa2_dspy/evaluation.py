@@ -27,6 +27,7 @@ from dspy.utils.exceptions import AdapterParseError
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl, write_json_atomic
 from rosa2_dspy.math.grading import grade
+from rosa2_dspy.progress import progress_line
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -80,21 +81,6 @@ def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[
             raise RunError(f"{out} holds a run with other settings ({detail}); use another --out")
     write_json_atomic(config_path, config)
     return out
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def progress_line(description: str, done: int, total: int, correct: int | None, elapsed: float) -> str:
-    """One line of progress for a log: done/total, accuracy so far (``correct``; None: not graded), elapsed and the
-    remaining time at this pace."""
-    if not done:
-        return f"{description}: 0/{total} done, elapsed {_clock(elapsed)}"
-    eta = elapsed / done * (total - done)
-    acc = "" if correct is None else f", acc {correct / done:.0%}"
-    return f"{description}: {done}/{total} done{acc}, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
 
 
 def error_record(item, exc: BaseException) -> dict:

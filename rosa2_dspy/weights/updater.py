@@ -13,8 +13,8 @@ import torch
 
 from rosa2_dspy import models
 from rosa2_dspy.engine import LocalEngine, release_free_memory
-from rosa2_dspy.evaluation import progress_line
 from rosa2_dspy.faults import failpoint
+from rosa2_dspy.progress import progress_line
 from rosa2_dspy.weights.config import OBJECTIVES, UNPAIRED, Shift, UpdateConfig, UpdateError, UpdateResult
 from rosa2_dspy.weights.rows import _to_trl
 from rosa2_dspy.weights.shift import adapter_shift
