@@ -397,8 +397,9 @@ class Session:
                 revealed.append(shown)
             history.append({"answer": answer or "(no boxed answer)", "feedback": verdict.feedback})
             answered = statement  # the prompt this turn's answer was given
+            rewritten = any(t["words"] for t in turns)  # a words step ran after an earlier turn
             do_words, do_weights = policy.steps(turn, budget)
-            if cfg.words_after == "first" and any(t["words"] for t in turns):
+            if cfg.words_after == "first" and rewritten:
                 do_words = False  # the words were rewritten once; later turns keep them
             if do_words:  # 3. words step
                 with _timed(entry, "words"):
@@ -407,7 +408,7 @@ class Session:
                 entry["words"] = refinement.to_dict()
             elif policy.words == "never":  # weights only, or retry: the raw feedback goes into the prompt
                 statement = as_told(problem, history)
-            elif any(t["words"] for t in turns):  # the words of an earlier step, brought up to date
+            elif rewritten:  # the words of an earlier step, brought up to date
                 statement = kept_words(statement, problem, history, shown, cfg.clarify_mode)
             if do_weights:  # 4. weights step, conditioned on the (refined) prompt, or on the one just answered
                 trained_on = statement if policy.weights_on == "next" else answered
