@@ -450,10 +450,11 @@ def compare_compiled(methods: dict[str, str | None], program_spec: str, trainset
     """Each recipe (``methods``: name -> recipe path; None: the uncompiled baseline) compiled from the base
     weights on the same training problems, then evaluated on the same held-out problems. Resumable: finished
     artifacts (``out/<name>/artifact``) and results are kept; ``kill -USR1`` stops it between phases
-    (:func:`_drain_between_methods`). Returns each finished method's summary (or its error)."""
+    (:func:`_drain_between_methods`); an interrupt (Ctrl-C, or SIGTERM through the CLI) stops it at once, a compile
+    under way lost (:func:`_let_go_when_interrupted`). Returns each finished method's summary (or its error)."""
     out = Path(out)
     summaries = {}
-    with _drain_between_methods() as draining:
+    with _drain_between_methods() as draining, _let_go_when_interrupted(engine):
         for name, recipe in methods.items():
             if draining.is_set():
                 print(f"stopped before {name}: run the same command again to go on", file=sys.stderr, flush=True)
@@ -480,6 +481,24 @@ def _drain_between_methods():
 
     return drain_signal(lambda: print("stopping after the phase under way (a compile finishes and is saved first); "
                                       "run the same command again to go on", file=sys.stderr, flush=True))
+
+
+@contextlib.contextmanager
+def _let_go_when_interrupted(engine, wait: float = 60.0):
+    """An interrupt during a compile arrives in the main thread while DSPy's executor threads (bootstrapping,
+    evaluating candidates) wait on the engine; DSPy cancels them on SIGINT alone, and the interpreter would wait at
+    exit for each to finish its problem. Let them go as an interrupted evaluation does: inside
+    ``engine.refusing()`` their requests fail at once, and they are waited for (at most ``wait`` seconds) before
+    the interrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with engine.refusing("the compile is being stopped"):
+            deadline = time.monotonic() + wait
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+        raise
 
 
 def compile_method_done(summary: dict | None, problems: int) -> bool:

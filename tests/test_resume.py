@@ -38,10 +38,16 @@ def segment_lines(out: Path) -> list[dict]:
 
 
 def compare_stopped(model: Path, out: Path, signum: int, stall_at: int) -> tuple[int, str]:
-    """A compare whose ``stall_at``-th generation never ends (the engine's worker stalls in it), sent ``signum``
-    once it is stuck, as ``kill`` from a shell would, and started as a shell starts a background job
-    (``nohup ... &``), with SIGINT ignored. Returns its exit code and stderr; -9 if it had not ended 120 s after the signal."""
+    """A compare whose ``stall_at``-th generation never ends, sent ``signum`` once it is stuck (:func:`stopped`)."""
     command, env = _compare_call(model, out, f"generate.batch={stall_at}:stall")
+    return stopped(command, env, signum)
+
+
+def stopped(command: list[str], env: dict, signum: int) -> tuple[int, str]:
+    """Runs ``command`` (whose ``env`` stalls a generation: the engine's worker never ends it) and sends it
+    ``signum`` once it is stuck, as ``kill`` from a shell would, started as a shell starts a background job
+    (``nohup ... &``), with SIGINT ignored. Returns its exit code and stderr; -9 if it had not ended 120 s after
+    the signal."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines, stalled = [], threading.Event()
@@ -149,3 +155,33 @@ def test_a_drain_signal_starts_nothing_new_and_keeps_what_was_in_flight(tmp_path
     assert signal.getsignal(DRAIN_SIGNAL) == before
     run_items(items, solve, ResultsFile(path), threads=2, progress=False)
     assert sorted(ResultsFile(path).records) == [f"p{i}" for i in range(5)] and len(started) == 5
+
+
+def test_a_bench_compile_stopped_by_sigterm_mid_compile_lets_go_and_resumes(tiny_model_dir, tmp_path):
+    """SIGTERM while a compile's DSPy threads wait on a generation that never ends: the run stops promptly (its
+    threads let go, not waited for), says so, exits with the signal's code and writes its segment line; the
+    compile left no artifact, and the same command then compiles and evaluates it from the start."""
+    recipe = tmp_path / "boot.toml"  # bootstrapping traces runs the program through DSPy's executor threads
+    recipe.write_text("[optimizer]\nkind = 'lora'\nsources = ['bootstrap']\n[update]\n"
+                      "objective = 'sft'\nsteps = 1\nbatch_size = 2\nlearning_rate = 0.01\nmax_length = 128\n")
+    out = tmp_path / "cmp"
+    env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
+
+    def command(recipes: str) -> list[str]:
+        return [sys.executable, "-c", CLI, "bench", "compile", "--recipes", recipes, "--limit", "2", "--val-limit",
+                "1", "--eval-limit", "2", "--model", str(tiny_model_dir), "--dtype", "float32", "--max-tokens", "8",
+                "--threads", "2", "--no-progress", "--out", str(out)]
+
+    baseline = subprocess.run(command(""), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert baseline.returncode == 0, baseline.stderr[-2000:]  # the baseline evaluated: the next generation compiles
+    code, stderr = stopped(command(str(recipe)), {**env, "ROSA2_FAILPOINTS": "generate.batch=1:stall"},
+                           signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, (code, stderr[-2000:])
+    assert "rosa2: stopped by SIGTERM" in stderr
+    assert segment_lines(out)[-1]["outcome"] == "interrupted"
+    assert not (out / "boot" / "artifact" / "compile.json").exists()
+    resumed = subprocess.run(command(str(recipe)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())["methods"]
+    assert list(summary) == ["baseline", "boot"] and summary["boot"]["problems"] == 2
+    assert segment_lines(out)[-1]["outcome"] == "finished"

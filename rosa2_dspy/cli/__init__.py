@@ -55,9 +55,9 @@ def _already_stopping(signum, frame):
     print("rosa2: already stopping (conversations in flight are being let go)", file=sys.stderr, flush=True)
 
 
-# the commands whose long work runs through evaluation.run_items, which lets its threads go when interrupted;
-# compile's DSPy executors take only SIGINT, their own way
-STOPPABLE = {("eval", None), ("bench", "compare")}
+# the commands whose long work lets its threads go when interrupted (evaluation.run_items; a bench compile's
+# DSPy executors: experiments._let_go_when_interrupted), so that SIGTERM can stop them as Ctrl-C does
+STOPPABLE = {("eval", None), ("bench", "compare"), ("bench", "compile")}
 
 
 @contextlib.contextmanager
