@@ -513,6 +513,7 @@ def _compile_and_evaluate(name: str, recipe: str | None, program_spec: str, trai
     """One method of :func:`compare_compiled`: its compile (unless its artifact is there), then its evaluation;
     None when a stop was asked for (``draining``) before the evaluation began."""
     from rosa2_dspy.artifacts import load_compiled, read_meta
+    from rosa2_dspy.fsutil import read_jsonl
     from rosa2_dspy.program_loader import load_program
 
     folder = out / name
@@ -534,8 +535,10 @@ def _compile_and_evaluate(name: str, recipe: str | None, program_spec: str, trai
     program = load_program(program_spec, **(program_kwargs or {}))
     if engine.has_adapter:
         engine.reset_adapter()
-    if recipe is not None:
-        load_compiled(folder / "artifact", program, engine)
+    answered = read_jsonl(folder / "results.jsonl")
+    if recipe is not None and not {e.unique_id for e in tests} <= {r["unique_id"] for r in answered}:
+        load_compiled(folder / "artifact", program, engine)  # (an evaluation already through needs no weights:
+        # a run folder packed without its adapters resumes on another machine)
     summary = evaluate(program, tests, folder, engine=engine, threads=threads, max_tokens=max_tokens,
                        progress=progress, description=f"eval {name}")
     summary.update({"compile_seconds": compiled.get("seconds"),

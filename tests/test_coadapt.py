@@ -402,6 +402,10 @@ def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_di
     compiled_at = (out / "lora" / "artifact" / "compile.json").stat().st_mtime
     assert main(args) == 0  # resume: the artifact is reused, not recompiled
     assert (out / "lora" / "artifact" / "compile.json").stat().st_mtime == compiled_at
+    adapter = out / "lora" / "artifact" / json.loads((out / "lora" / "artifact" / "compile.json").read_text())["adapter"]
+    shutil.rmtree(adapter)  # a folder packed without its adapters: an evaluation already through needs none
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["methods"]["lora"]["problems"] == 2
     recipe.write_text(recipe.read_text().replace("steps = 2", "steps = 3"))  # edited: its artifact is stale
     assert main(args) == 2
     assert "changed since" in capsys.readouterr().err
