@@ -17,19 +17,28 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from rosa2_dspy.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _compare_call(model: Path, out: Path, failpoints: str | None) -> tuple[list[str], dict]:
+def cli_call(args: list[str], failpoints: str | None = None) -> tuple[list[str], dict]:
+    """The command line and environment that run ``rosa2 <args>`` in a child process, with ``failpoints`` armed
+    (or none, whatever the calling shell had set)."""
     env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
     if failpoints:
         env["ROSA2_FAILPOINTS"] = failpoints
-    args = ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
-            "--turns", "2", "--samples", "1", "--user", "sharded", "--model", str(model), "--dtype", "float32",
-            "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out)]
     return [sys.executable, "-c", CLI, *args], env
 
 
-def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
-    command, env = _compare_call(model, out, failpoints)
+def run_cli(args: list[str], failpoints: str | None = None) -> subprocess.CompletedProcess:
+    command, env = cli_call(args, failpoints)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _compare_args(model: Path, out: Path) -> list[str]:
+    return ["bench", "compare", "--methods", "single,ttt", "--split", "test", "--level", "1", "--limit", "3",
+            "--turns", "2", "--samples", "1", "--user", "sharded", "--model", str(model), "--dtype", "float32",
+            "--max-tokens", "12", "--threads", "2", "--no-progress", "--out", str(out)]
+
+
+def compare(model: Path, out: Path, failpoints: str | None = None) -> subprocess.CompletedProcess:
+    return run_cli(_compare_args(model, out), failpoints)
 
 
 def segment_lines(out: Path) -> list[dict]:
@@ -39,8 +48,7 @@ def segment_lines(out: Path) -> list[dict]:
 
 def compare_stopped(model: Path, out: Path, signum: int, stall_at: int) -> tuple[int, str]:
     """A compare whose ``stall_at``-th generation never ends, sent ``signum`` once it is stuck (:func:`stopped`)."""
-    command, env = _compare_call(model, out, f"generate.batch={stall_at}:stall")
-    return stopped(command, env, signum)
+    return stopped(*cli_call(_compare_args(model, out), f"generate.batch={stall_at}:stall"), signum)
 
 
 def stopped(command: list[str], env: dict, signum: int) -> tuple[int, str]:
@@ -165,22 +173,20 @@ def test_a_bench_compile_stopped_by_sigterm_mid_compile_lets_go_and_resumes(tiny
     recipe.write_text("[optimizer]\nkind = 'lora'\nsources = ['bootstrap']\n[update]\n"
                       "objective = 'sft'\nsteps = 1\nbatch_size = 2\nlearning_rate = 0.01\nmax_length = 128\n")
     out = tmp_path / "cmp"
-    env = {k: v for k, v in os.environ.items() if k != "ROSA2_FAILPOINTS"}
 
-    def command(recipes: str) -> list[str]:
-        return [sys.executable, "-c", CLI, "bench", "compile", "--recipes", recipes, "--limit", "2", "--val-limit",
-                "1", "--eval-limit", "2", "--model", str(tiny_model_dir), "--dtype", "float32", "--max-tokens", "8",
-                "--threads", "2", "--no-progress", "--out", str(out)]
+    def args(recipes: str) -> list[str]:
+        return ["bench", "compile", "--recipes", recipes, "--limit", "2", "--val-limit", "1", "--eval-limit", "2",
+                "--model", str(tiny_model_dir), "--dtype", "float32", "--max-tokens", "8", "--threads", "2",
+                "--no-progress", "--out", str(out)]
 
-    baseline = subprocess.run(command(""), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    baseline = run_cli(args(""))
     assert baseline.returncode == 0, baseline.stderr[-2000:]  # the baseline evaluated: the next generation compiles
-    code, stderr = stopped(command(str(recipe)), {**env, "ROSA2_FAILPOINTS": "generate.batch=1:stall"},
-                           signal.SIGTERM)
+    code, stderr = stopped(*cli_call(args(str(recipe)), "generate.batch=1:stall"), signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, (code, stderr[-2000:])
     assert "rosa2: stopped by SIGTERM" in stderr
     assert segment_lines(out)[-1]["outcome"] == "interrupted"
     assert not (out / "boot" / "artifact" / "compile.json").exists()
-    resumed = subprocess.run(command(str(recipe)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = run_cli(args(str(recipe)))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())["methods"]
     assert list(summary) == ["baseline", "boot"] and summary["boot"]["problems"] == 2
