@@ -5,12 +5,11 @@ ends, as on a lost node) loses nothing and duplicates nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from test_resume import CLI, ROOT, compare, outcome
+from test_resume import compare, outcome, run_cli
 
 pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'rosa2-dspy[ray]')")
 
@@ -59,8 +58,7 @@ def test_an_eval_on_ray_answers_as_a_local_eval(tiny_model_dir, tmp_path):
     def run(out, *extra):
         args = ["eval", "--split", "test", "--level", "1", "--limit", "4", "--model", str(tiny_model_dir),
                 "--dtype", "float32", "--max-tokens", "8", "--threads", "2", "--no-progress", "--out", str(out), *extra]
-        done = subprocess.run([sys.executable, "-c", CLI, *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
+        done = run_cli(args)
         assert done.returncode == 0, done.stderr[-3000:]
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         return done, {r["unique_id"]: (r["prediction"], r["reasoning"], r["correct"]) for r in records}
