@@ -7,6 +7,8 @@
     [critic]
     model = "engine"       # the critic/reflection LM: the local engine, or a dspy.LM model id
 
+A recipe may start from another: ``extends = "rosa2-compile.toml"`` at the top, then only what differs.
+
 ``build_optimizer`` turns a recipe into a ``dspy.Teleprompter`` bound to a metric and engine.
 """
 
@@ -39,14 +41,11 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Recipe:
+    """Read a recipe. ``extends = "other.toml"`` (beside it) starts from that recipe: each table's keys
+    are the other's, overridden by this file's; the recipe's ``text`` is both files, so a change to
+    either one is a change to the recipe."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"no recipe at {path} (see optimizers/ for the shipped ones)")
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+    data, text = _read_toml(path, set())
     optimizer = dict(data.get("optimizer") or {})
     kind = optimizer.pop("kind", None)
     if kind not in kinds:
@@ -55,6 +54,32 @@ def load_recipe(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Recipe:
     if unknown:
         raise RecipeError(f"{path}: unknown table(s) {', '.join(unknown)}")
     return Recipe(str(path), kind, optimizer, dict(data.get("update") or {}), dict(data.get("critic") or {}), text)
+
+
+def _read_toml(path: Path, seen: set[Path]) -> tuple[dict, str]:
+    """A recipe file's tables with any ``extends`` chain merged in, and the chain's text (base first)."""
+    if not path.is_file():
+        raise RecipeError(f"no recipe at {path} (see optimizers/ for the shipped ones)")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: recipes extend each other in a loop")
+    seen.add(path.resolve())
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+    base = data.pop("extends", None)
+    if base is None:
+        return data, text
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: extends must name a recipe file, got {base!r}")
+    merged, base_text = _read_toml(path.parent / base, seen)
+    for table, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(table), dict):
+            merged[table] = {**merged[table], **values}
+        else:
+            merged[table] = values
+    return merged, f"{base_text}\n# --- {path.name}\n{text}"
 
 
 def critic_lm(recipe: Recipe, engine):

@@ -306,6 +306,53 @@ def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     assert compiled.words_history is optimizer.history
 
 
+@pytest.mark.parametrize("direction", [1, -1])
+def test_rosa2_compile_gate_keeps_a_weights_step_only_when_validation_rises(tiny_engine, monkeypatch, direction):
+    """With ``gate_weights`` a round's weights step stays only when it scores better on validation than the
+    words it started from; otherwise the adapter goes back bit for bit. The validation score here is the
+    adapter's shift times ``direction``: every weights step raises it (kept) or lowers it (reverted)."""
+    import torch
+    from test_words import critic, script_lm
+
+    from rosa2_dspy.teleprompt import ROSA2, engine_shift
+
+    lm = tiny_engine.lm(pinned=True, max_tokens=8, cache=False)
+    dspy.configure(lm=lm)
+    critic_lm, _ = script_lm(critic("improve"))
+    train = [dspy.Example(problem=f"What is {i}+{i}?", answer=str(2 * i), solution=f"so \\boxed{{{2 * i}}}",
+                          unique_id=f"u{i}").with_inputs("problem") for i in range(1, 5)]
+    optimizer = ROSA2(critic_lm=critic_lm, rounds=2, minibatch_size=2, val_size=2, num_threads=2,
+                      sources=("solutions",), gate_weights=True,
+                      config=UpdateConfig(objective="sft", steps=1, batch_size=2, learning_rate=1e-2, max_length=128))
+    scored = []
+
+    def score(program, examples):  # what the words step and the gate both read
+        scored.append(direction * engine_shift(tiny_engine))
+        return scored[-1]
+
+    monkeypatch.setattr(optimizer.words, "score", score)
+    program = MathSolver()
+    program.set_lm(lm)
+    optimizer.compile(program, trainset=train)
+    history = optimizer.history
+    assert all(h["weights"]["update"] is not None for h in history)  # each round did train
+    if direction > 0:
+        assert [h["weights_kept"] for h in history] == [True, True]
+        assert 0 < history[0]["l2_shift"] < history[1]["l2_shift"]
+        assert history[1]["val_before_weights"] == history[0]["val_score"] == history[0]["l2_shift"]
+    else:
+        assert [h["weights_kept"] for h in history] == [False, False]
+        assert all(h["val_after_weights"] < h["val_before_weights"] == h["val_score"] == 0 for h in history)
+        assert all(h["l2_shift"] == 0 for h in history)
+        state = tiny_engine.snapshot()
+        tiny_engine.reset_adapter()
+        pristine = tiny_engine.snapshot()
+        assert state and all(torch.equal(state[name], pristine[name]) for name in pristine)  # back bit for bit
+    # the gate reads the words step's own last score: per round, the words' baseline, any candidate, the weights
+    candidates = sum(e["score_candidate"] is not None for h in history for e in h["words"])
+    assert len(scored) == 2 * len(history) + candidates
+
+
 def test_rosa2_compile_trains_each_round_under_that_rounds_words(tiny_engine, monkeypatch):
     """The interleaving test above cannot tell which words the weights trained under (with a random student
     every rewrite is rejected). Here each round's words step accepts a rewrite, and every row the weights step
@@ -365,6 +412,33 @@ def test_every_shipped_recipe_builds(tiny_engine):
     training = {name: update_config(load_recipe(root / f"{name}.toml"))
                 for name in ("lora", "rosa2-compile", "p-then-w", "better-together")}
     assert {name: c.activation_checkpointing for name, c in training.items()} == dict.fromkeys(training, True)
+
+
+def test_a_recipe_extends_another_and_overrides_only_what_it_names(tiny_engine, tmp_path):
+    """rosa2-compile-gated is rosa2-compile with the gate on: every other setting comes from the base, and the
+    recipe's text (what an artifact is checked against) changes when the base does."""
+    from pathlib import Path
+
+    from rosa2_dspy.recipes import RecipeError, build_optimizer, load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "optimizers"
+    base, gated = load_recipe(root / "rosa2-compile.toml"), load_recipe(root / "rosa2-compile-gated.toml")
+    assert gated.kind == base.kind == "rosa2" and gated.update == base.update and gated.critic == base.critic
+    assert gated.optimizer == {**base.optimizer, "gate_weights": True}
+    built = {name: build_optimizer(r, tiny_engine) for name, r in (("base", base), ("gated", gated))}
+    assert (built["base"].gate_weights, built["gated"].gate_weights) == (False, True)
+    (tmp_path / "a.toml").write_text("[optimizer]\nkind = 'lora'\n[update]\nsteps = 3\nrank = 4\n")
+    (tmp_path / "b.toml").write_text("extends = 'a.toml'\n[update]\nsteps = 5\n")
+    before = load_recipe(tmp_path / "b.toml")
+    assert before.update == {"steps": 5, "rank": 4} and "extends" not in before.optimizer
+    (tmp_path / "a.toml").write_text("[optimizer]\nkind = 'lora'\n[update]\nsteps = 3\nrank = 8\n")
+    assert load_recipe(tmp_path / "b.toml").text != before.text
+    (tmp_path / "a.toml").write_text("extends = 'b.toml'\n")
+    with pytest.raises(RecipeError, match="in a loop"):
+        load_recipe(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text("extends = 'missing.toml'\n")
+    with pytest.raises(RecipeError, match="no recipe at"):
+        load_recipe(tmp_path / "c.toml")
 
 
 def test_bench_compile_runs_each_recipe_and_the_baseline(tmp_path, tiny_model_dir, capsys):

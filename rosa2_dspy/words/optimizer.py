@@ -108,6 +108,7 @@ class TextualGradientOptimizer(Teleprompter):
         self.format_credit = float(format_credit)
         self.history: list[dict] = []
         self.compiles = 0
+        self.last_score: float | None = None  # the returned program's validation score, set by each compile
 
     # -- running the program ----------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class TextualGradientOptimizer(Teleprompter):
         if not trainset:
             raise ValueError("TextualGradientOptimizer needs a non-empty trainset")
         rng = random.Random(self.seed)
+        self.last_score = None
         program = student.deepcopy()
         critic = _resolve_lm(self.critic_lm, program)
         train, val = self._split(trainset, valset)
@@ -206,6 +208,7 @@ class TextualGradientOptimizer(Teleprompter):
                 self.history.append(entry)
         program.words_history = entries
         program._compiled = True
+        self.last_score = current
         return program
 
     def _step(self, program: dspy.Module, name: str, records: list[dict], val: list, current: float,
