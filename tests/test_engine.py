@@ -139,7 +139,7 @@ def test_refusing_fails_what_the_engine_holds_and_then_serves_again(tiny_engine)
     with tiny_engine.weights_lock:  # the worker cannot take a step: the requests wait, queued or about to join
         waiting = [tiny_engine.submit(chat(tiny_engine, text), endless) for text in ("a", "b c", "d e f")]
         time.sleep(0.3)
-        with tiny_engine.refusing("the run is being stopped"):
+        with tiny_engine.refusing("the run is being stopped", settle=0):  # (this thread holds the worker's lock)
             for future in waiting:
                 assert isinstance(future.exception(timeout=5), EngineStopped)
             assert isinstance(tiny_engine.submit(chat(tiny_engine, "g"), GREEDY).exception(timeout=0), EngineStopped)
@@ -152,6 +152,66 @@ def test_refusing_fails_what_the_engine_holds_and_then_serves_again(tiny_engine)
     prompt = [{"role": "user", "content": "h"}]
     expected = tiny_engine.generate_batch([tiny_engine.encode_chat(prompt)], GREEDY)[0].text
     assert tiny_engine.generate_one(prompt, GREEDY).text == expected
+
+
+def test_refusing_returns_once_the_worker_has_left_its_step(lively_engine):
+    """Closing refusing() waits until the worker has ended the decode step under way and dropped the let-go rows:
+    a process that exits while the worker is still inside torch aborts (exit 134, not the run's 143)."""
+    lively_engine.set_batching(continuous=True)
+    stepping = threading.Event()
+
+    def slow_step(module, args):
+        stepping.set()
+        time.sleep(0.3)
+
+    handle = lively_engine.model.register_forward_pre_hook(slow_step)
+    try:
+        future = lively_engine.submit(chat(lively_engine, "a"), replace(GREEDY, max_tokens=1500))
+        assert stepping.wait(10)
+        with lively_engine.refusing("the run is being stopped"):
+            pass
+        assert future.done() and lively_engine._worker_idle.is_set()  # idle: waiting for the next request
+        steps = lively_engine.stats["steps"]
+        time.sleep(0.4)
+        assert lively_engine.stats["steps"] == steps
+    finally:
+        handle.remove()
+
+
+EXIT_DURING_DECODE = """
+import sys, threading, time
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from rosa2_dspy.engine import EngineStopped, LocalEngine
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=4, initializer_range=0.2,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+engine = LocalEngine(LlamaForCausalLM(config).eval(), tok, name="big", continuous=True)
+ids = engine.encode_chat([{"role": "user", "content": "hello"}])
+from rosa2_dspy.engine import GenSettings
+futures = [engine.submit(ids, GenSettings(max_tokens=3000, do_sample=False, temperature=0.0, top_p=None, top_k=None,
+                                          seed=None)) for _ in range(4)]
+while engine.stats["steps"] < 3:
+    time.sleep(0.05)
+with engine.refusing("stopped"):
+    pass
+sys.exit(143)
+"""
+
+
+def test_a_process_exits_cleanly_right_after_refusing(tokenizer, tmp_path):
+    """The failure the wait above prevents, as a run saw it: SIGTERM during a compile's decoding, and the process
+    aborted at exit ("terminate called without an active exception", 134) instead of exiting with 143."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_during_decode.py"
+    script.write_text(EXIT_DURING_DECODE)
+    done = subprocess.run([sys.executable, str(script), tokenizer.name_or_path], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 143 and "terminate called" not in done.stderr, done.stderr[-500:]
 
 
 def test_one_copy_of_weights_under_evaluate_threads(tiny_engine):

@@ -118,6 +118,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._inflight_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        self._worker_idle = threading.Event()  # set while the worker waits for a request (no torch work under way)
         self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
                       "waits_for_updates": 0, "joined": 0,
                       # continuous batching: decode steps, the rows they advanced, their seconds; weight updates

@@ -212,12 +212,13 @@ class SchedulerMixin:
                 self._remembered = None
 
     @contextlib.contextmanager
-    def refusing(self, reason: str = "the run is being stopped"):
+    def refusing(self, reason: str = "the run is being stopped", settle: float = 60.0):
         """While open, every request the engine holds (queued, or decoding: its row leaves the batch) fails now
         with :class:`EngineStopped`, and so does every new request and every weight update about to start (one
         already training finishes; with padded batching, so does a batch already generating). A run that is
         interrupted opens it while it lets its threads go: each conversation in flight then ends within an
-        update, not at its last turn. Closed, the engine serves again."""
+        update, not at its last turn. On closing it waits (at most ``settle`` seconds) until the worker is idle;
+        then the engine serves again."""
         try:
             self._refusal = reason
             with self._inflight_lock:  # a request submitted from now on sees the refusal (submit)
@@ -225,8 +226,31 @@ class SchedulerMixin:
             for job in live:  # (an exception each: a raised one collects the frames of the thread raising it)
                 _fail(job.future, EngineStopped(reason))
             yield
+            # the worker ends the step under way and drops the failed rows: a process that exits while it is
+            # still inside torch aborts ("terminate called without an active exception", exit 134)
+            self.wait_idle(settle)
         finally:
             self._refusal = None
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the worker waits for a request (or there is none): no generation under way. True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            worker = self._worker
+            if worker is None or not worker.is_alive() or self._worker_idle.is_set():
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._worker_idle.wait(0.05 if left is None else min(left, 0.05))
+
+    def _next_job(self):
+        """The worker's blocking read of the next request, marked idle while it waits."""
+        self._worker_idle.set()
+        try:
+            return self._queue.get()
+        finally:
+            self._worker_idle.clear()
 
     def _refuse_update(self) -> None:
         refusal = self._refusal
@@ -288,7 +312,7 @@ class SchedulerMixin:
             if not self._pending:
                 if stopping:
                     return
-                job = self._queue.get()
+                job = self._next_job()
                 if job is None:
                     return
                 self._pending.append(job)
@@ -337,7 +361,7 @@ class SchedulerMixin:
                 self._wait_for_updates()  # the pinned rows pause; the updates land now
             if not decoder.rows:
                 if not self._pending:
-                    job = None if stopping else self._queue.get()
+                    job = None if stopping else self._next_job()
                     if job is None:
                         return
                     self._pending.append(job)
