@@ -306,11 +306,13 @@ def test_rosa2_compile_interleaves_words_and_weights(tiny_engine):
     assert compiled.words_history is optimizer.history
 
 
-@pytest.mark.parametrize("direction", [1, -1])
-def test_rosa2_compile_gate_keeps_a_weights_step_only_when_validation_rises(tiny_engine, monkeypatch, direction):
+@pytest.mark.parametrize("validation", ["rises", "falls", "rises then falls"])
+def test_rosa2_compile_gate_keeps_a_weights_step_only_when_validation_rises(tiny_engine, monkeypatch, validation):
     """With ``gate_weights`` a round's weights step stays only when it scores better on validation than the
-    words it started from; otherwise the adapter goes back bit for bit. The validation score here is the
-    adapter's shift times ``direction``: every weights step raises it (kept) or lowers it (reverted)."""
+    words it started from; otherwise the adapter goes back, bit for bit, to where the round found it, and the
+    compiled program answers with those weights. The validation score here is the adapter's shift: every
+    weights step raises it ("rises"), or its negative ("falls"), or it rises up to round 1's shift and falls
+    beyond it ("rises then falls": round 1 kept, round 2 undone)."""
     import torch
     from test_words import critic, script_lm
 
@@ -324,30 +326,43 @@ def test_rosa2_compile_gate_keeps_a_weights_step_only_when_validation_rises(tiny
     optimizer = ROSA2(critic_lm=critic_lm, rounds=2, minibatch_size=2, val_size=2, num_threads=2,
                       sources=("solutions",), gate_weights=True,
                       config=UpdateConfig(objective="sft", steps=1, batch_size=2, learning_rate=1e-2, max_length=128))
-    scored = []
+    scored, first = [], {}
 
     def score(program, examples):  # what the words step and the gate both read
-        scored.append(direction * engine_shift(tiny_engine))
-        return scored[-1]
+        shift = engine_shift(tiny_engine)
+        if validation == "falls":
+            shift = -shift
+        elif validation == "rises then falls":
+            if shift > 0 and not first:
+                first.update(shift=shift, state=tiny_engine.snapshot())
+            shift = shift if shift <= first.get("shift", 0) else -shift
+        scored.append(shift)
+        return shift
 
     monkeypatch.setattr(optimizer.words, "score", score)
     program = MathSolver()
     program.set_lm(lm)
-    optimizer.compile(program, trainset=train)
+    compiled = optimizer.compile(program, trainset=train)
     history = optimizer.history
     assert all(h["weights"]["update"] is not None for h in history)  # each round did train
-    if direction > 0:
+    state = tiny_engine.snapshot()
+    if validation == "rises":
         assert [h["weights_kept"] for h in history] == [True, True]
         assert 0 < history[0]["l2_shift"] < history[1]["l2_shift"]
         assert history[1]["val_before_weights"] == history[0]["val_score"] == history[0]["l2_shift"]
-    else:
+    elif validation == "falls":
         assert [h["weights_kept"] for h in history] == [False, False]
         assert all(h["val_after_weights"] < h["val_before_weights"] == h["val_score"] == 0 for h in history)
         assert all(h["l2_shift"] == 0 for h in history)
-        state = tiny_engine.snapshot()
         tiny_engine.reset_adapter()
         pristine = tiny_engine.snapshot()
         assert state and all(torch.equal(state[name], pristine[name]) for name in pristine)  # back bit for bit
+    else:
+        assert [h["weights_kept"] for h in history] == [True, False]
+        assert history[1]["l2_shift"] == history[0]["l2_shift"] > 0
+        assert all(torch.equal(state[name], first["state"][name]) for name in state)  # round 1's, bit for bit
+    # the compiled program answers with the weights the gate kept
+    assert {p.lm.pinned_weights for p in compiled.predictors()} == {tiny_engine.weights_id}
     # the gate reads the words step's own last score: per round, the words' baseline, any candidate, the weights
     candidates = sum(e["score_candidate"] is not None for h in history for e in h["words"])
     assert len(scored) == 2 * len(history) + candidates

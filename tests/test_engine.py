@@ -185,7 +185,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from rosa2_dspy.engine import EngineStopped, LocalEngine
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=4, initializer_range=0.2,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 engine = LocalEngine(LlamaForCausalLM(config).eval(), tok, name="big", continuous=True)
@@ -193,7 +193,8 @@ ids = engine.encode_chat([{"role": "user", "content": "hello"}])
 from rosa2_dspy.engine import GenSettings
 futures = [engine.submit(ids, GenSettings(max_tokens=3000, do_sample=False, temperature=0.0, top_p=None, top_k=None,
                                           seed=None)) for _ in range(4)]
-while engine.stats["steps"] < 3:
+deadline = time.monotonic() + 120
+while engine.stats["steps"] < 3 and time.monotonic() < deadline:
     time.sleep(0.05)
 with engine.refusing("stopped"):
     pass

@@ -109,7 +109,8 @@ class GenerationMixin:
 
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
         per_row = self._per_row_adapters(row_weights) if row_weights is not None else self._uniform_context()
-        failpoint("generate.batch")
+        with self._waiting():  # (a stalled failpoint is a generation that never ends, not torch at work)
+            failpoint("generate.batch")
         with self.weights_lock, torch.inference_mode(), per_row:
             was_training = self.model.training
             self.model.eval()

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from typing import Any
 from rosa2_dspy.engine.settings import Completion, GenSettings
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl
+
+logger = logging.getLogger(__name__)
 
 _usage = threading.local()
 
@@ -228,7 +231,8 @@ class SchedulerMixin:
             yield
             # the worker ends the step under way and drops the failed rows: a process that exits while it is
             # still inside torch aborts ("terminate called without an active exception", exit 134)
-            self.wait_idle(settle)
+            if not self.wait_idle(settle):
+                logger.warning("the engine's worker is still generating after %.0f s; exiting now may abort", settle)
         finally:
             self._refusal = None
 
@@ -244,13 +248,23 @@ class SchedulerMixin:
                 return False
             self._worker_idle.wait(0.05 if left is None else min(left, 0.05))
 
-    def _next_job(self):
-        """The worker's blocking read of the next request, marked idle while it waits."""
+    @contextlib.contextmanager
+    def _waiting(self):
+        """Marks the worker idle while it blocks on anything but torch work: the next request, announced weight
+        updates, a test's stalled failpoint (:meth:`wait_idle`). A no-op in any other thread."""
+        if threading.current_thread() is not self._worker:
+            yield
+            return
         self._worker_idle.set()
         try:
-            return self._queue.get()
+            yield
         finally:
             self._worker_idle.clear()
+
+    def _next_job(self):
+        """The worker's blocking read of the next request."""
+        with self._waiting():
+            return self._queue.get()
 
     def _refuse_update(self) -> None:
         refusal = self._refusal
@@ -390,7 +404,8 @@ class SchedulerMixin:
                 continue
             try:
                 if joining:  # rows about to join the running batch (the padded path's "batch about to run"); a
-                    failpoint("generate.batch")  # stall here is a generation that never ends, not a lock held
+                    with self._waiting():  # stall here is a generation that never ends, not a lock held
+                        failpoint("generate.batch")
                 with self.weights_lock:
                     rows, started = len(decoder.rows) + len(joining), time.perf_counter()
                     finished = decoder.step(joining)
@@ -422,8 +437,9 @@ class SchedulerMixin:
             if not self._updates_waiting:
                 return False
             self.stats["waits_for_updates"] += 1
-            while self._updates_waiting:
-                self._updates.wait()
+            with self._waiting():
+                while self._updates_waiting:
+                    self._updates.wait()
             return True
 
     @contextlib.contextmanager
