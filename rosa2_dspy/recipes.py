@@ -45,7 +45,7 @@ def load_recipe(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Recipe:
     are the other's, overridden by this file's; the recipe's ``text`` is both files, so a change to
     either one is a change to the recipe."""
     path = Path(path)
-    data, text = _read_toml(path, set())
+    data, text = read_tables(path)
     optimizer = dict(data.get("optimizer") or {})
     kind = optimizer.pop("kind", None)
     if kind not in kinds:
@@ -56,8 +56,10 @@ def load_recipe(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Recipe:
     return Recipe(str(path), kind, optimizer, dict(data.get("update") or {}), dict(data.get("critic") or {}), text)
 
 
-def _read_toml(path: Path, seen: set[Path]) -> tuple[dict, str]:
-    """A recipe file's tables with any ``extends`` chain merged in, and the chain's text (base first)."""
+def read_tables(path: str | Path, seen: set[Path] | None = None) -> tuple[dict, str]:
+    """A recipe file's tables with any ``extends`` chain merged in (tables key by key, nested tables too), and
+    the chain's text (base first)."""
+    path, seen = Path(path), set() if seen is None else seen
     if not path.is_file():
         raise RecipeError(f"no recipe at {path} (see optimizers/ for the shipped ones)")
     if path.resolve() in seen:
@@ -73,13 +75,15 @@ def _read_toml(path: Path, seen: set[Path]) -> tuple[dict, str]:
         return data, text
     if not isinstance(base, str):
         raise RecipeError(f"{path}: extends must name a recipe file, got {base!r}")
-    merged, base_text = _read_toml(path.parent / base, seen)
-    for table, values in data.items():
-        if isinstance(values, dict) and isinstance(merged.get(table), dict):
-            merged[table] = {**merged[table], **values}
-        else:
-            merged[table] = values
-    return merged, f"{base_text}\n# --- {path.name}\n{text}"
+    merged, base_text = read_tables(path.parent / base, seen)
+    return _merged(merged, data), f"{base_text}\n# --- {path.name}\n{text}"
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def critic_lm(recipe: Recipe, engine):

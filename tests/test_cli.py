@@ -67,6 +67,7 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
     ("eval --method pe --words-after first --limit 2", "pe: words_after=first needs a method that updates"),
     ("eval --method {tmp}/layers.toml", "layers.toml: lora_layers takes an int, got 14.5"),
     ("eval --method {tmp}/dtype.toml", "adapter_dtype must be one of float32, model, got 'half'"),
+    ("eval --method {tmp}/child.toml", "child.toml: lora_layers takes an int, got 14.5"),  # from what it extends
     ("bench compare --methods ttt --limit 2 --compiled {tmp}/artifact --adapter-dtype model",
      "a compiled artifact with weights brings its own"),
     ("bench compare --methods ttt --limit 2 --compiled {tmp}/artifact --lora-layers 3",
@@ -91,6 +92,7 @@ def scratch(tmp_path):
     (tmp_path / "kind.toml").write_text("[optimizer]\nkind = 'nosuch'\n")
     (tmp_path / "layers.toml").write_text("[session]\nmethod = 'ttt'\nlora_layers = 14.5\n")
     (tmp_path / "dtype.toml").write_text("[session]\nmethod = 'ttt'\nadapter_dtype = 'half'\n")
+    (tmp_path / "child.toml").write_text("extends = 'layers.toml'\n[session]\nturns = 2\n")
     artifact = tmp_path / "artifact"  # (its compile.json says it holds an adapter)
     artifact.mkdir()
     (artifact / "program.json").write_text("{}")

@@ -442,10 +442,11 @@ def test_a_recipe_extends_another_and_overrides_only_what_it_names(tiny_engine, 
     assert gated.optimizer == {**base.optimizer, "gate_weights": True}
     built = {name: build_optimizer(r, tiny_engine) for name, r in (("base", base), ("gated", gated))}
     assert (built["base"].gate_weights, built["gated"].gate_weights) == (False, True)
-    (tmp_path / "a.toml").write_text("[optimizer]\nkind = 'lora'\n[update]\nsteps = 3\nrank = 4\n")
-    (tmp_path / "b.toml").write_text("extends = 'a.toml'\n[update]\nsteps = 5\n")
+    (tmp_path / "a.toml").write_text("[optimizer]\nkind = 'lora'\n[optimizer.p]\nx = 1\ny = 2\n"
+                                     "[update]\nsteps = 3\nrank = 4\n")
+    (tmp_path / "b.toml").write_text("extends = 'a.toml'\n[optimizer.p]\ny = 3\n[update]\nsteps = 5\n")
     before = load_recipe(tmp_path / "b.toml")
-    assert before.update == {"steps": 5, "rank": 4} and "extends" not in before.optimizer
+    assert before.update == {"steps": 5, "rank": 4} and before.optimizer == {"p": {"x": 1, "y": 3}}
     (tmp_path / "a.toml").write_text("[optimizer]\nkind = 'lora'\n[update]\nsteps = 3\nrank = 8\n")
     assert load_recipe(tmp_path / "b.toml").text != before.text
     (tmp_path / "a.toml").write_text("extends = 'b.toml'\n")

@@ -113,15 +113,15 @@ def apply_session_recipe(args) -> None:
     """``--method path.toml``: the recipe's [session] table sets the method and its settings."""
     if not args.method or not args.method.endswith(".toml"):
         return
-    import tomllib
+    from rosa2_dspy.recipes import RecipeError, read_tables
 
     path = Path(args.method)
     if not path.is_file():
         raise CLIError(f"no session recipe at {path}")
     try:
-        table = tomllib.loads(path.read_text()).get("session") or {}
-    except tomllib.TOMLDecodeError as exc:
-        raise CLIError(f"{path} is not valid TOML: {exc}") from None
+        table = read_tables(path)[0].get("session") or {}
+    except RecipeError as exc:
+        raise CLIError(str(exc)) from None
     from rosa2_dspy.experiments import SESSION_SETTINGS
 
     known = {"method", "user", *SESSION_SETTINGS}
