@@ -85,11 +85,11 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
                  answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32",
                  activation_checkpointing: bool = False, completion_tokens: int | None = None,
-                 prepack: bool | None = None) -> dict:
+                 prepack: bool | None = None, frozen_prompt: bool = False) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
     (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype`` and
-    ``activation_checkpointing``: :class:`~rosa2_dspy.weights.UpdateConfig`'s; ``completion_tokens``: the rows'
+    ``activation_checkpointing``, ``frozen_prompt``: :class:`~rosa2_dspy.weights.UpdateConfig`'s; ``completion_tokens``: the rows'
     length (:func:`_update_rows`), the update's ``max_length`` fitting them. ``update_peak_rss_mib``: the peak
     resident memory while the updates ran (the model loaded before), where Linux lets it be reset. ``prepack``:
     the engine's (None: its default)."""
@@ -105,7 +105,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
                 for i, r in enumerate(rows)]
     config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                           layers=layers, adapter_dtype=adapter_dtype, activation_checkpointing=activation_checkpointing,
-                          max_length=max_length)
+                          max_length=max_length, frozen_prompt=frozen_prompt)
     updater = LoRAUpdater(engine, config)
     update_peak = reset_peak_rss()
     start_state = engine.snapshot()
@@ -121,18 +121,21 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
             trl_seconds.append(result.seconds - result.prepare_seconds)
             prepare.append(result.prepare_seconds)
         engine.restore(start_state)
-        if objective == "sft":
+        if objective == "sft" and not frozen_prompt:  # (the raw loop trains on whole rows)
             raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
                                                learning_rate=learning_rate, max_length=max_length))
     engine.restore(start_state)
     update_peak = peak_rss_since_reset_mib() if update_peak else None
+    prompt_tokens = [len(engine.encode_chat(r["prompt"])) for r in rows]
     out = {
         "model": engine.name, "device": str(engine.device), "cpu": cpu_description(), "dtype": str(engine.model.dtype).replace("torch.", ""),
         "objective": objective, "rows": len(rows), "steps": steps, "batch_size": batch_size,
         "completion_tokens": completion_tokens or "as written",
+        "prompt_tokens_per_row": round(sum(prompt_tokens) / len(prompt_tokens), 1),
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
                                                                      if "lora_" in n).dtype).replace("torch.", ""),
-        "activation_checkpointing": activation_checkpointing, "prepacked": engine.prepacked,
+        "activation_checkpointing": activation_checkpointing, "frozen_prompt": frozen_prompt,
+        "prepacked": engine.prepacked,
         "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),
         "construction_seconds_first_update": round(first_update.prepare_seconds, 3),

@@ -109,6 +109,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "adapter_dtype": Setting("update", "adapter_dtype", "the LoRA adapter's dtype: float32 (PEFT's default) or "
                                                         "model (the base weights' dtype: no casts, half the memory)",
                              ("float32", "model"), variant=False),
+    "frozen_prompt": Setting("update", "frozen_prompt",
+                             "weights step: run each row's prompt once without gradients, as a cached prefix, and "
+                             "train on the reply columns only: cheaper by about the prompt's share of a row, and a "
+                             "different update (no gradient through the prompt's positions)"),
     "activation_checkpointing": Setting("update", "activation_checkpointing",
                                         "weights step: keep only each block's input and run its forward again in the "
                                         "backward pass: less memory, one more forward a step, the same update",

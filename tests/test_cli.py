@@ -380,6 +380,12 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     checkpointed = json.loads(capsys.readouterr().out)
     assert checkpointed["activation_checkpointing"] is True and checkpointed["prepacked"] is False
     assert checkpointed["l2_shift_per_update"] == report["l2_shift_per_update"]
+    # a frozen prompt: another update (no gradient through the prompt), reported as such, no raw loop to compare
+    assert run("bench", "update", "--model", str(tiny_model_dir), "--steps", "1", "--batch-size", "2",
+               "--updates", "2", "--answer-batch", "0", "--frozen-prompt") == 0
+    frozen = json.loads(capsys.readouterr().out)
+    assert frozen["frozen_prompt"] is True and "trl_over_raw" not in frozen
+    assert 0 < frozen["l2_shift_per_update"] != report["l2_shift_per_update"]
 
 
 def test_bench_update_rows_of_a_long_replys_length(tiny_model_dir):

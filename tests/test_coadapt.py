@@ -256,6 +256,10 @@ def test_the_adapter_flags_reach_the_weights_step():
     assert parse_method("ttt@activation_checkpointing=0") == ("ttt", {"activation_checkpointing": False})
     with pytest.raises(ValueError, match="activation_checkpointing takes a bool"):
         parse_method("ttt@activation_checkpointing=maybe")
+    # --frozen-prompt changes what an update computes: a variant may set it, and a run folder records it
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--frozen-prompt"])
+    assert session_configs(vars(args), max_tokens=8)[1].frozen_prompt is True and default.frozen_prompt is False
+    assert parse_method("rosa2@frozen_prompt=true") == ("rosa2", {"frozen_prompt": True})
 
 
 def test_a_variant_runs_beside_its_method_with_its_own_setting(tmp_path, lively_model_dir):

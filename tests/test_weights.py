@@ -500,3 +500,107 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_update(to
     again = LoRAUpdater(engines[True], fast(objective=objective, steps=steps))  # off again, from moved weights
     assert _block_forwards(engines[True], lambda: again.update(rows)) == \
         _block_forwards(engines[False], lambda: updaters[False].update(rows))
+
+
+def _kto_batch(tokenizer):
+    """Two rows laid out as TRL's KTO collator lays them out: prompts left-padded, replies right-padded, the
+    labels the reply tokens (-100 elsewhere). The prompts differ in length, so the first row's is padded."""
+    prompts = [tokenizer.encode("What is 2+3?"), tokenizer.encode("Tell me, please, what is 12 times 3?")]
+    replies = [tokenizer.encode(" 2+3=5, so 5."), tokenizer.encode(" 36")]
+    p, r = max(map(len, prompts)), max(map(len, replies))
+    pad = tokenizer.pad_token_id
+    ids = [[pad] * (p - len(a)) + a + b + [pad] * (r - len(b)) for a, b in zip(prompts, replies)]
+    mask = [[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (r - len(b)) for a, b in zip(prompts, replies)]
+    labels = [[-100] * p + b + [-100] * (r - len(b)) for b in replies]
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels), p
+
+
+def _scored(model, ids, mask, labels):
+    """Per-token log-probabilities of the labels (TRL's fused head) and the adapter's gradient of their sum."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    out.log_probs.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.log_probs.detach(), grads
+
+
+def test_a_frozen_prompt_scores_the_replies_the_same_and_takes_their_gradient_only(tokenizer):
+    """``frozen_prompt``: the prompt columns run once without gradients as a cached prefix and the forward
+    covers the replies only; the reply's log-probabilities are those of the whole row, in TRL's shapes. The
+    gradient is the one a forward of the replies against the prompt's detached keys and values gives, with
+    activation checkpointing too (its recompute reads the same prefix), and not the whole row's."""
+    from transformers.cache_utils import DynamicCache
+
+    from rosa2_dspy.weights.updater import _prompt_as_frozen_prefix
+
+    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
+    model = engine.peft_model  # the adapter moved, and TRL's fused head installed
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))  # an adapter large enough to matter at the prompt
+    ids, mask, labels, prompt = _kto_batch(tokenizer)
+    split = prompt - 1
+    model.train()
+    forward_before = model.forward
+
+    whole, whole_grads = _scored(model, ids, mask, labels)
+    with _prompt_as_frozen_prefix(model):
+        frozen, frozen_grads = _scored(model, ids, mask, labels)
+    assert frozen.shape == whole.shape
+    torch.testing.assert_close(frozen, whole, rtol=1e-5, atol=1e-5)
+    assert (frozen[:, :split - 1] == 0).all(), "the prompt columns carry TRL's zero"
+
+    backbone = model.get_base_model().base_model
+    with torch.no_grad():
+        prefix = DynamicCache(config=backbone.config)
+        backbone(input_ids=ids[:, :split], attention_mask=mask[:, :split], past_key_values=prefix)
+    model.zero_grad(set_to_none=True)
+    suffix = model(input_ids=ids[:, split:], attention_mask=mask, labels=labels[:, split:], fused_lm_head=True,
+                   past_key_values=prefix)
+    suffix.log_probs.sum().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(frozen_grads[name], param.grad, rtol=1e-4, atol=1e-7)
+    differs = [not torch.allclose(frozen_grads[n], whole_grads[n], rtol=1e-3, atol=1e-6) for n in whole_grads]
+    assert sum(differs) >= len(differs) // 2, "the prompt's own gradient is dropped"
+
+    engine.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        with _prompt_as_frozen_prefix(model):
+            checkpointed, checkpointed_grads = _scored(model, ids, mask, labels)
+    finally:
+        engine.model.gradient_checkpointing_disable()
+    torch.testing.assert_close(checkpointed, frozen, rtol=1e-6, atol=1e-6)
+    for name, grad in frozen_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-7)
+    assert model.forward == forward_before, "the wrapper is removed"
+    assert all("_can_checkpoint_with_cache" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, checkpointing):
+    """Through ``LoRAUpdater``: with ``frozen_prompt`` the blocks run with gradients over the reply columns only
+    (the prompt once, without), the first update still takes its reference from the policy forward, and the
+    adapter moves, though not as the whole row's update moves it."""
+    rows = [kto_row(PROMPT, BAD, False), kto_row([{"role": "user", "content": "What is 12 times 3, exactly?"}],
+                                                  GOOD, True)]
+    widths, states = {}, {}
+    for frozen in (False, True):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        updater = LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1, frozen_prompt=frozen,
+                                           activation_checkpointing=checkpointing))
+        seen = []
+        block = engine.peft_model.get_base_model().model.layers[0]
+        block.register_forward_pre_hook(lambda module, args: seen.append(
+            ("grad" if torch.is_grad_enabled() else "no grad", args[0].shape[1])))
+        result = updater.update(rows)
+        assert not result.rolled_back and result.update_shift > 0
+        widths[frozen], states[frozen] = seen, {k: v.clone() for k, v in engine.adapter_state().items()}
+    (kind, whole), = widths[False]  # one policy forward; the reference is the policy's (from the base weights)
+    assert kind == "grad"
+    (kind, prompt), (kind2, reply) = widths[True]
+    assert (kind, kind2) == ("no grad", "grad") and prompt + reply == whole and reply < whole / 2 + 8
+    assert not same_state(states[False], states[True])

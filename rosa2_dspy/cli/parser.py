@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each row's target repeated to N tokens, a long reply's length (default: as written)")
     bu.add_argument("--activation-checkpointing", action="store_true",
                     help="keep only each block's input and recompute its forward in the backward pass")
+    bu.add_argument("--frozen-prompt", action="store_true",
+                    help="run each row's prompt once without gradients (a cached prefix) and train on the reply "
+                         "columns only: a cheaper, different update (UpdateConfig.frozen_prompt)")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
     _add_data_args(bc)

@@ -106,7 +106,8 @@ def cmd_bench(args) -> int:
                               answer_batch=args.answer_batch, answer_tokens=args.answer_tokens,
                               layers=args.layers, adapter_dtype=args.adapter_dtype,
                               activation_checkpointing=args.activation_checkpointing,
-                              completion_tokens=args.completion_tokens, prepack=args.prepack)
+                              completion_tokens=args.completion_tokens, prepack=args.prepack,
+                              frozen_prompt=args.frozen_prompt)
     print(json.dumps(result, indent=2))
     return 0
 

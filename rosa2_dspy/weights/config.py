@@ -36,6 +36,10 @@ class UpdateConfig:
     # keep only each block's input and run the block's forward again in the backward pass (transformers' activation
     # checkpointing): memory for one more forward a step, the same update to the bit
     activation_checkpointing: bool = False
+    # run each row's prompt once without gradients, as a cached prefix, and the forward and backward over the reply
+    # only: cheaper by about the prompt's share of the row, and a different update (no gradient through the
+    # prompt's own positions), so a design choice, not a free speed-up
+    frozen_prompt: bool = False
     # the optimisation
     steps: int = 4
     batch_size: int = 4

@@ -139,6 +139,100 @@ def _reference_from_policy(model):
         model.forward = original
 
 
+def _read_only_cache(cache):
+    """A prompt's keys and values (a ``DynamicCache`` of full-attention layers) as a cache that a forward reads and
+    never extends, or None for any other cache (sliding windows, quantized or static layers: the update then runs
+    the whole row). Reading only is what lets activation checkpointing recompute a block against it: the
+    recompute sees the same keys and values as the forward did (transformers' ``_can_checkpoint_with_cache``)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class _ReadOnlyLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    if type(cache) is not DynamicCache or not cache.layers or any(type(layer) is not DynamicLayer or
+                                                                    not layer.is_initialized for layer in cache.layers):
+        return None
+    frozen = DynamicCache()
+    for layer in cache.layers:
+        read_only = _ReadOnlyLayer()
+        read_only.lazy_initialization(layer.keys, layer.values)
+        read_only.keys, read_only.values = layer.keys.detach(), layer.values.detach()
+        frozen.layers.append(read_only)
+    return frozen
+
+
+@contextlib.contextmanager
+def _prompt_as_frozen_prefix(model):
+    """An update whose rows' prompts run once without gradients, as a cached prefix, and whose forward and backward
+    (and activation checkpointing's recompute) cover the replies only (``UpdateConfig.frozen_prompt``).
+
+    A rejected reply is typically half of its row (BENCHMARKS.md, session 17: 549 reply and 469 prompt tokens
+    per ``ttt`` update), and an update is compute-bound: a token with gradients costs 8 FLOP a parameter
+    (forward, recompute, backward), one in a no-grad prefix 2. The loss is the same; the gradient is not: it
+    keeps what flows through the replies' own positions and drops what flows back into the prompt's keys and
+    values, so it is a different update, chosen on train problems, not a free speed-up.
+
+    It works at TRL's call ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` (every
+    trainer's policy forward with its fused LM head): the columns before the first labelled one, less one (whose
+    hidden state predicts the first reply token), are the prefix, which is every row's prompt or padding under
+    KTO's left-padded prompts, and a common prompt start under right padding. The per-token outputs are padded
+    back to the whole row with zeros, TRL's value where the label is -100, so TRL sees the shapes it asked for.
+    Any other call (no gradients: the reference forward; inputs it does not know) runs the whole row."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    original = model.forward
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # an older transformers strips any cache from a checkpointed block: the prefix would silently go unread
+    can_checkpoint = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.base_model
+
+    def forward(*args, **kwargs):
+        ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
+        unknown = [k for k, v in kwargs.items() if torch.is_tensor(v) and k not in ("input_ids", "attention_mask",
+                                                                                      "labels")]
+        split = 0
+        if not (args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head")
+                or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None
+                or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks))):
+            labelled = labels != -100
+            rows = labelled.any(dim=1)
+            if rows.any():
+                split = int(labelled.int().argmax(dim=1)[rows].min()) - 1
+        if split < 1:
+            return original(*args, **kwargs)
+        # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
+        prefix = DynamicCache(config=backbone.config)
+        with torch.no_grad():
+            backbone(input_ids=ids[:, :split], attention_mask=None if mask is None else mask[:, :split],
+                     past_key_values=prefix)
+        cache = _read_only_cache(prefix)
+        if cache is None:
+            return original(*args, **kwargs)
+        out = original(**{**kwargs, "input_ids": ids[:, split:], "labels": labels[:, split:],
+                          "past_key_values": cache})
+        width = ids.shape[1] - split - 1  # the reply part's next-token positions
+
+        def whole_row(value):
+            if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
+                return value
+            return torch.cat([value.new_zeros(value.shape[0], split), value], dim=1)
+
+        return type(out)(**{key: whole_row(value) for key, value in out.items()})
+
+    for block in blocks:
+        block._can_checkpoint_with_cache = True  # the suffix only reads the prefix (see _read_only_cache)
+    model.forward = forward
+    try:
+        yield
+    finally:
+        model.forward = original
+        for block in blocks:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
+
+
 def _checkpointing(on: bool) -> dict:
     """TrainingArguments for activation checkpointing of every block, or none. Non-reentrant: the frozen base needs
     no input gradients. The deprecated alias is set too, as TRL's configs default it to on."""
@@ -319,7 +413,9 @@ class LoRAUpdater:
                 if not self.config.activation_checkpointing and engine.model.is_activation_checkpointing:
                     engine.model.activation_checkpointing_disable()  # (another updater's; a Trainer only turns it on)
                 from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
+                # (the reference reuse outermost: it must see the whole row's inputs and outputs)
                 with _score_completions_only(), \
+                        _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt else contextlib.nullcontext(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
                     trainer.train()
                 failpoint("update.trained")  # the adapter changed, the update not yet accepted
