@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", default="1,8,16,32",
                     help="decode and prefill tokens/s against the roofline at these batch sizes (default 1,8,16,32; "
                          "'' skips)")
+    be.add_argument("--repeats", type=int, default=3,
+                    help="runs per batch size for the roofline; the fastest is reported, every one in step_ms_runs "
+                         "(default 3)")
     be.add_argument("--mixed-weights", type=int, default=0, metavar="K",
                     help="also time a batch whose rows carry K different adapters (2 rows each)")
     bu = bench_sub.add_parser("update", help="LoRA update through TRL against a raw PyTorch loop")

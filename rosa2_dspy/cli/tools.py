@@ -80,11 +80,13 @@ def cmd_bench(args) -> int:
             raise CLIError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
         if sizes and min(sizes) < 1:
             raise CLIError("--batch-sizes must be >= 1")
+        if args.repeats < 1:
+            raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
         if not 0 <= args.mixed_weights <= 16:
             raise CLIError(f"--mixed-weights must be 0..16, got {args.mixed_weights}")
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
                                     cache_variants=args.cache_variants, batch_sizes=sizes,
-                                    mixed_weights=args.mixed_weights)
+                                    mixed_weights=args.mixed_weights, repeats=args.repeats)
     elif args.bench == "compare":
         return bench_compare(args)
     elif args.bench == "compile":
