@@ -1,8 +1,10 @@
 """frozen_prompt against whole rows on the default model, interleaved: a conversation's first update (one rejected
 reply, from the base weights) and a second one (two rejected replies, from the moved weights, so with its
-reference forward), rows shaped like the main run's (a ~470-token prompt, ~550-token replies). Prints JSON."""
+reference forward), rows shaped like the main run's (a ~470-token prompt, ~550-token replies). Prints JSON.
+Usage: python frozen_prompt_ab.py [LAYERS] (adapt only the last LAYERS blocks; default every block)."""
 
 import json
+import sys
 import time
 
 import torch
@@ -11,6 +13,7 @@ from rosa2_dspy.bench_update import _update_rows
 from rosa2_dspy.engine import LocalEngine
 from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
 
+layers = int(sys.argv[1]) if len(sys.argv) > 1 else None
 engine = LocalEngine.from_pretrained("default")
 base = _update_rows(limit=4, completion_tokens=550, tokenizer=engine.tokenizer)
 
@@ -24,7 +27,7 @@ second = [kto_row(long(base[0]), base[1]["completion"], False), kto_row(long(bas
 prompt_tokens = len(engine.encode_chat(long(base[0])))
 updaters = {frozen: LoRAUpdater(engine, UpdateConfig(
     objective="apo_zero_unpaired", steps=1, batch_size=4, max_length=1536, frozen_prompt=frozen,
-    activation_checkpointing=True, adapter_dtype="model")) for frozen in (False, True)}
+    activation_checkpointing=True, adapter_dtype="model", layers=layers)) for frozen in (False, True)}
 start = engine.snapshot()
 times = {frozen: {"first": [], "second": []} for frozen in (False, True)}
 for rep in range(3):
@@ -34,7 +37,7 @@ for rep in range(3):
             began = time.perf_counter()
             updaters[frozen].update(rows)
             times[frozen][name].append(time.perf_counter() - began)
-out = {"prompt_tokens": prompt_tokens, "reply_tokens": 550, "reps": 3, "torch_threads": torch.get_num_threads()}
+out = {"adapted_blocks": layers or "all", "prompt_tokens": prompt_tokens, "reply_tokens": 550, "reps": 3, "torch_threads": torch.get_num_threads()}
 for name in ("first", "second"):
     whole = sum(times[False][name][1:]) / 2  # the first rep pays the trainers' construction
     frozen = sum(times[True][name][1:]) / 2
