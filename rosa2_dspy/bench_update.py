@@ -88,11 +88,11 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
                  prepack: bool | None = None, frozen_prompt: bool = False) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
-    (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype`` and
-    ``activation_checkpointing``, ``frozen_prompt``: :class:`~rosa2_dspy.weights.UpdateConfig`'s; ``completion_tokens``: the rows'
-    length (:func:`_update_rows`), the update's ``max_length`` fitting them. ``update_peak_rss_mib``: the peak
-    resident memory while the updates ran (the model loaded before), where Linux lets it be reset. ``prepack``:
-    the engine's (None: its default)."""
+    (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype``,
+    ``activation_checkpointing`` and ``frozen_prompt``: :class:`~rosa2_dspy.weights.UpdateConfig`'s;
+    ``completion_tokens``: the rows' length (:func:`_update_rows`), the update's ``max_length`` fitting them.
+    ``update_peak_rss_mib``: the peak resident memory while the updates ran (the model loaded before), where Linux
+    lets it be reset. ``prepack``: the engine's (None: its default)."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 

@@ -415,7 +415,8 @@ class LoRAUpdater:
                 from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
                 # (the reference reuse outermost: it must see the whole row's inputs and outputs)
                 with _score_completions_only(), \
-                        _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt else contextlib.nullcontext(), \
+                        _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt \
+                        else contextlib.nullcontext(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
                     trainer.train()
                 failpoint("update.trained")  # the adapter changed, the update not yet accepted
