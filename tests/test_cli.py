@@ -215,7 +215,8 @@ def test_bench_engine_reports_the_roofline_per_batch_size(tiny_model_dir, capsys
         assert row["prefill_tokens_per_s"] > 0 and row["bound"] in ("memory", "compute")
         # every run is kept, and the fastest one is the figure (a shared host only ever slows a run down)
         assert len(row["step_ms_runs"]) == 2 and row["step_ms"] == min(row["step_ms_runs"])
-        assert row["decode_tokens_per_s"] == pytest.approx(1000 * int(size) / row["step_ms"], rel=0.01)
+        # (the step is reported to 0.1 ms, which at the tiny model's 2-3 ms a step is a few percent)
+        assert 1000 * int(size) / row["decode_tokens_per_s"] == pytest.approx(row["step_ms"], abs=0.06)
     assert run("bench", "engine", "--batch-sizes", "8,many") == 2
     assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
 
