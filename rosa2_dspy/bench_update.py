@@ -12,10 +12,19 @@ from rosa2_dspy.bench import prefill_and_step
 from rosa2_dspy.models import cpu_description
 from rosa2_dspy.provenance import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
 
-def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer=None) -> list[dict]:
+def _repeated(text: str, tokens: int, tokenizer) -> str:
+    """``text`` repeated and cut to ``tokens`` tokens of ``tokenizer``."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.decode((ids * (tokens // max(len(ids), 1) + 1))[:tokens])
+
+
+def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer=None,
+                 prompt_tokens: int | None = None) -> list[dict]:
     """SFT rows from MATH train problems: the program's prompt, a reference solution as the target.
     ``completion_tokens``: each target repeated and cut to that many tokens (``tokenizer``'s), the length of a
-    long reply (a comparison's rejected replies run to the 1,024-token budget); default: as written."""
+    long reply (a comparison's rejected replies run to the 1,024-token budget); default: as written.
+    ``prompt_tokens``: the problem repeated until the chat prompt is about that long (a conversation's later
+    turns carry the history and the clarified statement: ~470 tokens in the main run); default: as written."""
     from rosa2_dspy.adapters import FORMAT_REMINDER
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.signatures import Answer
@@ -23,13 +32,22 @@ def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer
 
     rows = []
     for example in load_examples("train", levels="1", limit=limit, seed=0):
+        problem = example.problem
         prompt = [{"role": "system", "content": Answer.instructions},
-                  {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}]
+                  {"role": "user", "content": f"{problem}\n\n{FORMAT_REMINDER}"}]
+        if prompt_tokens:
+            def length(body: int) -> int:
+                prompt[1]["content"] = f"{_repeated(problem + chr(10) * 2, body, tokenizer)}\n\n{FORMAT_REMINDER}"
+                return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                         return_dict=True)["input_ids"])
+
+            body = len(tokenizer.encode(problem, add_special_tokens=False))
+            for _ in range(3):  # (tokens merge where the pieces meet: correct the body's length twice)
+                body = max(1, body + prompt_tokens - length(body))
+            length(body)
         completion = example.solution
         if completion_tokens:
-            ids = tokenizer.encode(completion, add_special_tokens=False)
-            ids = (ids * (completion_tokens // max(len(ids), 1) + 1))[:completion_tokens]
-            completion = tokenizer.decode(ids)
+            completion = _repeated(completion, completion_tokens, tokenizer)
         rows.append(sft_row(prompt, completion))
     return rows
 
@@ -85,27 +103,31 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
                  updates: int = 3, learning_rate: float = 1e-4, rows: int = 8, answer_batch: int = 16,
                  answer_tokens: int = 1024, layers: int | None = None, adapter_dtype: str = "float32",
                  activation_checkpointing: bool = False, completion_tokens: int | None = None,
-                 prepack: bool | None = None, frozen_prompt: bool = False) -> dict:
+                 prepack: bool | None = None, frozen_prompt: bool = False, reply_tail: int | None = None,
+                 prompt_tokens: int | None = None) -> dict:
     """Wall time per LoRA update through TRL against the raw loop, same rows and steps, interleaved; and
     ``update_over_generation``: the update against one row's share of a batched ``answer_tokens`` answer
     (``answer_batch`` rows), measured in the same run (0 skips it). ``layers``, ``adapter_dtype``,
-    ``activation_checkpointing`` and ``frozen_prompt``: :class:`~rosa2_dspy.weights.UpdateConfig`'s;
-    ``completion_tokens``: the rows' length (:func:`_update_rows`), the update's ``max_length`` fitting them.
+    ``activation_checkpointing``, ``frozen_prompt`` and ``reply_tail``: :class:`~rosa2_dspy.weights.UpdateConfig`'s;
+    ``completion_tokens`` and ``prompt_tokens``: the rows' replies' and prompts' lengths (:func:`_update_rows`), the
+    update's ``max_length`` fitting them.
     ``update_peak_rss_mib``: the peak resident memory while the updates ran (the model loaded before), where Linux
     lets it be reset. ``prepack``: the engine's (None: its default)."""
     from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.weights import UNPAIRED, LoRAUpdater, UpdateConfig, kto_row
 
     engine = LocalEngine.from_pretrained(spec, prepack=prepack)
-    rows = _update_rows(limit=rows, completion_tokens=completion_tokens, tokenizer=engine.tokenizer)
-    max_length = max(1024, (completion_tokens or 0) + 512)  # (a prompt of the program is under 512 tokens)
+    rows = _update_rows(limit=rows, completion_tokens=completion_tokens, tokenizer=engine.tokenizer,
+                        prompt_tokens=prompt_tokens)
+    # (a prompt of the program is under 512 tokens, unless made longer)
+    max_length = max(1024, (completion_tokens or 0) + max(512, (prompt_tokens or 0) + 64))
     if objective in UNPAIRED:  # desirable: the reference solution; undesirable (odd rows): another problem's
         n = len(rows)          # solution, a wrong reply of realistic length
         rows = [kto_row(r["prompt"], r["completion"] if i % 2 == 0 else rows[(i + 1) % n]["completion"], i % 2 == 0)
                 for i, r in enumerate(rows)]
     config = UpdateConfig(objective=objective, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                           layers=layers, adapter_dtype=adapter_dtype, activation_checkpointing=activation_checkpointing,
-                          max_length=max_length, frozen_prompt=frozen_prompt)
+                          max_length=max_length, frozen_prompt=frozen_prompt, reply_tail=reply_tail)
     updater = LoRAUpdater(engine, config)
     update_peak = reset_peak_rss()
     start_state = engine.snapshot()
@@ -121,7 +143,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
             trl_seconds.append(result.seconds - result.prepare_seconds)
             prepare.append(result.prepare_seconds)
         engine.restore(start_state)
-        if objective == "sft" and not frozen_prompt:  # (the raw loop trains on whole rows)
+        if objective == "sft" and not frozen_prompt:  # (the raw loop trains on whole rows; sft takes no tail)
             raw_seconds.append(raw_lora_update(engine, rows, steps=steps, batch_size=batch_size,
                                                learning_rate=learning_rate, max_length=max_length))
     engine.restore(start_state)
@@ -134,7 +156,7 @@ def bench_update(spec: str = "default", *, objective: str = "sft", steps: int = 
         "prompt_tokens_per_row": round(sum(prompt_tokens) / len(prompt_tokens), 1),
         "adapted_blocks": layers or "all", "adapter_dtype": str(next(p for n, p in engine.model.named_parameters()
                                                                      if "lora_" in n).dtype).replace("torch.", ""),
-        "activation_checkpointing": activation_checkpointing, "frozen_prompt": frozen_prompt,
+        "activation_checkpointing": activation_checkpointing, "frozen_prompt": frozen_prompt, "reply_tail": reply_tail,
         "prepacked": engine.prepacked,
         "trainer_batch_size": updater._batch_size(objective, len(rows)), "updates": updates,
         "first_update_seconds": round(first_update.seconds, 3),

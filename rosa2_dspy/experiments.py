@@ -113,6 +113,9 @@ SESSION_SETTINGS: dict[str, Setting] = {
                              "weights step: run each row's prompt once without gradients, as a cached prefix, and "
                              "train on the reply columns only: cheaper by about the prompt's share of a row, and a "
                              "different update (no gradient through the prompt's positions)"),
+    "reply_tail": Setting("update", "reply_tail",
+                          "weights step: score only each reply's last N tokens (where its final answer is; default: "
+                          "the whole reply); with --frozen-prompt the reply's head joins the no-gradient prefix"),
     "activation_checkpointing": Setting("update", "activation_checkpointing",
                                         "weights step: keep only each block's input and run its forward again in the "
                                         "backward pass: less memory, one more forward a step, the same update",

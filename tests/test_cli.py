@@ -80,7 +80,10 @@ BAD_INPUTS = [  # (command line, what the one-line error must say); {tmp}: a scr
 NO_OUT = ("bench engine --concurrency 0", "--concurrency must be"), \
     ("bench engine --batch-sizes a,b", "--batch-sizes takes comma-separated integers"), \
     ("bench engine --repeats 0", "--repeats must be >= 1"), \
-    ("bench update --rows 9", "--rows 1..8"), ("shards --show -1", "--show must be >= 0"), \
+    ("bench update --rows 9", "--rows 1..8"), ("bench update --prompt-tokens 0", "--prompt-tokens must be >= 1"), \
+    ("bench update --reply-tail 0", "--reply-tail must be >= 1"), \
+    ("bench update --reply-tail 64 --objective sft", "with a preference objective"), \
+    ("shards --show -1", "--show must be >= 0"), \
     ("shards --level 0", "unknown level 0")
 
 
@@ -391,6 +394,17 @@ def test_bench_update_prints_json(tiny_model_dir, capsys):
     frozen = json.loads(capsys.readouterr().out)
     assert frozen["frozen_prompt"] is True and "trl_over_raw" not in frozen
     assert 0 < frozen["l2_shift_per_update"] != report["l2_shift_per_update"]
+    # rows of a later turn's prompt length, scored on their replies' last tokens: another update again
+    common = ("bench", "update", "--model", str(tiny_model_dir), "--objective", "apo_zero_unpaired", "--steps", "1",
+              "--batch-size", "2", "--updates", "2", "--answer-batch", "0", "--frozen-prompt", "--prompt-tokens",
+              "300", "--completion-tokens", "120")
+    assert run(*common) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert run(*common, "--reply-tail", "16") == 0
+    tail = json.loads(capsys.readouterr().out)
+    assert (whole["reply_tail"], tail["reply_tail"]) == (None, 16)
+    assert 295 <= tail["prompt_tokens_per_row"] == whole["prompt_tokens_per_row"] <= 305
+    assert 0 < tail["l2_shift_per_update"] != whole["l2_shift_per_update"]
 
 
 def test_bench_update_rows_of_a_long_replys_length(tiny_model_dir):
@@ -406,6 +420,15 @@ def test_bench_update_rows_of_a_long_replys_length(tiny_model_dir):
     assert all(abs(n - 700) <= 5 for n in lengths), lengths  # (decoding and encoding again may merge a few)
     for long, short in zip(rows, as_written):
         assert long["prompt"] == short["prompt"] and long["completion"].startswith(short["completion"][:200])
+    # --prompt-tokens N: the problem repeated in the user's message until the chat prompt is about N tokens
+    longer = _update_rows(limit=3, tokenizer=tokenizer, prompt_tokens=400)
+    for long, short in zip(longer, as_written):
+        n = len(tokenizer.apply_chat_template(long["prompt"], tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+        assert abs(n - 400) <= 5, n
+        assert long["prompt"][0] == short["prompt"][0] and long["completion"] == short["completion"]
+        problem = short["prompt"][1]["content"].split("\n\n")[0]
+        assert long["prompt"][1]["content"].startswith(problem + "\n\n" + problem[:20])
 
 
 def test_bench_update_with_one_row_trains_a_batch_of_one_except_kto(tiny_model_dir, capsys):

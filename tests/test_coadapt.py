@@ -260,6 +260,10 @@ def test_the_adapter_flags_reach_the_weights_step():
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--frozen-prompt"])
     assert session_configs(vars(args), max_tokens=8)[1].frozen_prompt is True and default.frozen_prompt is False
     assert parse_method("rosa2@frozen_prompt=true") == ("rosa2", {"frozen_prompt": True})
+    # --reply-tail N likewise (the whole reply by default)
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--reply-tail", "96"])
+    assert session_configs(vars(args), max_tokens=8)[1].reply_tail == 96 and default.reply_tail is None
+    assert parse_method("ttt@reply_tail=128@frozen_prompt=true") == ("ttt", {"reply_tail": 128, "frozen_prompt": True})
 
 
 def test_a_variant_runs_beside_its_method_with_its_own_setting(tmp_path, lively_model_dir):

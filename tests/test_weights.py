@@ -604,3 +604,74 @@ def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, ch
     (kind, prompt), (kind2, reply) = widths[True]
     assert (kind, kind2) == ("no grad", "grad") and prompt + reply == whole and reply < whole / 2 + 8
     assert not same_state(states[False], states[True])
+
+
+def test_a_reply_tail_scores_each_replys_last_tokens_in_every_forward(tokenizer):
+    """``reply_tail``: each row keeps only its last N labels, whatever its reply's length and padding; the
+    policy's log-probabilities there are the whole reply's, zero elsewhere."""
+    from rosa2_dspy.weights.updater import _last_labelled, _score_reply_tail
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7, 8, -100], [-100, 9, 10, -100, -100, -100, -100],
+                           [-100] * 7])
+    assert _last_labelled(labels, 2).tolist() == [[-100, -100, -100, -100, 7, 8, -100],
+                                                   [-100, 9, 10, -100, -100, -100, -100], [-100] * 7]
+    assert torch.equal(_last_labelled(labels, 4), labels)
+
+    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
+    model = engine.peft_model
+    ids, mask, labels, prompt = _kto_batch(tokenizer)
+    whole, _ = _scored(model, ids, mask, labels)
+    with _score_reply_tail(model, 2):
+        tail, grads = _scored(model, ids, mask, labels)
+        with torch.no_grad():
+            unscored = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+    kept = (_last_labelled(labels, 2) != -100)[:, 1:]
+    assert int(kept.sum()) == 4 and int((labels != -100).sum()) > 4
+    torch.testing.assert_close(tail[kept], whole[kept], rtol=1e-5, atol=1e-5)
+    assert (tail[~kept] == 0).all() and (unscored[~kept] == 0).all(), "no-gradient forwards (the reference's) too"
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_an_update_on_the_replies_tails_with_a_frozen_prompt_runs_the_rest_without_gradients(tokenizer):
+    """Through ``LoRAUpdater``, from moved weights (so with a reference forward): every forward scores at most N
+    tokens of each reply; with ``frozen_prompt`` the blocks run with gradients over the last N (+1) columns only,
+    the prompt and the reply's head once without; and the update is not the whole reply's."""
+    tail = 3
+    rows = [kto_row(PROMPT, "Let me think: 2+3 is 5, since 2+2 is 4. So the answer is 7.", False)]
+    states, seen = {}, {}
+    for reply_tail in (None, tail):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        updater = LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1, frozen_prompt=True,
+                                           reply_tail=reply_tail))
+        updater.update(rows)  # the weights move off the base: the next update runs its reference forward
+        calls, widths = [], []
+        base = engine.peft_model.get_base_model()
+        base.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+            (torch.is_grad_enabled(), (kwargs["labels"] != -100).sum(dim=1).tolist())
+            if kwargs.get("labels") is not None else None), with_kwargs=True)
+        base.model.layers[0].register_forward_pre_hook(lambda module, args: widths.append(
+            ("grad" if torch.is_grad_enabled() else "no grad", args[0].shape[1])))
+        result = updater.update(rows)
+        assert not result.rolled_back and result.update_shift > 0
+        states[reply_tail], seen[reply_tail] = {k: v.clone() for k, v in engine.adapter_state().items()}, widths
+        scored = [c for c in calls if c is not None]
+        assert {grad for grad, _ in scored} == {True, False}, "the policy's forward and the reference's"
+        if reply_tail:
+            assert all(n == [tail] for _, n in scored)
+        else:
+            assert all(n[0] > 10 for _, n in scored)
+    kinds = [kind for kind, _ in seen[tail]]
+    assert kinds == ["no grad", "grad", "no grad"]  # prefix, suffix with gradients, the reference's whole row
+    (_, prefix), (_, suffix), (_, row) = seen[tail]
+    assert prefix + suffix == row and suffix == tail + 1
+    assert seen[None][1][1] > suffix + 10, "without a tail the gradient columns span the reply"
+    assert not same_state(states[None], states[tail])
+
+
+def test_reply_tail_takes_a_positive_length_and_a_preference_objective():
+    with pytest.raises(UpdateError, match="reply_tail must be >= 1"):
+        UpdateConfig(objective="kto", reply_tail=0)
+    with pytest.raises(UpdateError, match="sft's loss is a mean"):
+        UpdateConfig(objective="sft", reply_tail=64)
+    assert UpdateConfig(objective="dpo", reply_tail=64).reply_tail == 64

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--frozen-prompt", action="store_true",
                     help="run each row's prompt once without gradients (a cached prefix) and train on the reply "
                          "columns only: a cheaper, different update (UpdateConfig.frozen_prompt)")
+    bu.add_argument("--reply-tail", type=int, default=None, metavar="N",
+                    help="score only each reply's last N tokens (UpdateConfig.reply_tail; not with sft)")
+    bu.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                    help="each row's problem repeated to a prompt of about N tokens, a later turn's length "
+                         "(default: as written)")
 
     bc = bench_sub.add_parser("compare", help="every method on the same problems, seeds and turn budget")
     _add_data_args(bc)

@@ -98,6 +98,10 @@ def cmd_bench(args) -> int:
             raise CLIError("--answer-batch >= 0 and --answer-tokens >= 1 are needed")
         if args.completion_tokens is not None and args.completion_tokens < 1:
             raise CLIError("--completion-tokens must be >= 1")
+        if args.prompt_tokens is not None and args.prompt_tokens < 1:
+            raise CLIError("--prompt-tokens must be >= 1")
+        if args.reply_tail is not None and (args.reply_tail < 1 or args.objective == "sft"):
+            raise CLIError("--reply-tail must be >= 1, with a preference objective (not sft)")
         if args.layers is not None and args.layers < 1:
             raise CLIError("--layers must be >= 1 (the last N transformer blocks get the adapter)")
         check_prepack(args)
@@ -109,7 +113,8 @@ def cmd_bench(args) -> int:
                               layers=args.layers, adapter_dtype=args.adapter_dtype,
                               activation_checkpointing=args.activation_checkpointing,
                               completion_tokens=args.completion_tokens, prepack=args.prepack,
-                              frozen_prompt=args.frozen_prompt)
+                              frozen_prompt=args.frozen_prompt, reply_tail=args.reply_tail,
+                              prompt_tokens=args.prompt_tokens)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -139,6 +139,37 @@ def _reference_from_policy(model):
         model.forward = original
 
 
+def _last_labelled(labels: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``labels`` with every labelled position but each row's last ``tokens`` set to -100 (ignored)."""
+    labelled = labels != -100
+    from_end = labelled.flip(1).cumsum(1).flip(1)  # labelled positions at or after each column, per row
+    return labels.masked_fill(labelled & (from_end > tokens), -100)
+
+
+@contextlib.contextmanager
+def _score_reply_tail(model, tokens: int):
+    """An update that scores only the last ``tokens`` of each reply (``UpdateConfig.reply_tail``).
+
+    TRL's preference trainers (KTO, its ``apo_zero_unpaired`` loss, DPO) sum per-token log-probabilities over the
+    labelled positions of every forward they run, the policy's and the reference's alike, all through
+    ``model(..., labels=..., fused_lm_head=True)``; masking the labels at that call keeps both sums over the same
+    tokens. The reply's earlier tokens stay in the row as context. Under ``frozen_prompt`` (inside this wrapper) the
+    first labelled column then lies near the reply's end, so the no-gradient prefix takes the reply's head too."""
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        labels = kwargs.get("labels")
+        if torch.is_tensor(labels) and kwargs.get("fused_lm_head"):
+            kwargs["labels"] = _last_labelled(labels, tokens)
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        model.forward = original
+
+
 def _read_only_cache(cache):
     """A prompt's keys and values (a ``DynamicCache`` of full-attention layers) as a cache that a forward reads and
     never extends, or None for any other cache (sliding windows, quantized or static layers: the update then runs
@@ -413,10 +444,13 @@ class LoRAUpdater:
                 if not self.config.activation_checkpointing and engine.model.is_activation_checkpointing:
                     engine.model.activation_checkpointing_disable()  # (another updater's; a Trainer only turns it on)
                 from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
-                # (the reference reuse outermost: it must see the whole row's inputs and outputs)
+                # (the reference reuse outermost: it must see the whole row's inputs and outputs; the reply's tail
+                # before the frozen prefix, which splits each row at its first scored column)
+                tail = self.config.reply_tail
                 with _score_completions_only(), \
                         _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt \
                         else contextlib.nullcontext(), \
+                        _score_reply_tail(peft_model, tail) if tail is not None else contextlib.nullcontext(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
                     trainer.train()
                 failpoint("update.trained")  # the adapter changed, the update not yet accepted
