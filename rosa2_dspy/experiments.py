@@ -112,10 +112,11 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "frozen_prompt": Setting("update", "frozen_prompt",
                              "weights step: run each row's prompt once without gradients, as a cached prefix, and "
                              "train on the reply columns only: cheaper by about the prompt's share of a row, and a "
-                             "different update (no gradient through the prompt's positions)"),
+                             "different update (no gradient through the prompt's positions)", legacy=(False,)),
     "reply_tail": Setting("update", "reply_tail",
-                          "weights step: score only each reply's last N tokens (where its final answer is; default: "
-                          "the whole reply); with --frozen-prompt the reply's head joins the no-gradient prefix"),
+                          "weights step: score only each reply's last N tokens, where its final answer is (0: the "
+                          "whole reply; sft always scores the whole reply); with --frozen-prompt the reply's head "
+                          "joins the no-gradient prefix", legacy=(None,)),
     "activation_checkpointing": Setting("update", "activation_checkpointing",
                                         "weights step: keep only each block's input and run its forward again in the "
                                         "backward pass: less memory, one more forward a step, the same update",

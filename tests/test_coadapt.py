@@ -258,11 +258,16 @@ def test_the_adapter_flags_reach_the_weights_step():
         parse_method("ttt@activation_checkpointing=maybe")
     # --frozen-prompt changes what an update computes: a variant may set it, and a run folder records it
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--frozen-prompt"])
-    assert session_configs(vars(args), max_tokens=8)[1].frozen_prompt is True and default.frozen_prompt is False
+    assert default.frozen_prompt is True  # the session's default since session 22 (BENCHMARKS.md)
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--no-frozen-prompt"])
+    assert session_configs(vars(args), max_tokens=8)[1].frozen_prompt is False
     assert parse_method("rosa2@frozen_prompt=true") == ("rosa2", {"frozen_prompt": True})
     # --reply-tail N likewise (the whole reply by default)
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--reply-tail", "96"])
-    assert session_configs(vars(args), max_tokens=8)[1].reply_tail == 96 and default.reply_tail is None
+    assert session_configs(vars(args), max_tokens=8)[1].reply_tail == 96 and default.reply_tail == 128
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--reply-tail", "0"])
+    assert session_configs(vars(args), max_tokens=8)[1].reply_tail is None  # 0: the whole reply
+    assert session_configs({"objective": "sft"}, max_tokens=8)[1].reply_tail == 128  # kept; sft ignores it
     assert parse_method("ttt@reply_tail=128@frozen_prompt=true") == ("ttt", {"reply_tail": 128, "frozen_prompt": True})
 
 

@@ -669,9 +669,15 @@ def test_an_update_on_the_replies_tails_with_a_frozen_prompt_runs_the_rest_witho
     assert not same_state(states[None], states[tail])
 
 
-def test_reply_tail_takes_a_positive_length_and_a_preference_objective():
-    with pytest.raises(UpdateError, match="reply_tail must be >= 1"):
-        UpdateConfig(objective="kto", reply_tail=0)
-    with pytest.raises(UpdateError, match="sft's loss is a mean"):
-        UpdateConfig(objective="sft", reply_tail=64)
+def test_reply_tail_takes_a_length_or_zero_for_the_whole_reply_and_sft_scores_the_whole_reply(tiny_engine):
+    with pytest.raises(UpdateError, match="reply_tail must be >= 1, or 0"):
+        UpdateConfig(objective="kto", reply_tail=-1)
+    assert UpdateConfig(objective="kto", reply_tail=0).reply_tail is None
     assert UpdateConfig(objective="dpo", reply_tail=64).reply_tail == 64
+    # sft's loss is a mean over the reply: the tail is not applied, so the update is the whole reply's
+    states = []
+    for tail in (None, 2):
+        tiny_engine.reset_adapter()
+        LoRAUpdater(tiny_engine, fast(steps=1, reply_tail=tail)).update([sft_row(PROMPT, GOOD)])
+        states.append({k: v.clone() for k, v in tiny_engine.adapter_state().items()})
+    assert same_state(*states)

@@ -40,10 +40,12 @@ class UpdateConfig:
     # only: cheaper by about the prompt's share of the row, and a different update (no gradient through the
     # prompt's own positions), so a design choice, not a free speed-up
     frozen_prompt: bool = False
-    # score only the last N tokens of each reply (None: all of it): the loss, and the reference's log-probabilities,
-    # cover the reply's end, where its final answer is; with frozen_prompt the reply's head joins the no-gradient
-    # prefix, so an update's gradient work no longer grows with the reply's length. A design choice, like
-    # frozen_prompt: what the update learns from changes
+    # score only the last N tokens of each reply (None or 0: all of it): the loss, and the reference's
+    # log-probabilities, cover the reply's end, where its final answer is; with frozen_prompt the reply's head joins
+    # the no-gradient prefix, so an update's gradient work no longer grows with the reply's length. A design
+    # choice, like frozen_prompt: what the update learns from changes. The preference objectives (kto,
+    # apo_zero_unpaired, dpo) sum log-probabilities over it; sft's loss is a mean over the whole reply, so sft
+    # ignores it
     reply_tail: int | None = None
     # the optimisation
     steps: int = 4
@@ -68,11 +70,10 @@ class UpdateConfig:
                 raise UpdateError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.layers is not None and int(self.layers) < 1:
             raise UpdateError(f"layers must be >= 1 or unset (every block), got {self.layers}")
-        if self.reply_tail is not None and int(self.reply_tail) < 1:
-            raise UpdateError(f"reply_tail must be >= 1 or unset (the whole reply), got {self.reply_tail}")
-        if self.reply_tail is not None and self.objective == "sft":
-            raise UpdateError("reply_tail scores a reply's log-probability sum (kto, apo_zero_unpaired, dpo); sft's "
-                              "loss is a mean over every reply token, so it takes no reply_tail")
+        if self.reply_tail is not None and int(self.reply_tail) < 0:
+            raise UpdateError(f"reply_tail must be >= 1, or 0 or unset (the whole reply), got {self.reply_tail}")
+        if self.reply_tail == 0:
+            self.reply_tail = None
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise UpdateError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
         if self.objective == "kto" and self.batch_size < 2:

@@ -446,7 +446,7 @@ class LoRAUpdater:
                 from_reference = objective in UNPAIRED and engine.weights_id == engine.base_fingerprint
                 # (the reference reuse outermost: it must see the whole row's inputs and outputs; the reply's tail
                 # before the frozen prefix, which splits each row at its first scored column)
-                tail = self.config.reply_tail
+                tail = self.config.reply_tail if objective != "sft" else None  # (sft: a mean over the reply)
                 with _score_completions_only(), \
                         _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt \
                         else contextlib.nullcontext(), \
