@@ -108,6 +108,17 @@ def _score_completions_only():
 
 
 @contextlib.contextmanager
+def _forward_wrapped(model, wrap):
+    """``model.forward`` replaced by ``wrap(original)`` while the block runs, then put back. The wrappers below
+    (each an update setting) nest, each seeing what the one outside it passes on."""
+    original = model.forward
+    model.forward = wrap(original)
+    try:
+        yield
+    finally:
+        model.forward = original
+
+
 def _reference_from_policy(model):
     """An update that starts from the base weights (a conversation's first): the reference forward of its
     first step answered by the policy forward just before it, detached, since the policy then is the reference.
@@ -117,26 +128,24 @@ def _reference_from_policy(model):
     so the second forward (a quarter of an update's work) is dropped. Only the first no-grad call after a
     policy call on the very same tensors is answered so; once one is, later ones (after an optimizer step the
     policy has moved) run as usual. A trainer that calls in another order simply runs both."""
-    original = model.forward
-    last = {}
+    def wrap(original):
+        last = {}
 
-    def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
-            out = original(*args, **kwargs)
-            last["inputs"], last["out"] = (kwargs.get("input_ids"), kwargs.get("labels")), out
-            return out
-        held, (ids, labels) = last.pop("out", None), last.pop("inputs", (None, None))
-        if held is not None and not args and ids is not None and ids is kwargs.get("input_ids") \
-                and labels is kwargs.get("labels"):
-            model.forward = original  # one reuse per update
-            return type(held)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in held.items()})
-        return original(*args, **kwargs)
+        def forward(*args, **kwargs):
+            if torch.is_grad_enabled():
+                out = original(*args, **kwargs)
+                last["inputs"], last["out"] = (kwargs.get("input_ids"), kwargs.get("labels")), out
+                return out
+            held, (ids, labels) = last.pop("out", None), last.pop("inputs", (None, None))
+            if held is not None and not args and ids is not None and ids is kwargs.get("input_ids") \
+                    and labels is kwargs.get("labels"):
+                model.forward = original  # one reuse per update
+                return type(held)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in held.items()})
+            return original(*args, **kwargs)
 
-    model.forward = forward
-    try:
-        yield
-    finally:
-        model.forward = original
+        return forward
+
+    return _forward_wrapped(model, wrap)
 
 
 def _last_labelled(labels: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -146,7 +155,6 @@ def _last_labelled(labels: torch.Tensor, tokens: int) -> torch.Tensor:
     return labels.masked_fill(labelled & (from_end > tokens), -100)
 
 
-@contextlib.contextmanager
 def _score_reply_tail(model, tokens: int):
     """An update that scores only the last ``tokens`` of each reply (``UpdateConfig.reply_tail``).
 
@@ -155,19 +163,16 @@ def _score_reply_tail(model, tokens: int):
     ``model(..., labels=..., fused_lm_head=True)``; masking the labels at that call keeps both sums over the same
     tokens. The reply's earlier tokens stay in the row as context. Under ``frozen_prompt`` (inside this wrapper) the
     first labelled column then lies near the reply's end, so the no-gradient prefix takes the reply's head too."""
-    original = model.forward
+    def wrap(original):
+        def forward(*args, **kwargs):
+            labels = kwargs.get("labels")
+            if torch.is_tensor(labels) and kwargs.get("fused_lm_head"):
+                kwargs["labels"] = _last_labelled(labels, tokens)
+            return original(*args, **kwargs)
 
-    def forward(*args, **kwargs):
-        labels = kwargs.get("labels")
-        if torch.is_tensor(labels) and kwargs.get("fused_lm_head"):
-            kwargs["labels"] = _last_labelled(labels, tokens)
-        return original(*args, **kwargs)
+        return forward
 
-    model.forward = forward
-    try:
-        yield
-    finally:
-        model.forward = original
+    return _forward_wrapped(model, wrap)
 
 
 def _read_only_cache(cache):
@@ -213,53 +218,54 @@ def _prompt_as_frozen_prefix(model):
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    original = model.forward
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     # an older transformers strips any cache from a checkpointed block: the prefix would silently go unread
     can_checkpoint = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = base.base_model
 
-    def forward(*args, **kwargs):
-        ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
-        unknown = [k for k, v in kwargs.items() if torch.is_tensor(v) and k not in ("input_ids", "attention_mask",
-                                                                                      "labels")]
-        split = 0
-        if not (args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head")
-                or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None
-                or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks))):
-            labelled = labels != -100
-            rows = labelled.any(dim=1)
-            if rows.any():
-                split = int(labelled.int().argmax(dim=1)[rows].min()) - 1
-        if split < 1:
-            return original(*args, **kwargs)
-        # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
-        prefix = DynamicCache(config=backbone.config)
-        with torch.no_grad():
-            backbone(input_ids=ids[:, :split], attention_mask=None if mask is None else mask[:, :split],
-                     past_key_values=prefix)
-        cache = _read_only_cache(prefix)
-        if cache is None:
-            return original(*args, **kwargs)
-        out = original(**{**kwargs, "input_ids": ids[:, split:], "labels": labels[:, split:],
-                          "past_key_values": cache})
-        width = ids.shape[1] - split - 1  # the reply part's next-token positions
+    def wrap(original):
+        def forward(*args, **kwargs):
+            ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
+            unknown = [k for k, v in kwargs.items()
+                       if torch.is_tensor(v) and k not in ("input_ids", "attention_mask", "labels")]
+            split = 0
+            if not (args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head")
+                    or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None
+                    or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks))):
+                labelled = labels != -100
+                rows = labelled.any(dim=1)
+                if rows.any():
+                    split = int(labelled.int().argmax(dim=1)[rows].min()) - 1
+            if split < 1:
+                return original(*args, **kwargs)
+            # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
+            prefix = DynamicCache(config=backbone.config)
+            with torch.no_grad():
+                backbone(input_ids=ids[:, :split], attention_mask=None if mask is None else mask[:, :split],
+                         past_key_values=prefix)
+            cache = _read_only_cache(prefix)
+            if cache is None:
+                return original(*args, **kwargs)
+            out = original(**{**kwargs, "input_ids": ids[:, split:], "labels": labels[:, split:],
+                              "past_key_values": cache})
+            width = ids.shape[1] - split - 1  # the reply part's next-token positions
 
-        def whole_row(value):
-            if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
-                return value
-            return torch.cat([value.new_zeros(value.shape[0], split), value], dim=1)
+            def whole_row(value):
+                if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
+                    return value
+                return torch.cat([value.new_zeros(value.shape[0], split), value], dim=1)
 
-        return type(out)(**{key: whole_row(value) for key, value in out.items()})
+            return type(out)(**{key: whole_row(value) for key, value in out.items()})
+
+        return forward
 
     for block in blocks:
         block._can_checkpoint_with_cache = True  # the suffix only reads the prefix (see _read_only_cache)
-    model.forward = forward
     try:
-        yield
+        with _forward_wrapped(model, wrap):
+            yield
     finally:
-        model.forward = original
         for block in blocks:
             block.__dict__.pop("_can_checkpoint_with_cache", None)
 
