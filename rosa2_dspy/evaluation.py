@@ -78,7 +78,8 @@ def prepare_run_dir(out: str | os.PathLike, config: dict, *, resume_keys: tuple[
         differs = [k for k in resume_keys if old.get(k) != config.get(k)]
         if differs:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differs)
-            raise RunError(f"{out} holds a run with other settings ({detail}); use another --out")
+            raise RunError(f"{out} holds a run with other settings ({detail}); to resume it, ask for the settings "
+                           "it holds (left of each arrow), or use another --out")
     write_json_atomic(config_path, config)
     return out
 

@@ -238,6 +238,17 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     # activation checkpointing changes how an update runs, not what it gives: not part of the folder's identity
     assert main([*compare, "--limit", "1", "--activation-checkpointing"]) == 0
     assert "activation_checkpointing" not in json.loads((cmp / "config.json").read_text())
+    # the update over the replies' last 128 tokens became the default in session 22: a folder from before ran whole
+    # rows, and resumes only when asked for them (--reply-tail 0: the whole reply, recorded as before, null)
+    config = json.loads((cmp / "config.json").read_text())
+    assert (config["frozen_prompt"], config["reply_tail"]) == (True, 128)
+    (cmp / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                 if k not in ("frozen_prompt", "reply_tail")}))
+    assert main([*compare, "--limit", "1"]) == 2
+    assert "frozen_prompt: False -> True, reply_tail: None -> 128" in capsys.readouterr().err
+    assert main([*compare, "--limit", "1", "--no-frozen-prompt", "--reply-tail", "0"]) == 0
+    config = json.loads((cmp / "config.json").read_text())
+    assert (config["frozen_prompt"], config["reply_tail"]) == (False, None)
 
 
 def test_the_adapter_flags_reach_the_weights_step():

@@ -164,18 +164,20 @@ def session_identity(args) -> dict:
     if args.user not in USERS:
         raise CLIError(f"unknown --user {args.user!r}; choose from: {', '.join(USERS)}")
     values = {name: getattr(args, name) for name in SESSION_SETTINGS}
-    identity = {"user": args.user, **{name: v for name, v in values.items() if SESSION_SETTINGS[name].identity}}
     from rosa2_dspy.experiments import session_configs
 
     try:  # a bad value (--lora-layers 0: UpdateConfig's UpdateError) stops here, before a run folder is made
-        session, _ = session_configs(values, max_tokens=getattr(args, "max_tokens", 1024))
+        session, update = session_configs(values, max_tokens=getattr(args, "max_tokens", 1024))
         if getattr(args, "method", None):
             from rosa2_dspy.coadapt import check_policy_settings
 
             check_policy_settings(POLICIES[args.method], session)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    return identity
+    # each setting as the configs hold it (--reply-tail 0 is the whole reply, None, as a folder from before has it)
+    configs = {"session": session, "update": update}
+    return {"user": args.user, **{name: getattr(configs[s.config], s.field) for name, s in SESSION_SETTINGS.items()
+                                  if s.identity}}
 
 
 def train_val(args) -> tuple[list, list]:
