@@ -162,7 +162,7 @@ def session_update_config(**overrides) -> UpdateConfig:
     T <= 3 and samples <= 2. ``max_length`` (prompt plus reply tokens; TRL cuts longer rows from the right)
     must cover a whole reply, or the update never sees the final answer it is about: the default fits a
     1024-token reply. The update scores each reply's last 128 tokens (``reply_tail``), where its final answer
-    is, and runs the prompt and the reply's head once without gradients (``frozen_prompt``): 2.2-2.7x cheaper
+    is, and runs the prompt and the reply's head once without gradients (``frozen_prompt``): 1.8-2.7x cheaper
     than whole rows on the 1.5B default, and no worse on MATH train problems (BENCHMARKS.md, session 22).
     ``None`` overrides are ignored."""
     values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536,
