@@ -580,6 +580,61 @@ def test_a_frozen_prompt_scores_the_replies_the_same_and_takes_their_gradient_on
     assert all("_can_checkpoint_with_cache" not in vars(m) for m in model.modules())
 
 
+def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own_prefix(tokenizer):
+    """``frozen_prompt`` with rows whose first scored column differs (replies of different lengths under a reply
+    tail): the log-probabilities are the whole rows', and the gradient is the sum of each row's own, against its
+    own detached prefix, not the one a prefix shared at the earliest column gives."""
+    from transformers.cache_utils import DynamicCache
+
+    from rosa2_dspy.weights.updater import _last_labelled, _prompt_as_frozen_prefix
+
+    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
+    model = engine.peft_model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids, mask, labels, _ = _kto_batch(tokenizer)
+    labels = _last_labelled(labels, 1)  # each reply's last token: the replies differ in length
+    splits = ((labels != -100).int().argmax(dim=1) - 1).tolist()
+    assert splits[0] != splits[1]
+    model.train()
+    whole, _ = _scored(model, ids, mask, labels)
+    with _prompt_as_frozen_prefix(model):
+        frozen, frozen_grads = _scored(model, ids, mask, labels)
+    torch.testing.assert_close(frozen, whole, rtol=1e-5, atol=1e-5)
+    for items in (None, 7):  # the loss (SFT's): over the labelled tokens, or a count the trainer gives
+        extra = {} if items is None else {"num_items_in_batch": items}
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra).loss
+        with _prompt_as_frozen_prefix(model):
+            split = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra).loss
+        torch.testing.assert_close(split.detach(), plain, rtol=1e-5, atol=1e-6)
+
+    def own_prefix_grads(shared: int | None):
+        model.zero_grad(set_to_none=True)
+        backbone = model.get_base_model().base_model
+        for row, split in enumerate(splits):
+            split = shared or split
+            end = int(mask[row].nonzero().max()) + 1
+            with torch.no_grad():
+                prefix = DynamicCache(config=backbone.config)
+                backbone(input_ids=ids[row:row + 1, :split], attention_mask=mask[row:row + 1, :split],
+                         past_key_values=prefix)
+            out = model(input_ids=ids[row:row + 1, split:end], attention_mask=mask[row:row + 1, :end],
+                        labels=labels[row:row + 1, split:end], fused_lm_head=True, past_key_values=prefix)
+            out.log_probs.sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, shared = own_prefix_grads(None), own_prefix_grads(min(splits))
+    for name, grad in frozen_grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7)
+    differs = [not torch.allclose(expected[n], shared[n], rtol=1e-3, atol=1e-6) for n in expected]
+    assert sum(differs) >= len(differs) // 2, "a shared prefix would give another gradient"
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, checkpointing):
     """Through ``LoRAUpdater``: with ``frozen_prompt`` the blocks run with gradients over the reply columns only
@@ -601,8 +656,11 @@ def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, ch
         widths[frozen], states[frozen] = seen, {k: v.clone() for k, v in engine.adapter_state().items()}
     (kind, whole), = widths[False]  # one policy forward; the reference is the policy's (from the base weights)
     assert kind == "grad"
-    (kind, prompt), (kind2, reply) = widths[True]
-    assert (kind, kind2) == ("no grad", "grad") and prompt + reply == whole and reply < whole / 2 + 8
+    # the prompts differ in length: each row runs on its own, its prompt without gradients, then its reply with
+    # them up to its last real token (a shared prefix would put the longer prompt's end under gradients)
+    (kind, prompt), (kind2, reply), (kind3, prompt2), (kind4, reply2) = widths[True]
+    assert (kind, kind2, kind3, kind4) == ("no grad", "grad") * 2 and prompt != prompt2
+    assert max(prompt + reply, prompt2 + reply2) == whole and reply + reply2 < 2 * (whole - min(prompt, prompt2))
     assert not same_state(states[False], states[True])
 
 

@@ -210,11 +210,13 @@ def _prompt_as_frozen_prefix(model):
     values, so it is a different update, chosen on train problems, not a free speed-up.
 
     It works at TRL's call ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` (every
-    trainer's policy forward with its fused LM head): the columns before the first labelled one, less one (whose
-    hidden state predicts the first reply token), are the prefix, which is every row's prompt or padding under
-    KTO's left-padded prompts, and a common prompt start under right padding. The per-token outputs are padded
-    back to the whole row with zeros, TRL's value where the label is -100, so TRL sees the shapes it asked for.
-    Any other call (no gradients: the reference forward; inputs it does not know) runs the whole row."""
+    trainer's policy forward with its fused LM head): a row's columns before its first labelled one, less one (whose
+    hidden state predicts the first reply token), are its prefix: its prompt, with KTO's left padding, and under
+    ``reply_tail`` the reply's head too. Rows whose prefixes are as wide run as one batch; otherwise each row runs
+    on its own, up to its last real token, so that a row's gradient never depends on the other rows of its batch.
+    The per-token outputs are padded back to the whole row with zeros, TRL's value where the label is -100, so TRL
+    sees the shapes it asked for. Any other call (no gradients: the reference forward; inputs it does not know)
+    runs the whole row."""
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -225,20 +227,11 @@ def _prompt_as_frozen_prefix(model):
     backbone = base.base_model
 
     def wrap(original):
-        def forward(*args, **kwargs):
-            ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
-            unknown = [k for k, v in kwargs.items()
-                       if torch.is_tensor(v) and k not in ("input_ids", "attention_mask", "labels")]
-            split = 0
-            if not (args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head")
-                    or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None
-                    or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks))):
-                labelled = labels != -100
-                rows = labelled.any(dim=1)
-                if rows.any():
-                    split = int(labelled.int().argmax(dim=1)[rows].min()) - 1
-            if split < 1:
-                return original(*args, **kwargs)
+        def with_prefix(kwargs, split: int, end: int):
+            """The columns ``split:end`` of every row of ``kwargs`` with gradients, after the columns before ``split``
+            as a no-gradient cached prefix; per-token outputs padded with zeros to the whole row. None: the prefix
+            cannot be cached (another kind of cache)."""
+            ids, labels, mask = kwargs["input_ids"], kwargs["labels"], kwargs.get("attention_mask")
             # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
             prefix = DynamicCache(config=backbone.config)
             with torch.no_grad():
@@ -246,17 +239,52 @@ def _prompt_as_frozen_prefix(model):
                          past_key_values=prefix)
             cache = _read_only_cache(prefix)
             if cache is None:
-                return original(*args, **kwargs)
-            out = original(**{**kwargs, "input_ids": ids[:, split:], "labels": labels[:, split:],
-                              "past_key_values": cache})
-            width = ids.shape[1] - split - 1  # the reply part's next-token positions
+                return None
+            out = original(**{**kwargs, "input_ids": ids[:, split:end], "labels": labels[:, split:end],
+                              "attention_mask": None if mask is None else mask[:, :end], "past_key_values": cache})
+            width = end - split - 1  # the suffix's next-token positions
 
             def whole_row(value):
                 if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
                     return value
-                return torch.cat([value.new_zeros(value.shape[0], split), value], dim=1)
+                return torch.cat([value.new_zeros(value.shape[0], split), value,
+                                  value.new_zeros(value.shape[0], ids.shape[1] - end)], dim=1)
 
             return type(out)(**{key: whole_row(value) for key, value in out.items()})
+
+        def forward(*args, **kwargs):
+            ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
+            unknown = [k for k, v in kwargs.items()
+                       if torch.is_tensor(v) and k not in ("input_ids", "attention_mask", "labels")]
+            if args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head") \
+                    or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None \
+                    or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks)):
+                return original(*args, **kwargs)
+            labelled = labels != -100
+            if not labelled.any(dim=1).all():
+                return original(*args, **kwargs)
+            splits = (labelled.int().argmax(dim=1) - 1).tolist()
+            if min(splits) < 1:
+                return original(*args, **kwargs)
+            if len(set(splits)) == 1:  # one prefix for every row (one prompt, the whole replies scored)
+                out = with_prefix(kwargs, splits[0], ids.shape[1])
+                return original(*args, **kwargs) if out is None else out
+            # rows whose scored part starts at different columns (replies of different lengths under reply_tail,
+            # prompts of different lengths under right padding): each row on its own, its prefix its own and its
+            # suffix ending at its last real token, so that no row takes gradients through another's prefix width
+            ends = [ids.shape[1] if mask is None else int(m.nonzero().max()) + 1 for m in mask]
+            rows = [with_prefix({**kwargs, **{k: kwargs[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")
+                                              if kwargs.get(k) is not None}}, split, end)
+                    for i, (split, end) in enumerate(zip(splits, ends))]
+            if any(row is None for row in rows) or kwargs.get("output_router_logits"):
+                return original(*args, **kwargs)
+            joined = {key: torch.cat([row[key] for row in rows]) for key, value in rows[0].items()
+                      if torch.is_tensor(value) and value.dim() == 2}
+            items = kwargs.get("num_items_in_batch")
+            # the fused head's loss: minus the log-probabilities' sum over the labelled tokens (or the given count)
+            joined["loss"] = -joined["log_probs"].sum() / (joined["label_mask"].sum().clamp(min=1) if items is None
+                                                           else items)
+            return type(rows[0])(**joined)
 
         return forward
 
