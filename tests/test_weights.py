@@ -503,8 +503,9 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_update(to
 
 
 def _kto_batch(tokenizer):
-    """Two rows laid out as TRL's KTO collator lays them out: prompts left-padded, replies right-padded, the
-    labels the reply tokens (-100 elsewhere). The prompts differ in length, so the first row's is padded."""
+    """Two rows with left-padded prompts and right-padded replies, the labels the reply tokens (-100 elsewhere):
+    a layout where every row's reply starts at one column (TRL's KTO collator right-pads prompt and reply
+    together, the layout of the updater tests). The prompts differ in length, so the first row's is padded."""
     prompts = [tokenizer.encode("What is 2+3?"), tokenizer.encode("Tell me, please, what is 12 times 3?")]
     replies = [tokenizer.encode(" 2+3=5, so 5."), tokenizer.encode(" 36")]
     p, r = max(map(len, prompts)), max(map(len, replies))
@@ -633,6 +634,27 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7)
     differs = [not torch.allclose(expected[n], shared[n], rtol=1e-3, atol=1e-6) for n in expected]
     assert sum(differs) >= len(differs) // 2, "a shared prefix would give another gradient"
+    # a row with nothing scored (its reply cut off) scores zeros and leaves the other's gradient as it was; no mask
+    cut = labels.clone()
+    cut[1] = -100
+    with _prompt_as_frozen_prefix(model):
+        alone, alone_grads = _scored(model, ids, mask, cut)
+    assert (alone[1] == 0).all()
+    torch.testing.assert_close(alone[0], frozen[0], rtol=1e-5, atol=1e-5)
+    splits = splits[:1]
+    first_only = own_prefix_grads(None)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(grad, first_only[name], rtol=1e-4, atol=1e-7)
+    # no attention mask (rows without padding): the same row twice, scored on its last token and the one before
+    row = ids[:1, mask[0].bool()]
+    twice, scored = row.repeat(2, 1), torch.full((2, row.shape[1]), -100)
+    scored[0, -1], scored[1, -2] = row[0, -1], row[0, -2]
+    with torch.no_grad():
+        plain = model(input_ids=twice, labels=scored, fused_lm_head=True).log_probs
+    with _prompt_as_frozen_prefix(model):
+        split_rows = model(input_ids=twice, labels=scored, fused_lm_head=True).log_probs
+    torch.testing.assert_close(split_rows.detach(), plain, rtol=1e-5, atol=1e-5)
+    assert (plain != 0).sum() == 2
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -702,7 +724,13 @@ def test_an_update_on_the_replies_tails_with_a_frozen_prompt_runs_the_rest_witho
         engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
         updater = LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1, frozen_prompt=True,
                                            reply_tail=reply_tail))
+        first = []
+        hook = engine.peft_model.get_base_model().model.layers[0].register_forward_pre_hook(
+            lambda module, args: first.append(torch.is_grad_enabled()))
         updater.update(rows)  # the weights move off the base: the next update runs its reference forward
+        hook.remove()
+        # from the base weights the reference is the policy's forward: the prefix and the suffix, nothing more
+        assert first == [False, True]
         calls, widths = [], []
         base = engine.peft_model.get_base_model()
         base.register_forward_pre_hook(lambda module, args, kwargs: calls.append(

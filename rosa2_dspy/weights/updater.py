@@ -211,8 +211,8 @@ def _prompt_as_frozen_prefix(model):
 
     It works at TRL's call ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` (every
     trainer's policy forward with its fused LM head): a row's columns before its first labelled one, less one (whose
-    hidden state predicts the first reply token), are its prefix: its prompt, with KTO's left padding, and under
-    ``reply_tail`` the reply's head too. Rows whose prefixes are as wide run as one batch; otherwise each row runs
+    hidden state predicts the first reply token), are its prefix: its prompt (TRL right-pads prompt and reply
+    together), and under ``reply_tail`` the reply's head too. Rows whose prefixes are as wide run as one batch; otherwise each row runs
     on its own, up to its last real token, so that a row's gradient never depends on the other rows of its batch.
     The per-token outputs are padded back to the whole row with zeros, TRL's value where the label is -100, so TRL
     sees the shapes it asked for. Any other call (no gradients: the reference forward; inputs it does not know)
@@ -258,33 +258,40 @@ def _prompt_as_frozen_prefix(model):
                        if torch.is_tensor(v) and k not in ("input_ids", "attention_mask", "labels")]
             if args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head") \
                     or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None \
+                    or kwargs.get("output_router_logits") \
                     or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks)):
                 return original(*args, **kwargs)
             labelled = labels != -100
-            if not labelled.any(dim=1).all():
-                return original(*args, **kwargs)
+            scored = labelled.any(dim=1).tolist()
             splits = (labelled.int().argmax(dim=1) - 1).tolist()
-            if min(splits) < 1:
+            if not any(scored):
                 return original(*args, **kwargs)
-            if len(set(splits)) == 1:  # one prefix for every row (one prompt, the whole replies scored)
+            if all(scored) and len(set(splits)) == 1 and splits[0] >= 1:  # one prefix for every row
                 out = with_prefix(kwargs, splits[0], ids.shape[1])
                 return original(*args, **kwargs) if out is None else out
             # rows whose scored part starts at different columns (replies of different lengths under reply_tail,
-            # prompts of different lengths under right padding): each row on its own, its prefix its own and its
-            # suffix ending at its last real token, so that no row takes gradients through another's prefix width
-            ends = [ids.shape[1] if mask is None else int(m.nonzero().max()) + 1 for m in mask]
-            rows = [with_prefix({**kwargs, **{k: kwargs[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")
-                                              if kwargs.get(k) is not None}}, split, end)
-                    for i, (split, end) in enumerate(zip(splits, ends))]
-            if any(row is None for row in rows) or kwargs.get("output_router_logits"):
-                return original(*args, **kwargs)
-            joined = {key: torch.cat([row[key] for row in rows]) for key, value in rows[0].items()
-                      if torch.is_tensor(value) and value.dim() == 2}
+            # prompts of different lengths under TRL's right padding): each row on its own, its prefix its own and
+            # its suffix ending at its last real token, so that no row takes gradients through another's prefix
+            # width; a row with nothing scored (its reply cut by max_length) runs nowhere and scores zeros
+            rows = []
+            for i, (split, keep) in enumerate(zip(splits, scored)):
+                if not keep:
+                    rows.append(None)
+                    continue
+                one = {**kwargs, **{k: kwargs[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")
+                                    if kwargs.get(k) is not None}}
+                end = ids.shape[1] if mask is None else int(mask[i].nonzero().max()) + 1
+                out = with_prefix(one, split, end) if split >= 1 else None
+                rows.append(original(**one) if out is None else out)
+            template = next(row for row in rows if row is not None)
+            joined = {key: torch.cat([template[key].new_zeros(template[key].shape) if row is None else row[key]
+                                      for row in rows])
+                      for key, value in template.items() if torch.is_tensor(value) and value.dim() == 2}
             items = kwargs.get("num_items_in_batch")
             # the fused head's loss: minus the log-probabilities' sum over the labelled tokens (or the given count)
             joined["loss"] = -joined["log_probs"].sum() / (joined["label_mask"].sum().clamp(min=1) if items is None
                                                            else items)
-            return type(rows[0])(**joined)
+            return type(template)(**joined)
 
         return forward
 
