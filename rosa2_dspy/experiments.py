@@ -113,6 +113,10 @@ SESSION_SETTINGS: dict[str, Setting] = {
                              "weights step: run each row's prompt once without gradients, as a cached prefix, and "
                              "train on the reply columns only: cheaper by about the prompt's share of a row, and a "
                              "different update (no gradient through the prompt's positions)", legacy=(False,)),
+    "prefix_per_row": Setting("update", "prefix_per_row",
+                              "weights step with --frozen-prompt: rows whose scored part starts at different columns "
+                              "each run on their own prefix, not all at the batch's earliest one (cheaper with "
+                              "--reply-tail, and no row's update depends on the others in its batch)"),
     "reply_tail": Setting("update", "reply_tail",
                           "weights step: score only each reply's last N tokens, where its final answer is (0: the "
                           "whole reply; sft always scores the whole reply); with --frozen-prompt the reply's head "

@@ -279,6 +279,10 @@ def test_the_adapter_flags_reach_the_weights_step():
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--reply-tail", "0"])
     assert session_configs(vars(args), max_tokens=8)[1].reply_tail is None  # 0: the whole reply
     assert session_configs({"objective": "sft"}, max_tokens=8)[1].reply_tail == 128  # kept; sft ignores it
+    # --prefix-per-row (off: one prefix per batch, the split the train rule chose) and its variant
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x", "--prefix-per-row"])
+    assert session_configs(vars(args), max_tokens=8)[1].prefix_per_row is True and default.prefix_per_row is False
+    assert parse_method("rosa2@prefix_per_row=true") == ("rosa2", {"prefix_per_row": True})
     assert parse_method("ttt@reply_tail=128@frozen_prompt=true") == ("ttt", {"reply_tail": 128, "frozen_prompt": True})
 
 

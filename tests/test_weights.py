@@ -582,9 +582,10 @@ def test_a_frozen_prompt_scores_the_replies_the_same_and_takes_their_gradient_on
 
 
 def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own_prefix(tokenizer):
-    """``frozen_prompt`` with rows whose first scored column differs (replies of different lengths under a reply
-    tail): the log-probabilities are the whole rows', and the gradient is the sum of each row's own, against its
-    own detached prefix, not the one a prefix shared at the earliest column gives."""
+    """``frozen_prompt`` with ``prefix_per_row`` and rows whose first scored column differs (replies of different
+    lengths under a reply tail): the log-probabilities are the whole rows', and the gradient is the sum of each
+    row's own, against its own detached prefix, not the one a prefix shared at the earliest column gives (which is
+    what the batched split, the default, gives)."""
     from transformers.cache_utils import DynamicCache
 
     from rosa2_dspy.weights.updater import _last_labelled, _prompt_as_frozen_prefix
@@ -603,14 +604,17 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
     assert splits[0] != splits[1]
     model.train()
     whole, _ = _scored(model, ids, mask, labels)
-    with _prompt_as_frozen_prefix(model):
+    with _prompt_as_frozen_prefix(model, per_row=True):
         frozen, frozen_grads = _scored(model, ids, mask, labels)
+    with _prompt_as_frozen_prefix(model):  # (one prefix for the batch, at its earliest scored column)
+        batched, batched_grads = _scored(model, ids, mask, labels)
     torch.testing.assert_close(frozen, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-5)
     for items in (None, 7):  # the loss (SFT's): over the labelled tokens, or a count the trainer gives
         extra = {} if items is None else {"num_items_in_batch": items}
         with torch.no_grad():
             plain = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra).loss
-        with _prompt_as_frozen_prefix(model):
+        with _prompt_as_frozen_prefix(model, per_row=True):
             split = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra).loss
         torch.testing.assert_close(split.detach(), plain, rtol=1e-5, atol=1e-6)
 
@@ -634,10 +638,12 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7)
     differs = [not torch.allclose(expected[n], shared[n], rtol=1e-3, atol=1e-6) for n in expected]
     assert sum(differs) >= len(differs) // 2, "a shared prefix would give another gradient"
+    for name, grad in batched_grads.items():  # ... which is the batched split's (one batch, padded: 1e-3)
+        torch.testing.assert_close(grad, shared[name], rtol=1e-3, atol=1e-6)
     # a row with nothing scored (its reply cut off) scores zeros and leaves the other's gradient as it was; no mask
     cut = labels.clone()
     cut[1] = -100
-    with _prompt_as_frozen_prefix(model):
+    with _prompt_as_frozen_prefix(model, per_row=True):
         alone, alone_grads = _scored(model, ids, mask, cut)
     assert (alone[1] == 0).all()
     torch.testing.assert_close(alone[0], frozen[0], rtol=1e-5, atol=1e-5)
@@ -651,14 +657,14 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
     scored[0, -1], scored[1, -2] = row[0, -1], row[0, -2]
     with torch.no_grad():
         plain = model(input_ids=twice, labels=scored, fused_lm_head=True).log_probs
-    with _prompt_as_frozen_prefix(model):
+    with _prompt_as_frozen_prefix(model, per_row=True):
         split_rows = model(input_ids=twice, labels=scored, fused_lm_head=True).log_probs
     torch.testing.assert_close(split_rows.detach(), plain, rtol=1e-5, atol=1e-5)
     assert (plain != 0).sum() == 2
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, checkpointing):
+@pytest.mark.parametrize("checkpointing,per_row", [(False, False), (True, False), (False, True)])
+def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, checkpointing, per_row):
     """Through ``LoRAUpdater``: with ``frozen_prompt`` the blocks run with gradients over the reply columns only
     (the prompt once, without), the first update still takes its reference from the policy forward, and the
     adapter moves, though not as the whole row's update moves it."""
@@ -668,7 +674,7 @@ def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, ch
     for frozen in (False, True):
         engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
         updater = LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1, frozen_prompt=frozen,
-                                           activation_checkpointing=checkpointing))
+                                           activation_checkpointing=checkpointing, prefix_per_row=per_row))
         seen = []
         block = engine.peft_model.get_base_model().model.layers[0]
         block.register_forward_pre_hook(lambda module, args: seen.append(
@@ -678,11 +684,14 @@ def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, ch
         widths[frozen], states[frozen] = seen, {k: v.clone() for k, v in engine.adapter_state().items()}
     (kind, whole), = widths[False]  # one policy forward; the reference is the policy's (from the base weights)
     assert kind == "grad"
-    # the prompts differ in length: each row runs on its own, its prompt without gradients, then its reply with
-    # them up to its last real token (a shared prefix would put the longer prompt's end under gradients)
-    (kind, prompt), (kind2, reply), (kind3, prompt2), (kind4, reply2) = widths[True]
-    assert (kind, kind2, kind3, kind4) == ("no grad", "grad") * 2 and prompt != prompt2
-    assert max(prompt + reply, prompt2 + reply2) == whole and reply + reply2 < 2 * (whole - min(prompt, prompt2))
+    if per_row:  # the prompts differ in length: each row on its own, its prompt without gradients, then its reply
+        # with them up to its last real token (a shared prefix puts the longer prompt's end under gradients)
+        (kind, prompt), (kind2, reply), (kind3, prompt2), (kind4, reply2) = widths[True]
+        assert (kind, kind2, kind3, kind4) == ("no grad", "grad") * 2 and prompt != prompt2
+        assert max(prompt + reply, prompt2 + reply2) == whole and reply + reply2 < 2 * (whole - min(prompt, prompt2))
+    else:  # one batch, split where the shorter prompt ends
+        (kind, prompt), (kind2, reply) = widths[True]
+        assert (kind, kind2) == ("no grad", "grad") and prompt + reply == whole and reply < whole / 2 + 8
     assert not same_state(states[False], states[True])
 
 

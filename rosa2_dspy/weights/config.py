@@ -40,6 +40,10 @@ class UpdateConfig:
     # only: cheaper by about the prompt's share of the row, and a different update (no gradient through the
     # prompt's own positions), so a design choice, not a free speed-up
     frozen_prompt: bool = False
+    # with frozen_prompt, rows whose scored part starts at different columns (replies of different lengths under
+    # reply_tail) each run on their own prefix (True), or all at the batch's earliest such column (False: a longer
+    # reply's head then takes gradients, and a row's update depends on the other rows of its batch)
+    prefix_per_row: bool = False
     # score only the last N tokens of each reply (None or 0: all of it): the loss, and the reference's
     # log-probabilities, cover the reply's end, where its final answer is; with frozen_prompt the reply's head joins
     # the no-gradient prefix, so an update's gradient work no longer grows with the reply's length. A design

@@ -199,7 +199,7 @@ def _read_only_cache(cache):
 
 
 @contextlib.contextmanager
-def _prompt_as_frozen_prefix(model):
+def _prompt_as_frozen_prefix(model, per_row: bool = False):
     """An update whose rows' prompts run once without gradients, as a cached prefix, and whose forward and backward
     (and activation checkpointing's recompute) cover the replies only (``UpdateConfig.frozen_prompt``).
 
@@ -212,8 +212,10 @@ def _prompt_as_frozen_prefix(model):
     It works at TRL's call ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` (every
     trainer's policy forward with its fused LM head): a row's columns before its first labelled one, less one (whose
     hidden state predicts the first reply token), are its prefix: its prompt (TRL right-pads prompt and reply
-    together), and under ``reply_tail`` the reply's head too. Rows whose prefixes are as wide run as one batch; otherwise each row runs
-    on its own, up to its last real token, so that a row's gradient never depends on the other rows of its batch.
+    together), and under ``reply_tail`` the reply's head too. The rows run as one batch, split at the earliest
+    such column, so a row whose scored part starts later (a longer reply under a tail, a longer prompt) takes
+    gradients from there; with ``per_row`` (``UpdateConfig.prefix_per_row``) rows whose splits differ run each on
+    its own, up to its last real token, so that a row's gradient never depends on the other rows of its batch.
     The per-token outputs are padded back to the whole row with zeros, TRL's value where the label is -100, so TRL
     sees the shapes it asked for. Any other call (no gradients: the reference forward; inputs it does not know)
     runs the whole row."""
@@ -266,8 +268,10 @@ def _prompt_as_frozen_prefix(model):
             splits = (labelled.int().argmax(dim=1) - 1).tolist()
             if not any(scored):
                 return original(*args, **kwargs)
-            if all(scored) and len(set(splits)) == 1 and splits[0] >= 1:  # one prefix for every row
-                out = with_prefix(kwargs, splits[0], ids.shape[1])
+            if not per_row or (all(scored) and len(set(splits)) == 1):
+                # one prefix for every row, up to the earliest column any row scores
+                split = min(split for split, keep in zip(splits, scored) if keep)
+                out = with_prefix(kwargs, split, ids.shape[1]) if split >= 1 else None
                 return original(*args, **kwargs) if out is None else out
             # rows whose scored part starts at different columns (replies of different lengths under reply_tail,
             # prompts of different lengths under TRL's right padding): each row on its own, its prefix its own and
@@ -489,8 +493,8 @@ class LoRAUpdater:
                 # before the frozen prefix, which splits each row at its first scored column)
                 tail = self.config.reply_tail if objective != "sft" else None  # (sft: a mean over the reply)
                 with _score_completions_only(), \
-                        _prompt_as_frozen_prefix(peft_model) if self.config.frozen_prompt \
-                        else contextlib.nullcontext(), \
+                        _prompt_as_frozen_prefix(peft_model, self.config.prefix_per_row) \
+                        if self.config.frozen_prompt else contextlib.nullcontext(), \
                         _score_reply_tail(peft_model, tail) if tail is not None else contextlib.nullcontext(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
                     trainer.train()
