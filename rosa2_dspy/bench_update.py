@@ -33,18 +33,20 @@ def _update_rows(limit: int = 8, completion_tokens: int | None = None, tokenizer
     rows = []
     for example in load_examples("train", levels="1", limit=limit, seed=0):
         problem = example.problem
-        prompt = [{"role": "system", "content": Answer.instructions},
-                  {"role": "user", "content": f"{problem}\n\n{FORMAT_REMINDER}"}]
-        if prompt_tokens:
-            def length(body: int) -> int:
-                prompt[1]["content"] = f"{_repeated(problem + chr(10) * 2, body, tokenizer)}\n\n{FORMAT_REMINDER}"
-                return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                         return_dict=True)["input_ids"])
 
+        def chat(text: str) -> list[dict]:
+            return [{"role": "system", "content": Answer.instructions},
+                    {"role": "user", "content": f"{text}\n\n{FORMAT_REMINDER}"}]
+
+        prompt = chat(problem)
+        if prompt_tokens:
             body = len(tokenizer.encode(problem, add_special_tokens=False))
             for _ in range(3):  # (tokens merge where the pieces meet: correct the body's length twice)
-                body = max(1, body + prompt_tokens - length(body))
-            length(body)
+                prompt = chat(_repeated(problem + "\n\n", body, tokenizer))
+                length = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                           return_dict=True)["input_ids"])
+                body = max(1, body + prompt_tokens - length)
+            prompt = chat(_repeated(problem + "\n\n", body, tokenizer))
         completion = example.solution
         if completion_tokens:
             completion = _repeated(completion, completion_tokens, tokenizer)
