@@ -1,0 +1,106 @@
+"""Activation checkpointing on and off under the session's default update (frozen_prompt, reply_tail=128, the
+adapter in float32, every block): machine seconds and peak memory of an update, on rows shaped like the main
+run's. Each setting runs in its own process (so each peak is its own), in the order off, on, on, off; within a
+process every row set runs twice from the same weights and the second is timed (the first builds the trainer).
+Row sets: a conversation's first update (one rejected 550-token reply), a later one (two rejected 550-token
+replies, from moved weights: its reference forward runs), and a mixed one (a rejected 1,000-token reply beside a
+desirable 200-token sample: the batch splits at the short reply's tail, so the long one's head runs with
+gradients). Prints JSON.
+Usage: python checkpointing_ab.py            (the parent: runs the children, prints the summary)
+       python checkpointing_ab.py child on|off"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+
+
+class Peak:
+    """The largest RSS seen while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
+def child(on: bool) -> dict:
+    import torch
+
+    from rosa2_dspy.bench_update import _update_rows
+    from rosa2_dspy.coadapt import session_update_config
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.weights import LoRAUpdater, kto_row
+
+    engine = LocalEngine.from_pretrained("default")
+    tok = engine.tokenizer
+    r550 = _update_rows(limit=4, completion_tokens=550, tokenizer=tok, prompt_tokens=470)
+    r1000 = _update_rows(limit=2, completion_tokens=1000, tokenizer=tok, prompt_tokens=470)
+    r200 = _update_rows(limit=3, completion_tokens=200, tokenizer=tok, prompt_tokens=470)
+    prompt = r550[0]["prompt"]
+    sets = {"first": [kto_row(prompt, r550[1]["completion"], False)],
+            "later": [kto_row(prompt, r550[1]["completion"], False), kto_row(prompt, r550[2]["completion"], False)],
+            "mixed": [kto_row(prompt, r1000[1]["completion"], False), kto_row(prompt, r200[2]["completion"], True)]}
+    updater = LoRAUpdater(engine, session_update_config(activation_checkpointing=on))
+    start = engine.snapshot()
+    base = rss_mib()
+    out = {"checkpointing": on, "dtype": str(engine.model.dtype), "threads": torch.get_num_threads(),
+           "rss_before_updates_mib": round(base)}
+    for name, rows in sets.items():
+        seconds, peaks = [], []
+        for rep in range(2):
+            engine.restore(start)
+            if name == "later":  # from moved weights, as a conversation's second update is
+                updater.update(sets["first"])
+            with Peak() as peak:
+                began = time.perf_counter()
+                result = updater.update(rows)
+                seconds.append(time.perf_counter() - began)
+            peaks.append(peak.peak)
+        out[name] = {"seconds": round(seconds[1], 2), "seconds_first_rep": round(seconds[0], 2),
+                     "peak_rss_mib": round(max(peaks)), "shift": round(result.update_shift, 5)}
+    out["peak_over_before_mib"] = round(max(out[n]["peak_rss_mib"] for n in sets) - base)
+    return out
+
+
+def main() -> None:
+    runs = []
+    for on in (False, True, True, False):
+        proc = subprocess.run([sys.executable, __file__, "child", "on" if on else "off"], check=True,
+                              capture_output=True, text=True)
+        runs.append(json.loads(proc.stdout))
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    summary = {"runs": runs}
+    for name in ("first", "later", "mixed"):
+        mean = {on: sum(r[name]["seconds"] for r in runs if r["checkpointing"] is on) / 2 for on in (False, True)}
+        peak = {on: max(r[name]["peak_rss_mib"] for r in runs if r["checkpointing"] is on) for on in (False, True)}
+        summary[name] = {"off_seconds": round(mean[False], 2), "on_seconds": round(mean[True], 2),
+                         "on_over_off": round(mean[True] / mean[False], 3),
+                         "off_peak_rss_mib": peak[False], "on_peak_rss_mib": peak[True]}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        print(json.dumps(child(sys.argv[2] == "on")))
+    else:
+        main()
