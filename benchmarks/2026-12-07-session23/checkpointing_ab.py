@@ -5,42 +5,18 @@ process every row set runs twice from the same weights and the second is timed (
 Row sets: a conversation's first update (one rejected 550-token reply), a later one (two rejected 550-token
 replies, from moved weights: its reference forward runs), and a mixed one (a rejected 1,000-token reply beside a
 desirable 200-token sample: the batch splits at the short reply's tail, so the long one's head runs with
-gradients). Prints JSON.
+gradients). Prints JSON. Each update's peak is the kernel's (``VmHWM`` after a reset, as `rosa2 bench update`
+reads it); the committed checkpointing-ab.json came from f03f323's copy of this script, which sampled RSS every
+5 ms in a thread instead.
 Usage: python checkpointing_ab.py            (the parent: runs the children, prints the summary)
        python checkpointing_ab.py child on|off"""
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2**20
-
-
-class Peak:
-    """The largest RSS seen while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_mib(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mib())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
+from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
 
 
 def child(on: bool) -> dict:
@@ -62,7 +38,8 @@ def child(on: bool) -> dict:
             "mixed": [kto_row(prompt, r1000[1]["completion"], False), kto_row(prompt, r200[2]["completion"], True)]}
     updater = LoRAUpdater(engine, session_update_config(activation_checkpointing=on))
     start = engine.snapshot()
-    base = rss_mib()
+    reset_peak_rss()  # (right after a reset, the peak is the process's memory now)
+    base = peak_rss_since_reset_mib()
     out = {"checkpointing": on, "dtype": str(engine.model.dtype), "threads": torch.get_num_threads(),
            "rss_before_updates_mib": round(base)}
     for name, rows in sets.items():
@@ -71,11 +48,11 @@ def child(on: bool) -> dict:
             engine.restore(start)
             if name == "later":  # from moved weights, as a conversation's second update is
                 updater.update(sets["first"])
-            with Peak() as peak:
-                began = time.perf_counter()
-                result = updater.update(rows)
-                seconds.append(time.perf_counter() - began)
-            peaks.append(peak.peak)
+            reset_peak_rss()
+            began = time.perf_counter()
+            result = updater.update(rows)
+            seconds.append(time.perf_counter() - began)
+            peaks.append(peak_rss_since_reset_mib())
         out[name] = {"seconds": round(seconds[1], 2), "seconds_first_rep": round(seconds[0], 2),
                      "peak_rss_mib": round(max(peaks)), "shift": round(result.update_shift, 5)}
     out["peak_over_before_mib"] = round(max(out[n]["peak_rss_mib"] for n in sets) - base)
