@@ -125,6 +125,11 @@ SESSION_SETTINGS: dict[str, Setting] = {
                                         "weights step: keep only each block's input and run its forward again in the "
                                         "backward pass: less memory, one more forward a step, the same update",
                                         identity=False),
+    "checkpointing_min_tokens": Setting("update", "checkpointing_min_tokens",
+                                        "with --activation-checkpointing: only an update forward over at least N "
+                                        "gradient tokens (rows x the columns that take gradients) checkpoints; a "
+                                        "smaller one keeps its few activations and runs as fast as without (0: "
+                                        "every forward); the same update to the bit", identity=False),
 }
 
 # what shapes the engine's one adapter (its blocks, its dtype): one value per engine, so no variant sets it, and a

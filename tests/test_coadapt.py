@@ -236,8 +236,9 @@ def test_eval_method_resumes_and_bench_compare_builds_the_report(tmp_path, tiny_
     assert main([*compare, "--limit", "1", "--adapter-dtype", "model"]) == 2
     assert "adapter_dtype: 'float32' -> 'model'" in capsys.readouterr().err
     # activation checkpointing changes how an update runs, not what it gives: not part of the folder's identity
-    assert main([*compare, "--limit", "1", "--activation-checkpointing"]) == 0
-    assert "activation_checkpointing" not in json.loads((cmp / "config.json").read_text())
+    assert main([*compare, "--limit", "1", "--activation-checkpointing", "--checkpointing-min-tokens", "512"]) == 0
+    assert {"activation_checkpointing", "checkpointing_min_tokens"}.isdisjoint(
+        json.loads((cmp / "config.json").read_text()))
     # the update over the replies' last 128 tokens became the default in session 22: a folder from before ran whole
     # rows, and resumes only when asked for them (--reply-tail 0: the whole reply, recorded as before, null)
     config = json.loads((cmp / "config.json").read_text())
@@ -261,6 +262,11 @@ def test_the_adapter_flags_reach_the_weights_step():
                                       "--adapter-dtype", "model", "--activation-checkpointing"])
     _, update = session_configs(vars(args), max_tokens=args.max_tokens)
     assert (update.layers, update.adapter_dtype, update.activation_checkpointing) == (3, "model", True)
+    assert update.checkpointing_min_tokens == 0  # every forward, unless asked
+    args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x",
+                                      "--activation-checkpointing", "--checkpointing-min-tokens", "1024"])
+    assert session_configs(vars(args), max_tokens=8)[1].checkpointing_min_tokens == 1024
+    assert parse_method("ttt@checkpointing_min_tokens=256") == ("ttt", {"checkpointing_min_tokens": 256})
     _, default = session_configs(vars(build_parser().parse_args(["bench", "compare", "--out", "x"])), max_tokens=8)
     assert (default.layers, default.adapter_dtype, default.activation_checkpointing) == (None, "float32", False)
     assert parse_method("ttt@activation_checkpointing=true") == ("ttt", {"activation_checkpointing": True})

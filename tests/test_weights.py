@@ -502,6 +502,42 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_update(to
         _block_forwards(engines[False], lambda: updaters[False].update(rows))
 
 
+
+def test_checkpointing_min_tokens_recomputes_only_forwards_that_large_and_gives_the_same_update(tokenizer):
+    """``checkpointing_min_tokens``: with activation checkpointing on, a forward with gradients over at least N
+    tokens (rows x columns) recomputes its blocks in the backward pass and a smaller one does not; the reference's
+    forward (no gradients) never does. The adapter is the same to the bit whichever forwards checkpoint. With each
+    row on its own prefix, the rows' forwards decide one by one."""
+    rows = [kto_row(PROMPT, BAD, False), kto_row([{"role": "user", "content": "What is 12 times 3, exactly?"}],
+                                                  GOOD, True)]
+
+    def run(**settings):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        updater = LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=2, **settings))
+        seen = []  # (gradients?, tokens) of each block-0 forward (hooks do not run in a recompute)
+        block = engine.peft_model.get_base_model().model.layers[0]
+        block.register_forward_pre_hook(lambda module, args: seen.append(
+            (torch.is_grad_enabled(), args[0].shape[0] * args[0].shape[1])))
+        calls = _block_forwards(engine, lambda: updater.update(rows))
+        return calls[0], seen, {k: v.clone() for k, v in engine.adapter_state().items()}
+
+    plain, seen, state = run()
+    (tokens,) = {n for grad, n in seen if grad}  # the policy forwards (step 1, step 2) cover the whole rows
+    assert (True, tokens) in seen and (False, tokens) in seen  # and the reference's, from moved weights
+    for min_tokens, recomputed in ((tokens + 1, 0), (tokens, 2), (1, 2)):
+        calls, _, moved = run(activation_checkpointing=True, checkpointing_min_tokens=min_tokens)
+        assert calls == plain + recomputed, min_tokens
+        assert same_state(moved, state)
+    # each row on its own prefix: two forwards with gradients a step, of different sizes; only the larger checkpoints
+    settings = dict(frozen_prompt=True, prefix_per_row=True)
+    plain, seen, state = run(**settings)
+    sizes = sorted({n for grad, n in seen if grad})
+    assert len(sizes) == 2
+    calls, _, moved = run(activation_checkpointing=True, checkpointing_min_tokens=sizes[1], **settings)
+    assert calls == plain + 2 and same_state(moved, state)
+    with pytest.raises(UpdateError, match="checkpointing_min_tokens"):
+        UpdateConfig(checkpointing_min_tokens=-1)
+
 def _kto_batch(tokenizer):
     """Two rows with left-padded prompts and right-padded replies, the labels the reply tokens (-100 elsewhere):
     a layout where every row's reply starts at one column (TRL's KTO collator right-pads prompt and reply

@@ -36,6 +36,10 @@ class UpdateConfig:
     # keep only each block's input and run the block's forward again in the backward pass (transformers' activation
     # checkpointing): memory for one more forward a step, the same update to the bit
     activation_checkpointing: bool = False
+    # with activation_checkpointing, only an update forward over at least this many gradient tokens (rows x the
+    # columns that take gradients) checkpoints; a smaller one keeps its activations, which are few, and runs as
+    # fast as without (0: every forward checkpoints). The update is the same to the bit either way
+    checkpointing_min_tokens: int = 0
     # run each row's prompt once without gradients, as a cached prefix, and the forward and backward over the reply
     # only: cheaper by about the prompt's share of the row, and a different update (no gradient through the
     # prompt's own positions), so a design choice, not a free speed-up
@@ -74,6 +78,9 @@ class UpdateConfig:
                 raise UpdateError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.layers is not None and int(self.layers) < 1:
             raise UpdateError(f"layers must be >= 1 or unset (every block), got {self.layers}")
+        if int(self.checkpointing_min_tokens) < 0:
+            raise UpdateError(f"checkpointing_min_tokens must be >= 0 (0: every forward), got "
+                              f"{self.checkpointing_min_tokens}")
         if self.reply_tail is not None and int(self.reply_tail) < 0:
             raise UpdateError(f"reply_tail must be >= 1, or 0 or unset (the whole reply), got {self.reply_tail}")
         if self.reply_tail == 0:

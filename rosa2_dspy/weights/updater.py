@@ -199,6 +199,46 @@ def _read_only_cache(cache):
 
 
 @contextlib.contextmanager
+def _checkpoint_large_forwards(model, min_tokens: int):
+    """Activation checkpointing for an update's large forwards only (``UpdateConfig.checkpointing_min_tokens``).
+
+    With checkpointing on (the Trainer turns it on for every block), a forward with gradients over at least
+    ``min_tokens`` tokens (its rows times its columns: under a frozen prefix, the columns that take gradients)
+    checkpoints as configured; a smaller one, and any forward without gradients (the reference's), keeps its
+    activations. A large forward is where checkpointing pays: a long reply under one prefix per batch kept 14.3 GB
+    of activations without it, 4.5 GB with it (BENCHMARKS.md, session 23); a small one's activations are few, and
+    checkpointing it only costs its recompute (1.18x a conversation's first update there). The blocks decide at
+    their forward, so the recompute in the backward pass follows the choice made then; the update is the same to
+    the bit either way."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def wrap(original):
+        def forward(*args, **kwargs):
+            configured = [block.gradient_checkpointing for block in blocks]
+            if not any(configured):
+                return original(*args, **kwargs)
+            tokens = kwargs.get("input_ids", args[0] if args else None)
+            if tokens is None:
+                tokens = kwargs.get("inputs_embeds")
+            large = torch.is_grad_enabled() and (
+                not torch.is_tensor(tokens) or tokens.shape[:2].numel() >= min_tokens)
+            for block, on in zip(blocks, configured):
+                block.gradient_checkpointing = on and large
+            try:
+                return original(*args, **kwargs)
+            finally:
+                for block, on in zip(blocks, configured):
+                    block.gradient_checkpointing = on
+
+        return forward
+
+    with _forward_wrapped(model, wrap):
+        yield
+
+
+@contextlib.contextmanager
 def _prompt_as_frozen_prefix(model, per_row: bool = False):
     """An update whose rows' prompts run once without gradients, as a cached prefix, and whose forward and backward
     (and activation checkpointing's recompute) cover the replies only (``UpdateConfig.frozen_prompt``).
@@ -492,7 +532,11 @@ class LoRAUpdater:
                 # (the reference reuse outermost: it must see the whole row's inputs and outputs; the reply's tail
                 # before the frozen prefix, which splits each row at its first scored column)
                 tail = self.config.reply_tail if objective != "sft" else None  # (sft: a mean over the reply)
+                # (the size check innermost: it must see the forward that takes gradients, a frozen prefix's suffix)
+                large_only = self.config.activation_checkpointing and self.config.checkpointing_min_tokens > 0
                 with _score_completions_only(), \
+                        _checkpoint_large_forwards(peft_model, self.config.checkpointing_min_tokens) \
+                        if large_only else contextlib.nullcontext(), \
                         _prompt_as_frozen_prefix(peft_model, self.config.prefix_per_row) \
                         if self.config.frozen_prompt else contextlib.nullcontext(), \
                         _score_reply_tail(peft_model, tail) if tail is not None else contextlib.nullcontext(), \
