@@ -228,3 +228,21 @@ def test_a_float32_run_prepacked_on_request_has_its_own_identity_and_a_bf16_one_
     assert identity("float32", False) == identity("float32", None)
     if supported("cpu", torch.bfloat16):
         assert identity("bfloat16", True) == identity("bfloat16", False) == identity("bfloat16", None)
+
+
+@needs_fp32
+def test_float32_prepacked_greedy_rows_equal_their_unbatched_replies(tokenizer):
+    """Issue 14's float32 guarantee holds with prepacked weights (``--prepack``, float32's opt-in): greedy rows of a
+    continuously batched run, joining and leaving, equal each prompt's unbatched reply token for token, both through
+    the packed copy. (Against the plain weights they may not: the packed product rounds differently.)"""
+    from rosa2_dspy.engine.continuous import Row
+    from test_decode import _alone, _decoder, _prompts
+
+    engine = LocalEngine(make_tiny_model(tokenizer, init=0.2), tokenizer, name="tiny", prepack=True)
+    assert engine.prepacked and packed_count(engine.model) == 15
+    prompts = _prompts(engine, 6)
+    budgets = [3, 17, 9, 25, 5, 12]
+    rows = _decoder(engine, max_rows=3).run([Row(ids, budget) for ids, budget in zip(prompts, budgets)])
+    assert len({tuple(r.generated[:3]) for r in rows}) > 1
+    for row, ids, budget in zip(rows, prompts, budgets):
+        assert row.generated == _alone(engine, ids, budget)
