@@ -8,18 +8,22 @@ desirable 200-token sample: the batch splits at the short reply's tail, so the l
 gradients). Prints JSON. Each update's peak is the kernel's (``VmHWM`` after a reset, as `rosa2 bench update`
 reads it); the committed checkpointing-ab.json came from f03f323's copy of this script, which sampled RSS every
 5 ms in a thread instead.
-Usage: python checkpointing_ab.py            (the parent: runs the children, prints the summary)
-       python checkpointing_ab.py child on|off"""
+``--min-tokens N`` (session 24): "on" checkpoints only an update forward over at least N gradient tokens
+(``UpdateConfig.checkpointing_min_tokens``; rows x the columns that take gradients: about 1 x 129 for a first update,
+2 x 129 for a later one, 2 x 930 for the mixed one); 0, the default, every forward, as session 23 ran it.
+Usage: python checkpointing_ab.py [--min-tokens N]   (the parent: runs the children, prints the summary)
+       python checkpointing_ab.py child on|off N"""
 
 import json
 import subprocess
 import sys
 import time
 
+from rosa2_dspy.models import cpu_description
 from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
 
 
-def child(on: bool) -> dict:
+def child(on: bool, min_tokens: int = 0) -> dict:
     import torch
 
     from rosa2_dspy.bench_update import _update_rows
@@ -36,11 +40,14 @@ def child(on: bool) -> dict:
     sets = {"first": [kto_row(prompt, r550[1]["completion"], False)],
             "later": [kto_row(prompt, r550[1]["completion"], False), kto_row(prompt, r550[2]["completion"], False)],
             "mixed": [kto_row(prompt, r1000[1]["completion"], False), kto_row(prompt, r200[2]["completion"], True)]}
-    updater = LoRAUpdater(engine, session_update_config(activation_checkpointing=on))
+    config = session_update_config(activation_checkpointing=on, checkpointing_min_tokens=min_tokens if on else 0)
+    updater = LoRAUpdater(engine, config)
     start = engine.snapshot()
     reset_peak_rss()  # (right after a reset, the peak is the process's memory now)
     base = peak_rss_since_reset_mib()
-    out = {"checkpointing": on, "dtype": str(engine.model.dtype), "threads": torch.get_num_threads(),
+    out = {"checkpointing": on, "min_tokens": config.checkpointing_min_tokens, "dtype": str(engine.model.dtype),
+           "adapter_dtype": config.adapter_dtype, "cpu": cpu_description(), "prepacked": engine.prepacked,
+           "threads": torch.get_num_threads(),
            "rss_before_updates_mib": round(base)}
     for name, rows in sets.items():
         seconds, peaks = [], []
@@ -59,10 +66,10 @@ def child(on: bool) -> dict:
     return out
 
 
-def main() -> None:
+def main(min_tokens: int = 0) -> None:
     runs = []
     for on in (False, True, True, False):
-        proc = subprocess.run([sys.executable, __file__, "child", "on" if on else "off"], check=True,
+        proc = subprocess.run([sys.executable, __file__, "child", "on" if on else "off", str(min_tokens)], check=True,
                               capture_output=True, text=True)
         runs.append(json.loads(proc.stdout))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
@@ -72,12 +79,13 @@ def main() -> None:
         peak = {on: max(r[name]["peak_rss_mib"] for r in runs if r["checkpointing"] is on) for on in (False, True)}
         summary[name] = {"off_seconds": round(mean[False], 2), "on_seconds": round(mean[True], 2),
                          "on_over_off": round(mean[True] / mean[False], 3),
-                         "off_peak_rss_mib": peak[False], "on_peak_rss_mib": peak[True]}
+                         "off_peak_rss_mib": peak[False], "on_peak_rss_mib": peak[True],
+                         "same_shift": len({r[name]["shift"] for r in runs}) == 1}
     print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
-        print(json.dumps(child(sys.argv[2] == "on")))
+        print(json.dumps(child(sys.argv[2] == "on", int(sys.argv[3]) if len(sys.argv) > 3 else 0)))
     else:
-        main()
+        main(int(sys.argv[sys.argv.index("--min-tokens") + 1]) if "--min-tokens" in sys.argv else 0)
