@@ -11,10 +11,12 @@ reads it); the committed checkpointing-ab.json came from f03f323's copy of this 
 ``--min-tokens N`` (session 24): "on" checkpoints only an update forward over at least N gradient tokens
 (``UpdateConfig.checkpointing_min_tokens``; rows x the columns that take gradients: about 1 x 129 for a first update,
 2 x 129 for a later one, 2 x 930 for the mixed one); 0, the default, every forward, as session 23 ran it.
-Usage: python checkpointing_ab.py [--min-tokens N]   (the parent: runs the children, prints the summary)
-       python checkpointing_ab.py child on|off N"""
+``--repeats R`` (session 24): R timed repetitions after the untimed first, their median reported (default 1).
+Usage: python checkpointing_ab.py [--min-tokens N] [--repeats R]   (the parent: runs the children, prints JSON)
+       python checkpointing_ab.py child on|off N R"""
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ from rosa2_dspy.models import cpu_description
 from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
 
 
-def child(on: bool, min_tokens: int = 0) -> dict:
+def child(on: bool, min_tokens: int = 0, repeats: int = 1) -> dict:
     import torch
 
     from rosa2_dspy.bench_update import _update_rows
@@ -51,7 +53,7 @@ def child(on: bool, min_tokens: int = 0) -> dict:
            "rss_before_updates_mib": round(base)}
     for name, rows in sets.items():
         seconds, peaks = [], []
-        for rep in range(2):
+        for rep in range(1 + repeats):
             engine.restore(start)
             if name == "later":  # from moved weights, as a conversation's second update is
                 updater.update(sets["first"])
@@ -60,16 +62,18 @@ def child(on: bool, min_tokens: int = 0) -> dict:
             result = updater.update(rows)
             seconds.append(time.perf_counter() - began)
             peaks.append(peak_rss_since_reset_mib())
-        out[name] = {"seconds": round(seconds[1], 2), "seconds_first_rep": round(seconds[0], 2),
+        out[name] = {"seconds": round(statistics.median(seconds[1:]), 2),
+                     "seconds_timed": [round(x, 2) for x in seconds[1:]], "seconds_first_rep": round(seconds[0], 2),
                      "peak_rss_mib": round(max(peaks)), "shift": round(result.update_shift, 5)}
     out["peak_over_before_mib"] = round(max(out[n]["peak_rss_mib"] for n in sets) - base)
     return out
 
 
-def main(min_tokens: int = 0) -> None:
+def main(min_tokens: int = 0, repeats: int = 1) -> None:
     runs = []
     for on in (False, True, True, False):
-        proc = subprocess.run([sys.executable, __file__, "child", "on" if on else "off", str(min_tokens)], check=True,
+        proc = subprocess.run([sys.executable, __file__, "child", "on" if on else "off", str(min_tokens),
+                               str(repeats)], check=True,
                               capture_output=True, text=True)
         runs.append(json.loads(proc.stdout))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
@@ -86,6 +90,7 @@ def main(min_tokens: int = 0) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
-        print(json.dumps(child(sys.argv[2] == "on", int(sys.argv[3]) if len(sys.argv) > 3 else 0)))
+        print(json.dumps(child(sys.argv[2] == "on", int(sys.argv[3]), int(sys.argv[4]))))
     else:
-        main(int(sys.argv[sys.argv.index("--min-tokens") + 1]) if "--min-tokens" in sys.argv else 0)
+        flag = lambda name: int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else None  # noqa: E731
+        main(flag("--min-tokens") or 0, flag("--repeats") or 1)
