@@ -128,8 +128,8 @@ SESSION_SETTINGS: dict[str, Setting] = {
     "checkpointing_min_tokens": Setting("update", "checkpointing_min_tokens",
                                         "with --activation-checkpointing: only an update forward over at least N "
                                         "gradient tokens (rows x the columns that take gradients) checkpoints; a "
-                                        "smaller one keeps its few activations and runs as fast as without (0: "
-                                        "every forward); the same update to the bit", identity=False),
+                                        "smaller one keeps its few activations and is not recomputed (0: every "
+                                        "forward); the same update to the bit", identity=False),
 }
 
 # what shapes the engine's one adapter (its blocks, its dtype): one value per engine, so no variant sets it, and a

@@ -502,7 +502,6 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_update(to
         _block_forwards(engines[False], lambda: updaters[False].update(rows))
 
 
-
 def test_checkpointing_min_tokens_recomputes_only_forwards_that_large_and_gives_the_same_update(tokenizer):
     """``checkpointing_min_tokens``: with activation checkpointing on, a forward with gradients over at least N
     tokens (rows x columns) recomputes its blocks in the backward pass and a smaller one does not; the reference's
@@ -537,6 +536,7 @@ def test_checkpointing_min_tokens_recomputes_only_forwards_that_large_and_gives_
     assert calls == plain + 2 and same_state(moved, state)
     with pytest.raises(UpdateError, match="checkpointing_min_tokens"):
         UpdateConfig(checkpointing_min_tokens=-1)
+
 
 def _kto_batch(tokenizer):
     """Two rows with left-padded prompts and right-padded replies, the labels the reply tokens (-100 elsewhere):

@@ -37,8 +37,8 @@ class UpdateConfig:
     # checkpointing): memory for one more forward a step, the same update to the bit
     activation_checkpointing: bool = False
     # with activation_checkpointing, only an update forward over at least this many gradient tokens (rows x the
-    # columns that take gradients) checkpoints; a smaller one keeps its activations, which are few, and runs as
-    # fast as without (0: every forward checkpoints). The update is the same to the bit either way
+    # columns that take gradients) checkpoints; a smaller one keeps its activations, which are few, and is not
+    # recomputed (0: every forward checkpoints). The update is the same to the bit either way
     checkpointing_min_tokens: int = 0
     # run each row's prompt once without gradients, as a cached prefix, and the forward and backward over the reply
     # only: cheaper by about the prompt's share of the row, and a different update (no gradient through the

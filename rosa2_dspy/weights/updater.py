@@ -198,6 +198,14 @@ def _read_only_cache(cache):
     return frozen
 
 
+def _checkpointable_blocks(model) -> list:
+    """The model's transformer blocks that activation checkpointing wraps (transformers' GradientCheckpointingLayer),
+    whose ``gradient_checkpointing`` flag decides at each forward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @contextlib.contextmanager
 def _checkpoint_large_forwards(model, min_tokens: int):
     """Activation checkpointing for an update's large forwards only (``UpdateConfig.checkpointing_min_tokens``).
@@ -210,9 +218,7 @@ def _checkpoint_large_forwards(model, min_tokens: int):
     checkpointing it only costs its recompute (1.18x a conversation's first update there). The blocks decide at
     their forward, so the recompute in the backward pass follows the choice made then; the update is the same to
     the bit either way."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = _checkpointable_blocks(model)
 
     def wrap(original):
         def forward(*args, **kwargs):
@@ -262,7 +268,7 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False):
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = _checkpointable_blocks(model)
     # an older transformers strips any cache from a checkpointed block: the prefix would silently go unread
     can_checkpoint = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
