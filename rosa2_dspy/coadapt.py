@@ -102,7 +102,10 @@ def check_policy_settings(policy: Policy, config: SessionConfig) -> None:
 @dataclass
 class SessionConfig:
     turns: int = 3
-    samples: int = 2  # replies sampled under the refined prompt, as candidate desirable responses
+    # replies sampled under the refined prompt, as candidate desirable responses; 0: the update trains on the
+    # rejected replies alone (ROSA's update after a failure), as every train run behind the defaults and every
+    # reported comparison ran it (BENCHMARKS.md, session 25)
+    samples: int = 0
     sample_temperature: float = 0.8
     max_tokens: int = 384
     words_max_tokens: int = 128  # per words-step call (critique, clarified problem)
@@ -163,10 +166,12 @@ def session_update_config(**overrides) -> UpdateConfig:
     must cover a whole reply, or the update never sees the final answer it is about: the default fits a
     1024-token reply. The update scores each reply's last 128 tokens (``reply_tail``), where its final answer
     is, and runs the prompt and the reply's head once without gradients (``frozen_prompt``): 1.8-2.7x cheaper
-    than whole rows on the 1.5B default, and no worse on MATH train problems (BENCHMARKS.md, session 22).
-    ``None`` overrides are ignored."""
+    than whole rows on the 1.5B default, and no worse on MATH train problems (BENCHMARKS.md, session 22). A
+    forward over at least 1024 gradient tokens (a long reply's head beside a short one's tail) checkpoints its
+    blocks: the same update, such a batch's activations 4.2 GB instead of 10.4 at 1.04x its time, and a turn's
+    usual rows (about 129 gradient tokens each) stay under it (BENCHMARKS.md, session 25). ``None`` overrides are ignored."""
     values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536,
-                  frozen_prompt=True, reply_tail=128)
+                  frozen_prompt=True, reply_tail=128, activation_checkpointing=True, checkpointing_min_tokens=1024)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return UpdateConfig(**values)
 

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(bc)
     bc.set_defaults(split="test", level="1")
     _add_model_args(bc)
-    _add_session_args(bc, method_default="all", samples=1)
+    _add_session_args(bc, method_default="all")
     bc.add_argument("--methods", help="comma-separated methods (default single,pe,ttt,pe-then-ttt,rosa2; with "
                                       "--user sharded also whole, the whole problem in one pass); a variant "
                                       "sets session settings for one method, e.g. rosa2@learning_rate=1e-3")
