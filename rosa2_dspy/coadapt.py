@@ -167,11 +167,12 @@ def session_update_config(**overrides) -> UpdateConfig:
     1024-token reply. The update scores each reply's last 128 tokens (``reply_tail``), where its final answer
     is, and runs the prompt and the reply's head once without gradients (``frozen_prompt``): 1.8-2.7x cheaper
     than whole rows on the 1.5B default, and no worse on MATH train problems (BENCHMARKS.md, session 22). A
-    forward over at least 1024 gradient tokens (a long reply's head beside a short one's tail) checkpoints its
-    blocks: the same update, such a batch's activations 4.2 GB instead of 10.4 at 1.04x its time, and a turn's
-    usual rows (about 129 gradient tokens each) stay under it (BENCHMARKS.md, session 25). ``None`` overrides are ignored."""
+    forward over at least 384 gradient tokens (a reply's head beside a shorter one's tail) checkpoints its
+    blocks: the same update, a long one's activations 4.2 GB instead of 10.4 at 1.04x its time, an uneven later
+    one's 3.9 instead of 5.8 at 0.9x, and a turn's usual rows (about 129 gradient tokens each) stay under it
+    (BENCHMARKS.md, session 25). ``None`` overrides are ignored."""
     values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536,
-                  frozen_prompt=True, reply_tail=128, activation_checkpointing=True, checkpointing_min_tokens=1024)
+                  frozen_prompt=True, reply_tail=128, activation_checkpointing=True, checkpointing_min_tokens=384)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return UpdateConfig(**values)
 

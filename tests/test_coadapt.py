@@ -262,7 +262,7 @@ def test_the_adapter_flags_reach_the_weights_step():
                                       "--adapter-dtype", "model", "--activation-checkpointing"])
     _, update = session_configs(vars(args), max_tokens=args.max_tokens)
     assert (update.layers, update.adapter_dtype, update.activation_checkpointing) == (3, "model", True)
-    assert update.checkpointing_min_tokens == 1024  # large forwards only, unless asked
+    assert update.checkpointing_min_tokens == 384  # large forwards only, unless asked
     args = build_parser().parse_args(["bench", "compare", "--methods", "ttt", "--out", "x",
                                       "--activation-checkpointing", "--checkpointing-min-tokens", "1024"])
     assert session_configs(vars(args), max_tokens=8)[1].checkpointing_min_tokens == 1024
@@ -274,7 +274,7 @@ def test_the_adapter_flags_reach_the_weights_step():
     args = build_parser().parse_args(["bench", "compare", "--out", "x", "--samples", "1"])
     assert session_configs(vars(args), max_tokens=8)[0].samples == 1
     assert (default.layers, default.adapter_dtype, default.activation_checkpointing) == (None, "float32", True)
-    assert default.checkpointing_min_tokens == 1024  # large forwards only: the rule of session 24 passed in 25
+    assert default.checkpointing_min_tokens == 384  # large forwards only: the rules of session 25 passed
     args = build_parser().parse_args(["bench", "compare", "--out", "x", "--no-activation-checkpointing"])
     assert session_configs(vars(args), max_tokens=8)[1].activation_checkpointing is False
     assert parse_method("ttt@activation_checkpointing=true") == ("ttt", {"activation_checkpointing": True})
