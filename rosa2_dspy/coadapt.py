@@ -169,7 +169,7 @@ def session_update_config(**overrides) -> UpdateConfig:
     than whole rows on the 1.5B default, and no worse on MATH train problems (BENCHMARKS.md, session 22). A
     forward over at least 384 gradient tokens (a reply's head beside a shorter one's tail) checkpoints its
     blocks: the same update, a long one's activations 4.2 GB instead of 10.4 at 1.04x its time, an uneven later
-    one's 3.9 instead of 5.8 at 0.9x, and a turn's usual rows (about 129 gradient tokens each) stay under it
+    one's 3.8 instead of 5.9 at 0.9x, and a turn's usual rows (about 129 gradient tokens each) stay under it
     (BENCHMARKS.md, session 25). ``None`` overrides are ignored."""
     values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536,
                   frozen_prompt=True, reply_tail=128, activation_checkpointing=True, checkpointing_min_tokens=384)

@@ -267,10 +267,10 @@ def test_the_adapter_flags_reach_the_weights_step():
                                       "--activation-checkpointing", "--checkpointing-min-tokens", "1024"])
     assert session_configs(vars(args), max_tokens=8)[1].checkpointing_min_tokens == 1024
     assert parse_method("ttt@checkpointing_min_tokens=256") == ("ttt", {"checkpointing_min_tokens": 256})
-    default_args = vars(build_parser().parse_args(["bench", "compare", "--out", "x"]))
-    _, default = session_configs(default_args, max_tokens=8)
+    default_session, default = session_configs(vars(build_parser().parse_args(["bench", "compare", "--out", "x"])),
+                                               max_tokens=8)
     # a weights step trains on the rejected replies alone unless asked, as the train runs chose
-    assert session_configs(default_args, max_tokens=8)[0].samples == 0
+    assert default_session.samples == 0
     args = build_parser().parse_args(["bench", "compare", "--out", "x", "--samples", "1"])
     assert session_configs(vars(args), max_tokens=8)[0].samples == 1
     assert (default.layers, default.adapter_dtype, default.activation_checkpointing) == (None, "float32", True)
