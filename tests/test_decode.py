@@ -251,3 +251,27 @@ def test_a_decode_step_writes_its_column_into_the_cache_in_place(lively_engine):
     decoder.step([Row(prompt, 3)])  # a row joins: a new cache, then a new buffer with room
     decoder.step([])
     assert decoder.cache.layers[0].keys.shape[0] == 2
+
+
+def test_a_row_leaving_or_joining_frees_the_cache_it_replaces(lively_engine):
+    """After rows leave (or join), each cache layer holds only the running cache: the buffers it replaced are let
+    go at once, not kept until the next step (a weight update runs in between, so they would add a whole cache to
+    its peak memory). The replies stay those of unbatched generate."""
+    prompts = _prompts(lively_engine, 4)
+    budgets = [2, 9, 4, 9]
+    rows = [Row(ids, budget) for ids, budget in zip(prompts, budgets)]
+    decoder = _decoder(lively_engine, max_rows=3)
+    waiting, checked = list(rows), {"left": 0, "joined": 0}
+    while waiting or decoder.rows:
+        before = len(decoder.rows)
+        joining, waiting = waiting[: decoder.free], waiting[decoder.free:]
+        finished = decoder.step(joining)
+        if decoder.rows and (finished or (joining and before)):
+            checked["left" if finished else "joined"] += 1
+            for layer in decoder.cache.layers:
+                room = getattr(layer, "_room", None)
+                assert room is None or (room[0].data_ptr() == layer.keys.data_ptr()
+                                        and room[1].data_ptr() == layer.values.data_ptr())
+    assert checked["left"] and checked["joined"], checked
+    for row, ids, budget in zip(rows, prompts, budgets):
+        assert row.generated == _alone(lively_engine, ids, budget)

@@ -113,6 +113,15 @@ def _roomy_layer_class():
     return RoomyLayer
 
 
+def _replace(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer new keys and values (rows joined or left), and let go of its old buffers at once: a
+    ``RoomyLayer`` would otherwise hold them until its next update, so between a step that drops a finished row and
+    the next step (when a session's weight update runs) the running cache sat in memory twice."""
+    layer.keys, layer.values = keys, values
+    if getattr(layer, "_room", None) is not None:
+        layer._room = None
+
+
 def roomy_cache():
     """A ``DynamicCache`` whose layers append in place (``RoomyLayer``); transformers is imported on first use."""
     from transformers import DynamicCache
@@ -210,8 +219,8 @@ class ContinuousDecoder:
             return
         old, new = self.mask.shape[1], mask.shape[1]
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, new - old, 2), _pad_left(theirs.keys, old - new, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, new - old, 2), _pad_left(theirs.values, old - new, 2)])
+            _replace(mine, torch.cat([_pad_left(mine.keys, new - old, 2), _pad_left(theirs.keys, old - new, 2)]),
+                     torch.cat([_pad_left(mine.values, new - old, 2), _pad_left(theirs.values, old - new, 2)]))
         self.mask = torch.cat([_pad_left(self.mask, new - old, 1), _pad_left(mask, old - new, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.next_ids = torch.cat([self.next_ids, torch.zeros(len(joining), dtype=torch.long)])
@@ -269,8 +278,8 @@ class ContinuousDecoder:
         self.mask = self.mask[:, first:]
         device_index = index.to(self.device)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, device_index)[:, :, first:]
-            layer.values = layer.values.index_select(0, device_index)[:, :, first:]
+            _replace(layer, layer.keys.index_select(0, device_index)[:, :, first:],
+                     layer.values.index_select(0, device_index)[:, :, first:])
 
     # -- a whole run ----------------------------------------------------------------------
 
