@@ -60,10 +60,10 @@ def run_once(command: list[str], env: dict[str, str]) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
     stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"abba: {' '.join(command)} exited {proc.returncode} under {env}")
+    _, status, usage = os.wait4(proc.pid, 0)  # (the one child's own peak RSS, which Popen.wait does not give)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"abba: {' '.join(command)} exited {code} under {env}")
     return {"env": env, "wall_s": round(time.perf_counter() - started, 1),
             "max_rss_mib": round(usage.ru_maxrss / 1024), "result": _last_json(stdout)}
 

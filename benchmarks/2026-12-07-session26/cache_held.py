@@ -7,8 +7,6 @@ Usage: python cache_held.py [model] [rows] [tokens]   (default: tiny 32 1000)"""
 import json
 import sys
 
-import torch
-
 from rosa2_dspy.engine import LocalEngine
 from rosa2_dspy.engine.continuous import ContinuousDecoder, Row
 

@@ -86,8 +86,14 @@ def _roomy_layer_class():
         """A ``DynamicLayer`` whose keys and values are views of buffers with ``CACHE_ROOM`` spare columns, so a
         decode step writes its column in place. ``DynamicLayer.update`` concatenates, copying the layer's whole
         cache every step: with 64 rows of 800 tokens that copy was 25% of a decode step (torch profiler, session
-        9). When rows join or leave, the decoder assigns new tensors to ``keys``/``values``: the next update
+        9). When rows join or leave, the decoder hands the layer new tensors (:meth:`replace`): the next update
         moves them into fresh buffers with room."""
+
+        def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """New keys and values (rows joined or left), and the old buffers let go at once. Kept until the next
+            update instead, they held the running cache twice between a step that drops a finished row and the
+            next step, which is when a session's weight update runs."""
+            self.keys, self.values, self._room = keys, values, None
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized:
@@ -111,15 +117,6 @@ def _roomy_layer_class():
             return self.keys, self.values
 
     return RoomyLayer
-
-
-def _replace(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Give a cache layer new keys and values (rows joined or left), and let go of its old buffers at once: a
-    ``RoomyLayer`` would otherwise hold them until its next update, so between a step that drops a finished row and
-    the next step (when a session's weight update runs) the running cache sat in memory twice."""
-    layer.keys, layer.values = keys, values
-    if getattr(layer, "_room", None) is not None:
-        layer._room = None
 
 
 def roomy_cache():
@@ -219,8 +216,8 @@ class ContinuousDecoder:
             return
         old, new = self.mask.shape[1], mask.shape[1]
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            _replace(mine, torch.cat([_pad_left(mine.keys, new - old, 2), _pad_left(theirs.keys, old - new, 2)]),
-                     torch.cat([_pad_left(mine.values, new - old, 2), _pad_left(theirs.values, old - new, 2)]))
+            mine.replace(torch.cat([_pad_left(mine.keys, new - old, 2), _pad_left(theirs.keys, old - new, 2)]),
+                         torch.cat([_pad_left(mine.values, new - old, 2), _pad_left(theirs.values, old - new, 2)]))
         self.mask = torch.cat([_pad_left(self.mask, new - old, 1), _pad_left(mask, old - new, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.next_ids = torch.cat([self.next_ids, torch.zeros(len(joining), dtype=torch.long)])
@@ -278,8 +275,8 @@ class ContinuousDecoder:
         self.mask = self.mask[:, first:]
         device_index = index.to(self.device)
         for layer in self.cache.layers:
-            _replace(layer, layer.keys.index_select(0, device_index)[:, :, first:],
-                     layer.values.index_select(0, device_index)[:, :, first:])
+            layer.replace(layer.keys.index_select(0, device_index)[:, :, first:],
+                          layer.values.index_select(0, device_index)[:, :, first:])
 
     # -- a whole run ----------------------------------------------------------------------
 
