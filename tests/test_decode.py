@@ -275,3 +275,34 @@ def test_a_row_leaving_or_joining_frees_the_cache_it_replaces(lively_engine):
     assert checked["left"] and checked["joined"], checked
     for row, ids, budget in zip(rows, prompts, budgets):
         assert row.generated == _alone(lively_engine, ids, budget)
+
+
+def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine, monkeypatch, tmp_path):
+    """The engine watches each decode step and weight update (PeakWatch): the one that raised the high-water mark is
+    recorded with the rows and cache columns before it and what the engine held, and a run's segment line keeps it."""
+    from rosa2_dspy import provenance
+    from rosa2_dspy.engine import GenSettings
+
+    readings = {"hwm": 100.0, "rising": 2}
+
+    def fake():  # the mark rises over the next `rising` reads only
+        if readings["rising"]:
+            readings["rising"] -= 1
+            readings["hwm"] += 1.0
+        return 50.0, readings["hwm"]
+
+    monkeypatch.setattr(provenance, "rss_and_peak_mib", fake)
+    engine = _continuous(lively_engine)
+    prompt = _prompts(engine, 1)[0]
+    greedy = GenSettings(max_tokens=6, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
+    with provenance.segment(tmp_path, engine):
+        engine.submit(prompt, greedy).result(timeout=60)  # the first step (the prompt's prefill) raises the mark
+        step = engine.stats["peak_set_by"]["step"]
+        assert step["rows"] == 1 and step["joining"] == 1 and step["joining_tokens"] == len(prompt)
+        assert step["columns"] == 0 and step["kv_cache_mib"] > 0 and step["pinned_adapters"] == 0
+        assert "update" not in engine.stats["peak_set_by"]
+        readings["rising"] = 2
+        with engine.updating():
+            pass
+    update = provenance.read_segments(tmp_path)[-1]["engine"]["peak_set_by"]["update"]
+    assert update["peak_rss_mib"] == 104.0 and update["paused_rows"] == 0 and update["kv_cache_mib"] == 0

@@ -52,6 +52,7 @@ from rosa2_dspy.engine.scheduler import (  # noqa: F401
     EngineStopped, SchedulerMixin, _Job, _share_result, _usage, count_usage, usage_scope,
 )
 from rosa2_dspy.engine.settings import Completion, GenSettings  # noqa: F401
+from rosa2_dspy.provenance import PeakWatch
 from rosa2_dspy.engine.slot import AdapterSlotMixin, _add_row_updates, _hash_tensors, lora_layers  # noqa: F401
 
 DEFAULT_MAX_TOKENS = 512
@@ -119,11 +120,14 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         self._worker_idle = threading.Event()  # set while the worker waits for a request (no torch work under way)
+        self._decoder = None  # the continuous batching worker's running batch (for the memory record)
+        self.peaks = PeakWatch()  # which phase raised the process's memory peak, and what was in memory then
         self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "mixed_weights_batches": 0,
                       "waits_for_updates": 0, "joined": 0,
                       # continuous batching: decode steps, the rows they advanced, their seconds; weight updates
                       "steps": 0, "row_steps": 0, "step_seconds": 0.0, "updates": 0, "update_seconds": 0.0,
-                      "remembered": 0}  # greedy requests a run had answered before (remember_greedy)
+                      "remembered": 0,  # greedy requests a run had answered before (remember_greedy)
+                      "peak_set_by": self.peaks.record}
 
     # ------------------------------------------------------------------ construction
 

@@ -159,6 +159,17 @@ class ContinuousDecoder:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
+    def cache_bytes(self) -> int:
+        """The memory the running rows' KV cache holds: each layer's buffers, spare columns included."""
+        if self.cache is None:
+            return 0
+        total = 0
+        for layer in self.cache.layers:
+            room = getattr(layer, "_room", None)
+            held = room if room is not None else (layer.keys, layer.values)
+            total += sum(t.nbytes for t in held if torch.is_tensor(t))
+        return total
+
     # -- one step -------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -368,7 +368,7 @@ class SchedulerMixin:
             return ContinuousDecoder(self.model, self.tokenizer, self.eos_token_ids, self.tokenizer.pad_token_id,
                                      max_rows=self.max_batch, forward_context=self._rows_context)
 
-        decoder = fresh()
+        decoder = self._decoder = fresh()
         stopping = False  # the stop signal (set_batching) came: serve what came before it, then return
         while True:
             if decoder.rows and self._updates_waiting and all(row.tag.settings.weights for row in decoder.rows):
@@ -406,8 +406,12 @@ class SchedulerMixin:
                 if joining:  # rows about to join the running batch (the padded path's "batch about to run"); a
                     with self._waiting():  # stall here is a generation that never ends, not a lock held
                         failpoint("generate.batch")
-                with self.weights_lock:
-                    rows, started = len(decoder.rows) + len(joining), time.perf_counter()
+                rows = len(decoder.rows) + len(joining)
+                facts = {"rows": rows, "joining": len(joining),
+                         "joining_tokens": max((len(row.input_ids) for row in joining), default=0),
+                         "columns": decoder.mask.shape[1] if decoder.mask is not None else 0}
+                with self.weights_lock, self.peaks.watch("step", facts, self._memory_facts):
+                    started = time.perf_counter()
                     finished = decoder.step(joining)
                     self.stats["steps"] += 1
                     self.stats["row_steps"] += rows
@@ -415,13 +419,27 @@ class SchedulerMixin:
             except BaseException as exc:  # noqa: BLE001 - a failed step fails the rows in it, not the worker
                 for row in decoder.rows + [r for r in joining if r not in decoder.rows]:
                     _fail(row.tag.future, exc)
-                decoder = fresh()
+                decoder = self._decoder = fresh()
                 continue
             self.stats["requests"] += len(finished)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(decoder.rows) + len(finished))
             for row in finished:
                 row.tag.complete(Completion(decoder.text_of(row), len(row.input_ids), len(row.generated),
                                             row.finish, row.seconds))
+
+    def _memory_facts(self) -> dict:
+        """What the engine holds beside the model (for :attr:`peaks`, read only when a phase raised the peak): the
+        running rows' KV cache, the pinned adapters and the running batch's adapters side by side."""
+        decoder = self._decoder
+        with self._pins_lock:
+            pinned = [t for state in self._pins.values() if state for t in state.values()]
+            adapters = len(self._pins)
+        grouped = self._grouped_cache
+        mib = 1 << 20
+        return {"kv_cache_mib": round((decoder.cache_bytes() if decoder is not None else 0) / mib, 1),
+                "pinned_adapters": adapters, "pinned_mib": round(sum(t.nbytes for t in pinned) / mib, 1),
+                "batch_adapters_mib": round(sum(a.nbytes + b.nbytes for _, a, b in grouped[1]) / mib, 1)
+                if grouped else 0.0}
 
     def _rows_context(self, rows) -> contextlib.AbstractContextManager:
         """The weights each row of a continuous batch asks for, around one forward (see :meth:`_weights_for`)."""
@@ -456,9 +474,11 @@ class SchedulerMixin:
             with self.weights_lock:
                 self._refuse_update()  # (refused while it waited for the update before it)
                 self._weights_changing()
+                paused = len(self._decoder.rows) if self._decoder is not None else 0
                 started = time.perf_counter()
                 try:
-                    yield
+                    with self.peaks.watch("update", {"paused_rows": paused}, self._memory_facts):
+                        yield
                 finally:
                     self.stats["updates"] += 1
                     self.stats["update_seconds"] += time.perf_counter() - started
@@ -471,8 +491,8 @@ class SchedulerMixin:
         live = [job for job in batch if _start(job)]
         if not live:
             return
-        try:
-            with self.weights_lock:  # no update may land between choosing the weights and generating
+        try:  # (no update may land between choosing the weights and generating)
+            with self.weights_lock, self.peaks.watch("batch", {"rows": len(live)}, self._memory_facts):
                 row_weights = self._weights_for([j.settings.weights for j in live])
                 results = self.generate_batch([j.input_ids for j in live], live[0].settings, [j.stop for j in live],
                                               [j.settings.seed for j in live], row_weights)
