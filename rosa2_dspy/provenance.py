@@ -176,8 +176,30 @@ def read_segments(out: str | Path) -> list[dict]:
     return [item for item in read_jsonl(Path(out) / SEGMENTS) if isinstance(item, dict) and "started" in item]
 
 
+_PHASES = {"step": "a decode step", "update": "a weight update", "batch": "a generation batch",
+           "between": "work between the engine's steps and updates"}
+
+
+def describe_peak(segment: dict) -> str:
+    """A segment's peak RSS in words, with the phase that set it where the engine recorded one (:class:`PeakWatch`)."""
+    if not segment.get("peak_rss_mib"):
+        return ""
+    text = f"peak RSS {segment['peak_rss_mib']:,.0f} MiB"
+    record = (segment.get("engine") or {}).get("peak_set_by")
+    if not record:
+        return text
+    kind, mark = max(record.items(), key=lambda item: item[1]["peak_rss_mib"])
+    held = [f"{mark['rss_before_mib']:,.0f} MiB resident before it"] if "rss_before_mib" in mark else []
+    if mark.get("kv_cache_mib"):
+        held.append(f"a {mark['kv_cache_mib']:,.0f} MiB KV cache")
+    if mark.get("pinned_adapters"):
+        held.append(f"{mark['pinned_adapters']} pinned adapters ({mark.get('pinned_mib', 0):,.0f} MiB)")
+    return text + f", set by {_PHASES.get(kind, kind)}" + (f" ({', '.join(held)})" if held else "")
+
+
 def describe_segments(segments: list[dict]) -> str:
-    """One line for a report: how many segments, on which code, and how much CPU time the host stole."""
+    """One line for a report: how many segments, on which code, how much CPU time the host stole, and the peak
+    resident memory (with what set it)."""
     if not segments:
         return ""
     codes = list(dict.fromkeys(s.get("code", "unknown") for s in segments))
@@ -190,4 +212,7 @@ def describe_segments(segments: list[dict]) -> str:
         low, high = min(stolen), max(stolen)
         text += (f"; CPU time stolen by the host: {low:.0%}" if low == high else
                  f"; CPU time stolen by the host: {low:.0%} to {high:.0%} per segment")
+    peaks = [s for s in segments if s.get("peak_rss_mib")]
+    if peaks:
+        text += "; " + describe_peak(max(peaks, key=lambda s: s["peak_rss_mib"]))
     return text + " (segments.jsonl)."

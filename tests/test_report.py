@@ -348,3 +348,20 @@ def test_rss_and_peak_are_read_from_this_process():
 
     rss, peak = rss_and_peak_mib()
     assert 0 < rss <= peak and peak_rss_since_reset_mib() >= peak
+
+
+def test_a_reports_segment_line_names_the_peak_and_the_phase_that_set_it():
+    from rosa2_dspy.provenance import describe_peak, describe_segments
+
+    record = {"step": {"peak_rss_mib": 9000.0, "rss_before_mib": 8000.0, "rows": 20, "kv_cache_mib": 900.0},
+              "update": {"peak_rss_mib": 12345.6, "rss_before_mib": 10900.0, "paused_rows": 18,
+                         "kv_cache_mib": 1200.4, "pinned_adapters": 31, "pinned_mib": 1100.0},
+              "between": {"peak_rss_mib": 8500.0}}
+    first = {"started": "a", "ended": "b", "code": "c1", "peak_rss_mib": 12345.6, "engine": {"peak_set_by": record}}
+    second = {"started": "c", "ended": "d", "code": "c1", "peak_rss_mib": 7000.0}
+    assert describe_peak(first) == ("peak RSS 12,346 MiB, set by a weight update (10,900 MiB resident before it, "
+                                    "a 1,200 MiB KV cache, 31 pinned adapters (1,100 MiB))")
+    assert describe_peak(second) == "peak RSS 7,000 MiB" and describe_peak({}) == ""
+    assert describe_segments([second, first]).endswith(f"; {describe_peak(first)} (segments.jsonl).")
+    record["update"]["peak_rss_mib"], record["between"]["peak_rss_mib"] = 11000.0, 12345.6  # another thread set it
+    assert describe_peak(first) == "peak RSS 12,346 MiB, set by work between the engine's steps and updates"
