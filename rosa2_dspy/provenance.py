@@ -193,7 +193,7 @@ def describe_peak(segment: dict) -> str:
     if mark.get("kv_cache_mib"):
         held.append(f"a {mark['kv_cache_mib']:,.0f} MiB KV cache")
     if mark.get("pinned_adapters"):
-        held.append(f"{mark['pinned_adapters']} pinned adapters ({mark.get('pinned_mib', 0):,.0f} MiB)")
+        held.append(f"{mark['pinned_adapters']} pinned adapters of {mark.get('pinned_mib', 0):,.0f} MiB")
     return text + f", set by {_PHASES.get(kind, kind)}" + (f" ({', '.join(held)})" if held else "")
 
 

@@ -360,7 +360,7 @@ def test_a_reports_segment_line_names_the_peak_and_the_phase_that_set_it():
     first = {"started": "a", "ended": "b", "code": "c1", "peak_rss_mib": 12345.6, "engine": {"peak_set_by": record}}
     second = {"started": "c", "ended": "d", "code": "c1", "peak_rss_mib": 7000.0}
     assert describe_peak(first) == ("peak RSS 12,346 MiB, set by a weight update (10,900 MiB resident before it, "
-                                    "a 1,200 MiB KV cache, 31 pinned adapters (1,100 MiB))")
+                                    "a 1,200 MiB KV cache, 31 pinned adapters of 1,100 MiB)")
     assert describe_peak(second) == "peak RSS 7,000 MiB" and describe_peak({}) == ""
     assert describe_segments([second, first]).endswith(f"; {describe_peak(first)} (segments.jsonl).")
     record["update"]["peak_rss_mib"], record["between"]["peak_rss_mib"] = 11000.0, 12345.6  # another thread set it
