@@ -18,7 +18,7 @@ import time
 import torch
 
 from rosa2_dspy.models import cpu_description
-from rosa2_dspy.provenance import peak_rss_mib
+from rosa2_dspy.memory import peak_rss_mib
 
 BENCH_PROMPTS = [
     "What is the sum of the first 20 positive integers? Explain step by step.",

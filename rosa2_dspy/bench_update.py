@@ -10,7 +10,7 @@ import torch
 
 from rosa2_dspy.bench import prefill_and_step
 from rosa2_dspy.models import cpu_description
-from rosa2_dspy.provenance import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
+from rosa2_dspy.memory import peak_rss_mib, peak_rss_since_reset_mib, reset_peak_rss
 
 def _repeated(text: str, tokens: int, tokenizer) -> str:
     """``text`` repeated and cut to ``tokens`` tokens of ``tokenizer``."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl
+from rosa2_dspy.memory import peak_rss_mib
 
 SEGMENTS = "segments.jsonl"
 
@@ -65,75 +65,6 @@ def code_version() -> str:
             return f"rosa2-dspy {metadata.version('rosa2-dspy')}"
         except metadata.PackageNotFoundError:
             return "unknown"
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Start this process's peak resident memory over from now (Linux: ``/proc/self/clear_refs``), so that
-    :func:`peak_rss_since_reset_mib` measures one phase (an update after the model load). False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_since_reset_mib() -> float | None:
-    """The peak resident memory since :func:`reset_peak_rss` (``VmHWM``), in MiB; None off Linux."""
-    now = rss_and_peak_mib()
-    return None if now is None else now[1]
-
-
-def rss_and_peak_mib() -> tuple[float, float] | None:
-    """This process's resident memory now and its high-water mark (``VmRSS``, ``VmHWM``), in MiB; None off Linux."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
-
-
-class PeakWatch:
-    """Which phase of a long run raised its memory peak, and what was in memory then.
-
-    Around each phase (a decode step, a weight update) :meth:`watch` reads ``VmRSS`` and ``VmHWM`` before and
-    after (about 30 us each). When the high-water mark rose during the phase, ``record[kind]`` becomes the new
-    mark, the resident memory the phase started from, the cheap ``facts`` the caller gave and, read only then,
-    ``dear_facts()`` (after the phase). A rise between watched phases (another thread's work) is recorded as
-    ``"between"``. The kind with the highest mark set the process's peak; a timed run's ``segments.jsonl`` keeps
-    the record, so a peak over a memory target names its phase without another run."""
-
-    def __init__(self):
-        self.record: dict[str, dict] = {}
-        self._last: float | None = None
-
-    @contextlib.contextmanager
-    def watch(self, kind: str, facts: dict | None = None, dear_facts=None):
-        before = rss_and_peak_mib()
-        if before is None:
-            yield
-            return
-        if self._last is not None and before[1] > self._last:
-            self.record["between"] = {"peak_rss_mib": round(before[1], 1)}
-        try:
-            yield
-        finally:
-            after = rss_and_peak_mib()
-            if after is not None:
-                if after[1] > before[1]:
-                    self.record[kind] = {"peak_rss_mib": round(after[1], 1), "rss_before_mib": round(before[0], 1),
-                                         **(facts or {}), **(dear_facts() if dear_facts else {})}
-                self._last = after[1]
-
-    def peak(self) -> tuple[str, dict] | None:
-        """The kind of phase that set the highest mark recorded, and its record."""
-        if not self.record:
-            return None
-        return max(self.record.items(), key=lambda item: item[1]["peak_rss_mib"])
 
 
 def _now() -> str:

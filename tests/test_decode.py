@@ -280,7 +280,7 @@ def test_a_row_leaving_or_joining_frees_the_cache_it_replaces(lively_engine):
 def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine, monkeypatch, tmp_path):
     """The engine watches each decode step and weight update (PeakWatch): the one that raised the high-water mark is
     recorded with the rows and cache columns before it and what the engine held, and a run's segment line keeps it."""
-    from rosa2_dspy import provenance
+    from rosa2_dspy import memory, provenance
     from rosa2_dspy.engine import GenSettings
 
     readings = {"hwm": 100.0, "rising": 2}
@@ -291,7 +291,7 @@ def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine
             readings["hwm"] += 1.0
         return 50.0, readings["hwm"]
 
-    monkeypatch.setattr(provenance, "rss_and_peak_mib", fake)
+    monkeypatch.setattr(memory, "rss_and_peak_mib", fake)
     engine = _continuous(lively_engine)
     prompt = _prompts(engine, 1)[0]
     greedy = GenSettings(max_tokens=6, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "rosa2_dspy"
 
 FLOORS = {
-    "faults": 0, "fsutil": 0, "progress": 0,
+    "faults": 0, "fsutil": 0, "memory": 0, "progress": 0,
     "models": 1, "math": 1, "signatures": 1,
     "engine": 2, "adapters": 2, "artifacts": 2, "program_loader": 2, "provenance": 2,
     "evaluation": 3, "weights": 3, "words": 3, "bench": 3,

@@ -320,14 +320,14 @@ def test_every_failed_turns_next_turn_is_counted_by_turn_against_retry(tmp_path)
 def test_the_peak_watch_names_the_phase_that_raised_the_memory_peak(monkeypatch):
     """A phase that raises the high-water mark is recorded with its facts (the dear ones read only then); a phase that
     does not raise it leaves the record alone; a rise between watched phases is "between"; peak() is the highest."""
-    from rosa2_dspy import provenance
+    from rosa2_dspy import memory
 
     marks = iter([(5.0, 10.0), (6.0, 12.0),  # a step raises the mark from 10 to 12
                   (6.0, 12.0), (6.0, 12.0),  # an update that does not
                   (7.0, 15.0), (9.0, 20.0)])  # something between raised it to 15, then an update to 20
-    monkeypatch.setattr(provenance, "rss_and_peak_mib", lambda: next(marks))
+    monkeypatch.setattr(memory, "rss_and_peak_mib", lambda: next(marks))
     asked = []
-    watch = provenance.PeakWatch()
+    watch = memory.PeakWatch()
     with watch.watch("step", {"rows": 3}, lambda: asked.append(1) or {"kv_cache_mib": 1.5}):
         pass
     assert watch.record == {"step": {"peak_rss_mib": 12.0, "rss_before_mib": 5.0, "rows": 3, "kv_cache_mib": 1.5}}
@@ -338,13 +338,13 @@ def test_the_peak_watch_names_the_phase_that_raised_the_memory_peak(monkeypatch)
         pass
     assert watch.record["between"] == {"peak_rss_mib": 15.0}
     assert watch.peak() == ("update", {"peak_rss_mib": 20.0, "rss_before_mib": 7.0, "paused_rows": 1})
-    monkeypatch.setattr(provenance, "rss_and_peak_mib", lambda: None)  # off Linux: nothing read, nothing recorded
-    with provenance.PeakWatch().watch("step") as nothing:
+    monkeypatch.setattr(memory, "rss_and_peak_mib", lambda: None)  # off Linux: nothing read, nothing recorded
+    with memory.PeakWatch().watch("step") as nothing:
         assert nothing is None
 
 
 def test_rss_and_peak_are_read_from_this_process():
-    from rosa2_dspy.provenance import peak_rss_since_reset_mib, rss_and_peak_mib
+    from rosa2_dspy.memory import peak_rss_since_reset_mib, rss_and_peak_mib
 
     rss, peak = rss_and_peak_mib()
     assert 0 < rss <= peak and peak_rss_since_reset_mib() >= peak
