@@ -14,7 +14,7 @@ import torch
 
 from rosa2_dspy.bench_update import _update_rows
 from rosa2_dspy.engine import LocalEngine
-from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
+from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss
 from rosa2_dspy.weights import LoRAUpdater, UpdateConfig, kto_row
 
 parser = argparse.ArgumentParser()

@@ -22,7 +22,7 @@ import sys
 import time
 
 from rosa2_dspy.models import cpu_description
-from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
+from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss
 
 
 def child(on: bool, min_tokens: int = 0, repeats: int = 1) -> dict:

@@ -15,7 +15,7 @@ import sys
 import time
 
 from rosa2_dspy.models import cpu_description
-from rosa2_dspy.provenance import peak_rss_since_reset_mib, reset_peak_rss
+from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss
 
 
 def child(min_tokens: int, repeats: int) -> dict:
