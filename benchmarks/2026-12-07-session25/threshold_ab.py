@@ -18,19 +18,26 @@ from rosa2_dspy.models import cpu_description
 from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss
 
 
-def child(min_tokens: int, repeats: int) -> dict:
+def uneven_rows(tokenizer) -> tuple[list, list]:
+    """A conversation's first update (one rejected 500-token reply) and its uneven later one (that reply and a
+    rejected 800-token one), all under one 470-token prompt."""
     from rosa2_dspy.bench_update import _update_rows
-    from rosa2_dspy.coadapt import session_update_config
-    from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.weights import LoRAUpdater, kto_row
+    from rosa2_dspy.weights import kto_row
 
-    engine = LocalEngine.from_pretrained("default")
-    tok = engine.tokenizer
-    r500 = _update_rows(limit=2, completion_tokens=500, tokenizer=tok, prompt_tokens=470)
-    r800 = _update_rows(limit=3, completion_tokens=800, tokenizer=tok, prompt_tokens=470)
+    r500 = _update_rows(limit=2, completion_tokens=500, tokenizer=tokenizer, prompt_tokens=470)
+    r800 = _update_rows(limit=3, completion_tokens=800, tokenizer=tokenizer, prompt_tokens=470)
     prompt = r500[0]["prompt"]
     first = [kto_row(prompt, r500[1]["completion"], False)]
-    uneven = [kto_row(prompt, r500[1]["completion"], False), kto_row(prompt, r800[2]["completion"], False)]
+    return first, [kto_row(prompt, r500[1]["completion"], False), kto_row(prompt, r800[2]["completion"], False)]
+
+
+def child(min_tokens: int, repeats: int) -> dict:
+    from rosa2_dspy.coadapt import session_update_config
+    from rosa2_dspy.engine import LocalEngine
+    from rosa2_dspy.weights import LoRAUpdater
+
+    engine = LocalEngine.from_pretrained("default")
+    first, uneven = uneven_rows(engine.tokenizer)
     config = session_update_config(checkpointing_min_tokens=min_tokens)
     updater = LoRAUpdater(engine, config)
     start = engine.snapshot()

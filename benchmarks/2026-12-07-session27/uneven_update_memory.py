@@ -7,28 +7,33 @@ a forward with gradients, one without (the frozen prefix, the reference), or the
 forward and the optimizer step). Prints JSON: peak RSS over before per phase, and the ops that allocated most.
 Usage: python uneven_update_memory.py"""
 
+import importlib.util
 import json
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from rosa2_dspy.memory import rss_and_peak_mib
 
 
+def _threshold_ab():
+    """Session 25's script, whose rows this profile takes (``uneven_rows``)."""
+    path = Path(__file__).resolve().parents[1] / "2026-12-07-session25" / "threshold_ab.py"
+    spec = importlib.util.spec_from_file_location("threshold_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
-    from rosa2_dspy.bench_update import _update_rows
     from rosa2_dspy.coadapt import session_update_config
     from rosa2_dspy.engine import LocalEngine
-    from rosa2_dspy.weights import LoRAUpdater, kto_row
+    from rosa2_dspy.weights import LoRAUpdater
 
     engine = LocalEngine.from_pretrained("default")
-    tok = engine.tokenizer
-    r500 = _update_rows(limit=2, completion_tokens=500, tokenizer=tok, prompt_tokens=470)
-    r800 = _update_rows(limit=3, completion_tokens=800, tokenizer=tok, prompt_tokens=470)
-    prompt = r500[0]["prompt"]
-    first = [kto_row(prompt, r500[1]["completion"], False)]
-    uneven = [kto_row(prompt, r500[1]["completion"], False), kto_row(prompt, r800[2]["completion"], False)]
+    first, uneven = _threshold_ab().uneven_rows(engine.tokenizer)
     updater = LoRAUpdater(engine, session_update_config())
     start = engine.snapshot()
     engine.restore(start)
