@@ -72,6 +72,10 @@ class PeakWatch:
 
     def peak(self) -> tuple[str, dict] | None:
         """The kind of phase that set the highest mark recorded, and its record."""
-        if not self.record:
-            return None
-        return max(self.record.items(), key=lambda item: item[1]["peak_rss_mib"])
+        return highest_mark(self.record)
+
+
+def highest_mark(record: dict[str, dict]) -> tuple[str, dict] | None:
+    """Of a :class:`PeakWatch` record (live, or read back from ``segments.jsonl``), the kind of phase that set the
+    highest mark and its entry; None for an empty record."""
+    return max(record.items(), key=lambda item: item[1]["peak_rss_mib"]) if record else None

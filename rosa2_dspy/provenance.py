@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl
-from rosa2_dspy.memory import peak_rss_mib
+from rosa2_dspy.memory import highest_mark, peak_rss_mib
 
 SEGMENTS = "segments.jsonl"
 
@@ -119,7 +119,7 @@ def describe_peak(segment: dict) -> str:
     record = (segment.get("engine") or {}).get("peak_set_by")
     if not record:
         return text
-    kind, mark = max(record.items(), key=lambda item: item[1]["peak_rss_mib"])
+    kind, mark = highest_mark(record)
     held = [f"{mark['rss_before_mib']:,.0f} MiB resident before it"] if "rss_before_mib" in mark else []
     if mark.get("kv_cache_mib"):
         held.append(f"a {mark['kv_cache_mib']:,.0f} MiB KV cache")

@@ -5,7 +5,6 @@ then twice: restore them, the first update again, and the uneven update (``thres
 kernel's ``VmHWM`` reset before it. Prints JSON: each uneven update's seconds and peak over before (MiB), and the
 last one's L2 shift. Usage: python adapter_dtype_probe.py float32|model"""
 
-import importlib.util
 import json
 import sys
 import time
@@ -16,12 +15,11 @@ from rosa2_dspy.engine import LocalEngine
 from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss
 from rosa2_dspy.weights import LoRAUpdater
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "2026-12-07-session25"))
+import threshold_ab  # noqa: E402  (session 25's script: its uneven_rows are the rows measured here)
+
 
 def main(adapter_dtype: str) -> None:
-    path = Path(__file__).resolve().parents[1] / "2026-12-07-session25" / "threshold_ab.py"
-    spec = importlib.util.spec_from_file_location("threshold_ab", path)
-    threshold_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(threshold_ab)
     engine = LocalEngine.from_pretrained("default")
     first, uneven = threshold_ab.uneven_rows(engine.tokenizer)
     updater = LoRAUpdater(engine, session_update_config(adapter_dtype=adapter_dtype))

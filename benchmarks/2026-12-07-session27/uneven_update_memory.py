@@ -7,8 +7,8 @@ a forward with gradients, one without (the frozen prefix, the reference), or the
 forward and the optimizer step). Prints JSON: peak RSS over before per phase, and the ops that allocated most.
 Usage: python uneven_update_memory.py"""
 
-import importlib.util
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,14 +17,8 @@ import torch
 
 from rosa2_dspy.memory import rss_and_peak_mib
 
-
-def _threshold_ab():
-    """Session 25's script, whose rows this profile takes (``uneven_rows``)."""
-    path = Path(__file__).resolve().parents[1] / "2026-12-07-session25" / "threshold_ab.py"
-    spec = importlib.util.spec_from_file_location("threshold_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "2026-12-07-session25"))
+import threshold_ab  # noqa: E402  (session 25's script: its uneven_rows are the rows profiled here)
 
 
 def main() -> None:
@@ -33,7 +27,7 @@ def main() -> None:
     from rosa2_dspy.weights import LoRAUpdater
 
     engine = LocalEngine.from_pretrained("default")
-    first, uneven = _threshold_ab().uneven_rows(engine.tokenizer)
+    first, uneven = threshold_ab.uneven_rows(engine.tokenizer)
     updater = LoRAUpdater(engine, session_update_config())
     start = engine.snapshot()
     engine.restore(start)

@@ -52,8 +52,8 @@ from rosa2_dspy.engine.scheduler import (  # noqa: F401
     EngineStopped, SchedulerMixin, _Job, _share_result, _usage, count_usage, usage_scope,
 )
 from rosa2_dspy.engine.settings import Completion, GenSettings  # noqa: F401
-from rosa2_dspy.memory import PeakWatch
 from rosa2_dspy.engine.slot import AdapterSlotMixin, _add_row_updates, _hash_tensors, lora_layers  # noqa: F401
+from rosa2_dspy.memory import PeakWatch
 
 DEFAULT_MAX_TOKENS = 512
 
