@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import resource
 from pathlib import Path
 
@@ -79,3 +82,29 @@ def highest_mark(record: dict[str, dict]) -> tuple[str, dict] | None:
     """Of a :class:`PeakWatch` record (live, or read back from ``segments.jsonl``), the kind of phase that set the
     highest mark and its entry; None for an empty record."""
     return max(record.items(), key=lambda item: item[1]["peak_rss_mib"]) if record else None
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_free_heap() -> float | None:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim(0)``, every arena) and return how
+    much the resident size fell, in MiB; None where there is no glibc.
+
+    glibc keeps memory that PyTorch freed (chunks under its mmap threshold, up to 32 MiB each) for reuse, and
+    a long run's resident size grows by what its largest phases once needed. Called before a weight update, it
+    lowers the base that the update's own peak stacks on. It changes no tensor; it costs the walk of the free
+    lists and the page faults of whatever is later allocated there again."""
+    trim = _malloc_trim()
+    if trim is None:
+        return None
+    before = rss_and_peak_mib()
+    trim(0)
+    after = rss_and_peak_mib()
+    return None if before is None or after is None else max(0.0, before[0] - after[0])

@@ -281,7 +281,7 @@ def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine
     """The engine watches each decode step and weight update (PeakWatch): the one that raised the high-water mark is
     recorded with the rows and cache columns before it and what the engine held, and a run's segment line keeps it."""
     from rosa2_dspy import memory, provenance
-    from rosa2_dspy.engine import GenSettings
+    from rosa2_dspy.engine import GenSettings, scheduler
 
     readings = {"hwm": 100.0, "rising": 2}
 
@@ -292,6 +292,7 @@ def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine
         return 50.0, readings["hwm"]
 
     monkeypatch.setattr(memory, "rss_and_peak_mib", fake)
+    monkeypatch.setattr(scheduler, "release_free_heap", lambda: 12.5)  # (reads no memory of its own here)
     engine = _continuous(lively_engine)
     prompt = _prompts(engine, 1)[0]
     greedy = GenSettings(max_tokens=6, do_sample=False, temperature=0.0, top_p=None, top_k=None, seed=None)
@@ -306,3 +307,4 @@ def test_a_run_records_which_step_or_update_raised_its_memory_peak(lively_engine
             pass
     update = provenance.read_segments(tmp_path)[-1]["engine"]["peak_set_by"]["update"]
     assert update["peak_rss_mib"] == 104.0 and update["paused_rows"] == 0 and update["kv_cache_mib"] == 0
+    assert update["heap_released_before_mib"] == 12.5

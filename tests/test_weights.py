@@ -175,18 +175,25 @@ def test_interrupt_mid_update_restores_the_weights(tiny_engine, monkeypatch):
     assert same_state(before, tiny_engine.snapshot())
 
 
-def test_freed_training_memory_is_handed_back_after_every_update(tiny_engine, monkeypatch):
-    from rosa2_dspy.weights import updater as weights_updater
+def test_free_heap_is_handed_back_before_and_after_every_update_counted_once(tiny_engine, monkeypatch):
+    """An update trims the C heap before it starts (decode's freed memory: a lower base for its peak) and after it
+    ends (its own activations), also when interrupted; an update inside an update (a session's turn around the
+    updater's step) is one update, with one trim on each side."""
+    from rosa2_dspy.engine import scheduler
 
     trims = []
-    monkeypatch.setattr(weights_updater, "release_free_memory", lambda: trims.append(1))
+    monkeypatch.setattr(scheduler, "release_free_heap", lambda: trims.append(1) or 3.0)
+    updates, trims_before = tiny_engine.stats["updates"], tiny_engine.stats["heap_trims"]
     updater = LoRAUpdater(tiny_engine, fast(steps=1))
-    updater.update([sft_row(PROMPT, GOOD)])
+    with tiny_engine.updating():
+        updater.update([sft_row(PROMPT, GOOD)])
+    assert len(trims) == 2 and tiny_engine.stats["updates"] == updates + 1
     monkeypatch.setattr(updater._trainers["sft"], "training_step", lambda *a, **k: (_ for _ in ()).throw(
         KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         updater.update([sft_row(PROMPT, GOOD)])
-    assert len(trims) == 2  # after a finished update and after an interrupted one
+    assert len(trims) == 4 and tiny_engine.stats["updates"] == updates + 2
+    assert tiny_engine.stats["heap_trims"] == trims_before + 4
 
 
 def test_bad_rows_and_settings_are_refused(tiny_engine):

@@ -39,12 +39,9 @@ from rosa2_dspy.engine.continuous import SAMPLE_TOP_K, ContinuousDecoder, Row, s
 from rosa2_dspy.engine.generation import (  # noqa: F401
     GenerationMixin,
     _contiguous_input,
-    _load_malloc_trim,
-    _malloc_trim,
     _StopOnStrings,
     _TopKSampler,
     left_pad,
-    release_free_memory,
 )
 from rosa2_dspy.engine import prepack as _prepack
 from rosa2_dspy.engine.lm import AsyncLocalEngine, EngineContractMixin, LocalLM, _PinHold, request_messages  # noqa: F401
@@ -96,6 +93,7 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
         self.set_prepack(prepack)
         self._updates = threading.Condition()  # counts the weight changes announced through updating()
         self._updates_waiting = 0
+        self._update_depth = threading.local()  # per thread: how deep in updating() (only the outermost counts)
         self.version = 0
         self._pins: dict[str, dict[str, torch.Tensor]] = {}
         # the pin registry has its own lock: holds on pinned weights are taken and released (a conversation
@@ -127,6 +125,8 @@ class LocalEngine(EngineContractMixin, SchedulerMixin, GenerationMixin, AdapterS
                       # continuous batching: decode steps, the rows they advanced, their seconds; weight updates
                       "steps": 0, "row_steps": 0, "step_seconds": 0.0, "updates": 0, "update_seconds": 0.0,
                       "remembered": 0,  # greedy requests a run had answered before (remember_greedy)
+                      # the free C heap handed back around weight updates (SchedulerMixin.updating)
+                      "heap_trims": 0, "heap_released_mib": 0.0, "heap_trim_seconds": 0.0,
                       "peak_set_by": self.peaks.record}
 
     # ------------------------------------------------------------------ construction

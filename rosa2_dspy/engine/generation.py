@@ -150,29 +150,6 @@ class GenerationMixin:
         return sorted(ids)
 
 
-def _load_malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand memory that is free inside glibc's heaps back to the OS.
-
-    Each thread that runs a forward/backward pass gets its own malloc arena, and glibc keeps the
-    freed temporaries there: eight conversations updating from eight threads held 15 GB of RSS,
-    1.9 GB after one ``malloc_trim`` (BENCHMARKS.md). Cheap (well under a millisecond here)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
 def _dense_strides(shape) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):

@@ -25,6 +25,7 @@ from typing import Any
 from rosa2_dspy.engine.settings import Completion, GenSettings
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.fsutil import append_jsonl, read_jsonl
+from rosa2_dspy.memory import release_free_heap
 
 logger = logging.getLogger(__name__)
 
@@ -466,26 +467,50 @@ class SchedulerMixin:
 
         Plain ``weights_lock`` alternates: one update, then a batch of whoever is ready (often one
         row), then the next update. Announced updates instead land back to back while the
-        batching worker waits, so generation resumes as one large batch. Re-entrant."""
+        batching worker waits, so generation resumes as one large batch. Re-entrant: only the
+        outermost entry counts as an update.
+
+        The outermost entry hands the C heap's free pages back to the kernel before the change
+        (what decode steps freed since the last update, so the update's own peak stacks on a lower
+        base) and after it (the update's freed activations, kept per thread by glibc otherwise)."""
         self._refuse_update()
+        outermost = not getattr(self._update_depth, "n", 0)
         with self._updates:
             self._updates_waiting += 1
+        self._update_depth.n = getattr(self._update_depth, "n", 0) + 1
         try:
             with self.weights_lock:
                 self._refuse_update()  # (refused while it waited for the update before it)
                 self._weights_changing()
+                if not outermost:
+                    yield
+                    return
                 paused = len(self._decoder.rows) if self._decoder is not None else 0
+                released = self._release_heap()
                 started = time.perf_counter()
                 try:
-                    with self.peaks.watch("update", {"paused_rows": paused}, self._memory_facts):
+                    with self.peaks.watch("update", {"paused_rows": paused, "heap_released_before_mib": released},
+                                          self._memory_facts):
                         yield
                 finally:
                     self.stats["updates"] += 1
                     self.stats["update_seconds"] += time.perf_counter() - started
+                    self._release_heap()
         finally:
+            self._update_depth.n -= 1
             with self._updates:
                 self._updates_waiting -= 1
                 self._updates.notify_all()
+
+    def _release_heap(self) -> float | None:
+        """Trim the C heap (:func:`~rosa2_dspy.memory.release_free_heap`), counted in :attr:`stats`."""
+        started = time.perf_counter()
+        released = release_free_heap()
+        if released is not None:
+            self.stats["heap_trims"] += 1
+            self.stats["heap_released_mib"] = round(self.stats["heap_released_mib"] + released, 1)
+            self.stats["heap_trim_seconds"] += time.perf_counter() - started
+        return None if released is None else round(released, 1)
 
     def _run(self, batch: list[_Job]) -> None:
         live = [job for job in batch if _start(job)]

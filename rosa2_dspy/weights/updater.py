@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rosa2_dspy import models
-from rosa2_dspy.engine import LocalEngine, release_free_memory
+from rosa2_dspy.engine import LocalEngine
 from rosa2_dspy.faults import failpoint
 from rosa2_dspy.progress import progress_line
 from rosa2_dspy.weights.config import OBJECTIVES, UNPAIRED, Shift, UpdateConfig, UpdateError, UpdateResult
@@ -568,7 +568,6 @@ class LoRAUpdater:
                 raise
             finally:
                 peft_model.eval()
-                release_free_memory()
         self.history.append(result)
         return result
 
