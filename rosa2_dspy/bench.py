@@ -253,7 +253,10 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
 
     Each batch size is measured ``repeats`` times (prepacked and not, alternating) and the fastest run is
     reported, as ``timeit`` does: on a shared host contention only ever slows a run down, and one run's step time
-    moved 1.5x within minutes on the same box (BENCHMARKS.md, session 21). ``step_ms_runs`` keeps every run."""
+    moved 1.5x within minutes on the same box (BENCHMARKS.md, session 21). ``step_ms_runs`` keeps every run.
+
+    ``served_*``: the same rows' decode step in the engine's own decoder (:class:`ContinuousDecoder`, what a
+    continuously batched run serves with: its KV cache appends in place), measured in the same rounds."""
     dtype = next(engine.model.parameters()).dtype
     bandwidth, gflops = copy_bandwidth_gbs(), matmul_gflops(dtype)
     read, flops = decode_cost(engine.model)
@@ -269,8 +272,10 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
     out["prepacked"] = served
     for index, size in enumerate(sizes):
         batch = [prompts[i % len(prompts)] for i in range(size)]
-        runs, every = {}, []
+        runs, every, served_steps = {}, [], []
         for repeat in range(repeats):
+            with prepacked(engine, served):
+                served_steps.append(continuous_step_seconds(engine, batch, [None] * size, max_tokens - 1))
             for on in ([served, other] if (index + repeat) % 2 == 0 else [other, served]):
                 if on is not None:
                     with prepacked(engine, on):
@@ -290,7 +295,10 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
             "bound": "memory" if memory_s >= compute_s else "compute",
             "step_ms": round(1000 * step, 1), "step_ms_runs": [round(1000 * s, 1) for s in every],
             "roofline_step_ms": round(1000 * max(memory_s, compute_s), 1),
-            "prefill_tokens_per_s": round(sum(len(p) for p in batch) / prefill, 1)}
+            "prefill_tokens_per_s": round(sum(len(p) for p in batch) / prefill, 1),
+            "served_step_ms": round(1000 * min(served_steps), 1),
+            "served_step_ms_runs": [round(1000 * s, 1) for s in served_steps],
+            "served_roofline_fraction": round(size / min(served_steps) / roofline, 3)}
         if other is not None:
             other_prefill, other_step, other_tokens = runs[other]
             key = "unpacked" if served else "prepacked"

@@ -220,6 +220,10 @@ def test_bench_engine_reports_the_roofline_per_batch_size(tiny_model_dir, capsys
         assert len(row["step_ms_runs"]) == 2 and row["step_ms"] == min(row["step_ms_runs"])
         # (the step is reported to 0.1 ms, which at the tiny model's 2-3 ms a step is a few percent)
         assert 1000 * int(size) / row["decode_tokens_per_s"] == pytest.approx(row["step_ms"], abs=0.06)
+        # the engine's own decoder, timed in the same rounds, against the same roofline
+        assert len(row["served_step_ms_runs"]) == 2 and row["served_step_ms"] == min(row["served_step_ms_runs"]) > 0
+        assert row["served_roofline_fraction"] == pytest.approx(
+            int(size) / (row["served_step_ms"] / 1000) / row["roofline_tokens_per_s"], rel=0.05)
     assert run("bench", "engine", "--batch-sizes", "8,many") == 2
     assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
 
