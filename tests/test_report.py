@@ -352,7 +352,7 @@ def test_free_heap_pages_are_handed_back_to_the_kernel():
 
     if release_free_heap() is None:
         pytest.skip("no glibc here")
-    torch.ones(1 << 20)  # (freed at once) a freed 4 MiB mapping raises glibc's threshold: the next ones come from the heap
+    torch.ones(1 << 20)  # freed at once: a freed 4 MiB mapping raises glibc's threshold, so the next come from the heap
     chunks = [torch.ones(1 << 20) for _ in range(64)]  # 256 MiB in 4 MiB chunks, touched
     del chunks[::2]
     before = rss_and_peak_mib()[0]

@@ -474,15 +474,15 @@ class SchedulerMixin:
         (what decode steps freed since the last update, so the update's own peak stacks on a lower
         base) and after it (the update's freed activations, kept per thread by glibc otherwise)."""
         self._refuse_update()
-        outermost = not getattr(self._update_depth, "n", 0)
+        depth = getattr(self._update_depth, "n", 0)  # this thread's updates already open around this one
         with self._updates:
             self._updates_waiting += 1
-        self._update_depth.n = getattr(self._update_depth, "n", 0) + 1
+        self._update_depth.n = depth + 1
         try:
             with self.weights_lock:
                 self._refuse_update()  # (refused while it waited for the update before it)
                 self._weights_changing()
-                if not outermost:
+                if depth:
                     yield
                     return
                 paused = len(self._decoder.rows) if self._decoder is not None else 0
