@@ -274,10 +274,14 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
         batch = [prompts[i % len(prompts)] for i in range(size)]
         runs, every, served_steps = {}, [], []
         for repeat in range(repeats):
-            with prepacked(engine, served):
-                served_steps.append(continuous_step_seconds(engine, batch, [None] * size, max_tokens - 1))
-            for on in ([served, other] if (index + repeat) % 2 == 0 else [other, served]):
-                if on is not None:
+            # the engine's decoder ("served") and raw generate's two settings, in an order that turns round each
+            # round, so neither path always runs first (on a warm or a cooling host)
+            order = ["decoder", served, other] if (index + repeat) % 2 == 0 else [other, served, "decoder"]
+            for on in order:
+                if on == "decoder":
+                    with prepacked(engine, served):
+                        served_steps.append(continuous_step_seconds(engine, batch, [None] * size, max_tokens - 1))
+                elif on is not None:
                     with prepacked(engine, on):
                         result = prefill_and_step(engine, batch, max_tokens - 1)
                     if on == served:

@@ -228,6 +228,25 @@ def test_bench_engine_reports_the_roofline_per_batch_size(tiny_model_dir, capsys
     assert "--batch-sizes takes comma-separated integers" in capsys.readouterr().err
 
 
+def test_bench_roofline_turns_the_order_of_its_paths_round_each_round(tiny_engine, monkeypatch):
+    """The engine's decoder and raw generate are timed in the same rounds; neither always goes first."""
+    import torch
+    from rosa2_dspy import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(bench, "matmul_gflops", lambda dtype: 100.0)
+    monkeypatch.setattr(bench, "continuous_step_seconds",
+                        lambda engine, rows, idents, steps: calls.append("decoder") or 0.01)
+    monkeypatch.setattr(bench, "prefill_and_step", lambda engine, batch, steps: calls.append(
+        "packed" if engine.prepacked else "plain") or (0.1, 0.01, torch.zeros(1)))
+    bench.bench_roofline(tiny_engine, [[1, 2, 3]], [1], max_tokens=3, repeats=2)
+    rounds = [calls[:len(calls) // 2], calls[len(calls) // 2:]]
+    assert all(sorted(r) == sorted(rounds[0]) and "decoder" in r for r in rounds)
+    assert rounds[0][0] == "decoder" and rounds[1][-1] == "decoder"
+    assert rounds[1] == rounds[0][::-1]
+
+
 def test_decode_cost_counts_each_weight_once_and_the_embedding_only_when_tied(tiny_engine):
     import torch
 
