@@ -274,8 +274,8 @@ def bench_roofline(engine, prompts: list[list[int]], sizes: list[int], max_token
         batch = [prompts[i % len(prompts)] for i in range(size)]
         runs, every, served_steps = {}, [], []
         for repeat in range(repeats):
-            # the engine's decoder ("served") and raw generate's two settings, in an order that turns round each
-            # round, so neither path always runs first (on a warm or a cooling host)
+            # the engine's decoder (the served_* figures) and raw generate prepacked and not, in an order that turns
+            # round each round, so neither path always runs first (on a warm or a cooling host)
             order = ["decoder", served, other] if (index + repeat) % 2 == 0 else [other, served, "decoder"]
             for on in order:
                 if on == "decoder":

@@ -54,11 +54,9 @@ def child(setting: str, model: str, cycles: int, rows: int, steps: int) -> dict:
             return trim() if calls[0] % 2 == 0 else None
 
         engine._release_heap = after_only
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "system", "content": Answer.instructions},
-         {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}],
-        tokenize=True, add_generation_prompt=True, return_dict=False)
-        for example in load_examples("train", levels="1,2,3", limit=rows, seed=1)]
+    prompts = [engine.encode_chat([{"role": "system", "content": Answer.instructions},
+                                   {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}])
+               for example in load_examples("train", levels="1,2,3", limit=rows, seed=1)]
     _, uneven = _session25_rows()(tokenizer)
     updater = LoRAUpdater(engine, session_update_config())
     out = {"setting": setting, "cpu": cpu_description(), "dtype": str(engine.model.dtype), "cycles": []}
