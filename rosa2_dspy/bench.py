@@ -66,10 +66,13 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
 
 def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
                  cache_variants: bool = False, batch_sizes: list[int] | None = (1, 8, 16, 32),
-                 mixed_weights: int = 0, repeats: int = 3) -> dict:
+                 mixed_weights: int = 0, repeats: int = 3, prepack: bool | None = None) -> dict:
+    """``prepack``: the weights the engine serves from (None: its default); the roofline times the other
+    setting beside it."""
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
-    engine = LocalEngine.shared(spec, continuous=False)  # (b) and (c) measure padded batches against raw generate
+    # (b) and (c) measure padded batches against raw generate
+    engine = LocalEngine.shared(spec, continuous=False, prepack=prepack)
     prompts_text = BENCH_PROMPTS[:concurrency]
     prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in prompts_text]
     _raw_generate(engine, prompts[:1], 8)  # warm-up

@@ -263,6 +263,24 @@ def test_decode_cost_counts_each_weight_once_and_the_embedding_only_when_tied(ti
     assert (read, flops) == (4 * (2 * per_layer + norms + vocab * 64), 2 * (2 * per_layer + vocab * 64))
 
 
+def test_bench_engine_serves_the_weights_it_is_asked_for_and_times_the_other_setting_beside(tiny_model_dir, capsys):
+    """``--prepack`` / ``--no-prepack``: the engine's figures (greedy equality included) come from that setting, the
+    roofline times the other one beside it (float32 here: oneDNN packs it on request)."""
+    import torch
+
+    from rosa2_dspy.engine.prepack import supported
+
+    if not supported("cpu", torch.float32):
+        pytest.skip("this PyTorch has no oneDNN")
+    for flag, served, other in (("--prepack", True, "unpacked"), ("--no-prepack", False, "prepacked")):
+        assert run("bench", "engine", "--model", str(tiny_model_dir), "--max-tokens", "4", "--concurrency", "2",
+                   "--batch-sizes", "2", "--repeats", "1", flag) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["prepacked"] is served and report["roofline"]["prepacked"] is served
+        assert report["greedy_identical_batched_vs_sequential"] is True
+        assert report["roofline"]["batches"]["2"][f"{other}_step_ms"] > 0
+
+
 def test_bench_engine_mixed_weights_matches_peft_and_leaves_the_engine_clean(tiny_model_dir, capsys):
     from rosa2_dspy.engine import LocalEngine
 

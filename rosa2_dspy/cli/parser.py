@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     be = bench_sub.add_parser("engine", help="engine throughput against raw transformers and the bandwidth bound")
     be.add_argument("--model", default="default", help=MODEL_HELP)
+    _add_prepack_arg(be)
     be.add_argument("--max-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
     be.add_argument("--concurrency", type=int, default=8,
                     help="prompts sent at once through DSPy for the concurrent figure (default 8)")

@@ -84,9 +84,10 @@ def cmd_bench(args) -> int:
             raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
         if not 0 <= args.mixed_weights <= 16:
             raise CLIError(f"--mixed-weights must be 0..16, got {args.mixed_weights}")
+        check_prepack(args)
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
                                     cache_variants=args.cache_variants, batch_sizes=sizes,
-                                    mixed_weights=args.mixed_weights, repeats=args.repeats)
+                                    mixed_weights=args.mixed_weights, repeats=args.repeats, prepack=args.prepack)
     elif args.bench == "compare":
         return bench_compare(args)
     elif args.bench == "compile":
