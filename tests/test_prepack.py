@@ -30,16 +30,25 @@ def logits(engine, ids, grad: bool = False):
 
 
 @needs_bf16
-def test_the_default_packs_a_bf16_model_and_not_a_float32_one(tokenizer):
+def test_the_default_packs_a_bf16_model(tokenizer):
     engine = bf16_engine(tokenizer)
     assert engine.prepacked and packed_count(engine.model) == len(base_linears(engine.model)) == 2 * 7 + 1
     assert engine.info["prepacked_linears"] == 15
-    assert default_for("cpu", torch.bfloat16) and not default_for("cpu", torch.float32)
-    assert not default_for("cuda", torch.bfloat16)
-    fp32 = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
-    assert not fp32.prepacked and packed_count(fp32.model) == 0
+    assert default_for("cpu", torch.bfloat16) and not default_for("cuda", torch.bfloat16)
     engine.set_prepack(False)
     assert not engine.prepacked and packed_count(engine.model) == 0 and "prepacked_linears" not in engine.info
+
+
+@needs_fp32
+def test_the_default_packs_a_float32_model_too_and_no_prepack_serves_it_plain(tokenizer):
+    """Float32's default since session 30 (BENCHMARKS.md): packed, unless asked not to."""
+    fp32 = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    assert fp32.prepacked and packed_count(fp32.model) == 15 and default_for("cpu", torch.float32)
+    assert not default_for("cuda", torch.float32) and not default_for("cpu", torch.float16)
+    plain = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny", prepack=False)
+    assert not plain.prepacked and packed_count(plain.model) == 0
+    fp32.set_prepack(False)
+    assert not fp32.prepacked and packed_count(fp32.model) == 0 and "prepacked_linears" not in fp32.info
 
 
 @needs_bf16
@@ -213,9 +222,10 @@ def test_prepacking_a_model_this_build_cannot_pack_is_refused(tokenizer):
 
 
 @needs_fp32
-def test_a_float32_run_prepacked_on_request_has_its_own_identity_and_a_bf16_one_does_not():
-    """Run folders refuse to mix answers that round differently: float32 prepacked weights do, bf16 ones do not
-    (so a bf16 run resumes with or without them)."""
+def test_a_float32_run_prepacked_has_its_own_identity_and_a_bf16_one_does_not():
+    """Run folders refuse to mix answers that round differently: float32 prepacked weights (the default) do, bf16
+    ones do not (so a bf16 run resumes with or without them). A float32 run on plain weights keeps the identity
+    it had before packing was float32's default, so such a folder resumes with ``--no-prepack``."""
     from argparse import Namespace
 
     from rosa2_dspy.cli.common import model_identity
@@ -224,15 +234,15 @@ def test_a_float32_run_prepacked_on_request_has_its_own_identity_and_a_bf16_one_
         return model_identity(Namespace(model="tiny", device="cpu", dtype=dtype, batching="continuous",
                                         prepack=prepack))
 
-    assert identity("float32", True) == {**identity("float32", None), "prepack": True}
-    assert identity("float32", False) == identity("float32", None)
+    assert identity("float32", None) == identity("float32", True) == {**identity("float32", False), "prepack": True}
+    assert "prepack" not in identity("float32", False)
     if supported("cpu", torch.bfloat16):
         assert identity("bfloat16", True) == identity("bfloat16", False) == identity("bfloat16", None)
 
 
 @needs_fp32
 def test_float32_prepacked_greedy_rows_equal_their_unbatched_replies(tokenizer):
-    """Issue 14's float32 guarantee holds with prepacked weights (``--prepack``, float32's opt-in): greedy rows of a
+    """Issue 14's float32 guarantee holds with prepacked weights (float32's default since session 30): greedy rows of a
     continuously batched run, joining and leaving, equal each prompt's unbatched reply token for token, both through
     the packed copy. (Against the plain weights they may not: the packed product rounds differently.)"""
     from rosa2_dspy.engine.continuous import Row

@@ -71,13 +71,18 @@ def model_identity(args) -> dict:
     """The model, the precision and device it runs in, resolved (``auto`` differs between machines: a run
     resumed where bf16 is not native would mix float32 answers into a bf16 run), and the batching (rows batched
     differently round differently). ``--prepack`` where the weights cannot be packed is refused here; in float32
-    prepacked weights round differently, so such a run says so (in bf16 they change no output, and no identity)."""
+    prepacked weights (the default on a CPU with oneDNN) round differently, so such a run says so (in bf16 they
+    change no output, and no identity; a float32 run on plain weights has no ``prepack`` key, as before packing
+    was float32's default, so its folder resumes with ``--no-prepack``)."""
     import torch
+
+    from rosa2_dspy.engine.prepack import default_for
 
     device, dtype = check_prepack(args)
     identity = {"model": args.model, "device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch."),
                 "batching": getattr(args, "batching", None)}
-    if getattr(args, "prepack", None) and dtype == torch.float32:
+    prepack = getattr(args, "prepack", None)
+    if dtype == torch.float32 and (default_for(device, dtype) if prepack is None else prepack):
         identity["prepack"] = True
     return identity
 

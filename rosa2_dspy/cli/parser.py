@@ -37,9 +37,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_prepack_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="serve the model from oneDNN-prepacked weights, which replace the plain ones inside its "
-                        "blocks: 1.3-1.75x per decode step on a 2-core CPU, one more copy of the output head only "
-                        "(default: on for a bf16 model on a CPU, where outputs and updates are the same bit for bit; "
-                        "off otherwise)")
+                        "blocks: 1.3-2.4x per decode step at batch 16 on a 2-core CPU, one more copy of the output "
+                        "head only (default: on for a CPU model in bf16, where outputs and updates are the same bit "
+                        "for bit, and in float32, where they round differently and a run folder records it; off "
+                        "elsewhere)")
 
 
 PROGRAM = "programs/math_solver.py"

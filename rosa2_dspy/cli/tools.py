@@ -35,8 +35,10 @@ def cmd_info(args) -> int:
         "device": device, "cpu": models.cpu_description(), "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "prepacked_weights": "yes (bit-identical in bf16; --no-prepack to turn it off)"
-                             if default_for(device, dtype) else "no (--prepack to ask for it)",
+        "prepacked_weights": ("no (--prepack to ask for it)" if not default_for(device, dtype) else
+                              "yes (bit-identical in bf16; --no-prepack to turn it off)" if dtype == torch.bfloat16
+                              else "yes (rounds differently from plain float32 weights, so a run folder records "
+                                   "it; --no-prepack to turn it off)"),
         "cache_dir": str(models.cache_dir()),
     }
     embedded = models.embedded_model(args.model)

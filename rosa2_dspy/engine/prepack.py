@@ -10,8 +10,11 @@ reference forward under ``no_grad``) from the packed copy through ``torch.ops.mk
 In bfloat16 the packed product equals the plain one bit for bit (oneDNN runs the same kernel on the same
 blocked weight; ``tests/test_prepack.py`` checks a model's logits, greedy replies and an update), so switching it on
 changes no output, only the time: 1.3-1.75x per decode step on a 2-core AMD EPYC (BENCHMARKS.md,
-session 14). In float32 the packed product rounds differently from the plain one, so the engine packs only
-bf16 models by default; ``LocalEngine(prepack=True)`` asks for it in float32 too.
+session 14). In float32 the packed product rounds differently from the plain one (the same model to about 1e-5;
+batched greedy rows still equal their unbatched replies, both packed), and a batch-16 decode step of the default
+model is about 2x faster (BENCHMARKS.md, sessions 23 and 30), so the engine packs float32 CPU models by default too,
+and a float32 run folder records it in its identity (``rosa2_dspy.cli.common.model_identity``), so that it never
+mixes packed and plain answers. ``LocalEngine(prepack=False)`` (``--no-prepack``) serves the plain weights.
 
 The packed copy replaces the plain weight of every projection inside the blocks, so packing costs no memory
 there: the module's ``weight`` becomes a :class:`_Placeholder` (its shape and dtype, one element of storage), and
@@ -59,8 +62,10 @@ def refusal(device: str, dtype) -> str | None:
 
 
 def default_for(device: str, dtype) -> bool:
-    """On by default where it changes no output and costs one bf16 copy: a bf16 model on a CPU that runs bf16."""
-    return dtype == torch.bfloat16 and supported(device, dtype)
+    """On by default wherever this build packs (:func:`supported`): a CPU model in bf16 (the same outputs bit for
+    bit) or in float32 (rounding of its own, recorded in a run's identity), at the price of one more copy of the
+    output head."""
+    return supported(device, dtype)
 
 
 def _device_dtype(model) -> tuple[str, torch.dtype | None]:
