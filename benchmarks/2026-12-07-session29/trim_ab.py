@@ -24,6 +24,7 @@ from rosa2_dspy.memory import peak_rss_since_reset_mib, reset_peak_rss, rss_and_
 from rosa2_dspy.models import cpu_description
 
 HERE = Path(__file__).resolve().parent
+KEYS = ("decode_step_ms", "update_s", "rss_before_update_mib", "update_peak_mib")
 
 
 def _session25_rows():
@@ -35,29 +36,20 @@ def _session25_rows():
     return module.uneven_rows
 
 
-def child(setting: str, model: str, cycles: int, rows: int, steps: int) -> dict:
+def measure(engine, setting: str, cycles: int, rows: int, steps: int) -> dict:
+    """The cycles of one process on ``engine`` (decode steps, then an update; the first cycle a warm-up), as JSON.
+    Session 30's prepack A/B measures its processes with this too."""
     from rosa2_dspy.adapters import FORMAT_REMINDER
     from rosa2_dspy.bench import continuous_step_seconds
     from rosa2_dspy.coadapt import session_update_config
-    from rosa2_dspy.engine import LocalEngine
     from rosa2_dspy.math.data import load_examples
     from rosa2_dspy.signatures import Answer
     from rosa2_dspy.weights import LoRAUpdater
 
-    engine = LocalEngine.from_pretrained(model)
-    tokenizer = engine.tokenizer
-    if setting == "after":  # skip the trim before each update: the engine's trims alternate before, after
-        trim, calls = engine._release_heap, [0]
-
-        def after_only():
-            calls[0] += 1
-            return trim() if calls[0] % 2 == 0 else None
-
-        engine._release_heap = after_only
     prompts = [engine.encode_chat([{"role": "system", "content": Answer.instructions},
                                    {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}])
                for example in load_examples("train", levels="1,2,3", limit=rows, seed=1)]
-    _, uneven = _session25_rows()(tokenizer)
+    _, uneven = _session25_rows()(engine.tokenizer)
     updater = LoRAUpdater(engine, session_update_config())
     out = {"setting": setting, "cpu": cpu_description(), "dtype": str(engine.model.dtype), "cycles": []}
     for _ in range(cycles):
@@ -72,30 +64,56 @@ def child(setting: str, model: str, cycles: int, rows: int, steps: int) -> dict:
                               "update_peak_mib": round(peak_rss_since_reset_mib() or 0),
                               "shift": round(result.update_shift, 6)})
     timed = out["cycles"][1:]
-    out.update({key: round(statistics.mean(c[key] for c in timed), 2)
-                for key in ("decode_step_ms", "update_s", "rss_before_update_mib", "update_peak_mib")})
+    out.update({key: round(statistics.mean(c[key] for c in timed), 2) for key in KEYS})
+    return out
+
+
+def child(setting: str, model: str, cycles: int, rows: int, steps: int) -> dict:
+    from rosa2_dspy.engine import LocalEngine
+
+    engine = LocalEngine.from_pretrained(model)
+    if setting == "after":  # skip the trim before each update: the engine's trims alternate before, after
+        trim, calls = engine._release_heap, [0]
+
+        def after_only():
+            calls[0] += 1
+            return trim() if calls[0] % 2 == 0 else None
+
+        engine._release_heap = after_only
+    out = measure(engine, setting, cycles, rows, steps)
     out["heap_trims"], out["heap_released_mib"] = engine.stats["heap_trims"], engine.stats["heap_released_mib"]
     return out
 
 
-def main(model: str, cycles: int, rows: int, steps: int) -> None:
+def ab(script: str, order: tuple[str, str, str, str], model: str, cycles: int, rows: int, steps: int) -> dict:
+    """Run ``script``'s child for each setting of ``order`` (A B B A) in a fresh process; the summary compares the
+    means of B's processes with A's (``B_over_A``)."""
     runs = []
-    for setting in ("after", "both", "both", "after"):
-        proc = subprocess.run([sys.executable, __file__, "child", setting, model, str(cycles), str(rows), str(steps)],
+    for setting in order:
+        proc = subprocess.run([sys.executable, script, "child", setting, model, str(cycles), str(rows), str(steps)],
                               check=True, capture_output=True, text=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     summary = {"runs": runs, "model": model, "cycles": cycles, "rows": rows, "steps": steps}
-    for key in ("decode_step_ms", "update_s", "rss_before_update_mib", "update_peak_mib"):
-        a, b = (statistics.mean(r[key] for r in runs if r["setting"] == s) for s in ("after", "both"))
-        summary[key] = {"after": round(a, 2), "both": round(b, 2), "both_over_after": round(b / a, 3)}
-    print(json.dumps(summary, indent=1))
+    first, second = order[:2]
+    for key in KEYS:
+        a, b = (statistics.mean(r[key] for r in runs if r["setting"] == s) for s in (first, second))
+        summary[key] = {first: round(a, 2), second: round(b, 2), f"{second}_over_{first}": round(b / a, 3)}
+    return summary
+
+
+def run_from_argv(script: str, child, order: tuple[str, str, str, str], cycles: int, rows: int, steps: int) -> None:
+    """An A/B script's command line: ``child SETTING MODEL C R S`` runs one process, anything else the A B B A
+    (``--model``, ``--cycles``, ``--rows``, ``--steps``, defaulting to the numbers given here)."""
+    if sys.argv[1:2] == ["child"]:
+        print(json.dumps(child(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))))
+        return
+
+    def arg(name, default):
+        return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+    print(json.dumps(ab(script, order, arg("--model", "default"), arg("--cycles", cycles), arg("--rows", rows),
+                        arg("--steps", steps)), indent=1))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["child"]:
-        print(json.dumps(child(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7]))))
-    else:
-        def arg(name, default):
-            return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
-        main(arg("--model", "default"), arg("--cycles", 4), arg("--rows", 16), arg("--steps", 48))
+    run_from_argv(__file__, child, ("after", "both", "both", "after"), 4, 16, 48)
