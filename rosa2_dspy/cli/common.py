@@ -17,9 +17,10 @@ class CLIError(Exception):
 def engine_for(args):
     from rosa2_dspy.engine import LocalEngine
 
-    check_prepack(args)  # before the model loads
+    _, _, prepack = check_prepack(args)  # before the model loads
+    # the setting resolved, not None: a shared engine another command of this process unpacked is packed again
     return LocalEngine.shared(args.model, device=args.device, dtype=args.dtype,
-                              continuous=args.batching == "continuous", prepack=getattr(args, "prepack", None))
+                              continuous=args.batching == "continuous", prepack=prepack)
 
 
 def ray_workers(args, program: str, kwargs: dict, solver: str, threads: int, **options):
@@ -36,7 +37,7 @@ def ray_workers(args, program: str, kwargs: dict, solver: str, threads: int, **o
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     workload = Workload(model=model, program=str(Path(path).resolve()) + sep + name, solver=solver,
                         device=identity["device"], dtype=identity["dtype"], batching=args.batching,
-                        prepack=getattr(args, "prepack", None),
+                        prepack=check_prepack(args)[2],  # as resolved here, whatever a worker's host would pick
                         program_kwargs=kwargs, options=options,
                         compiled=str(Path(args.compiled).resolve()) if getattr(args, "compiled", None) else None)
     try:
@@ -55,35 +56,39 @@ def program_kwargs(args) -> dict:
     return kwargs
 
 
-def check_prepack(args) -> tuple[str, object]:
-    """The device and dtype ``args`` resolve to; a ``--prepack`` they cannot serve is refused (CLIError)."""
-    from rosa2_dspy.engine.prepack import refusal
+# what a float32 run folder whose config.json predates session 30 served: plain weights (one that asked for
+# --prepack holds prepack: true), so that it resumes with --no-prepack and is refused packed weights
+LEGACY_MODEL_IDENTITY = {"prepack": False}
+
+
+def check_prepack(args) -> tuple[str, object, bool]:
+    """The device, dtype and prepacking ``args`` resolve to (``--prepack``/``--no-prepack``, else the engine's
+    default there); a ``--prepack`` they cannot serve is refused (CLIError)."""
+    from rosa2_dspy.engine.prepack import default_for, refusal
     from rosa2_dspy.models import pick_device, pick_dtype
 
     device = pick_device(getattr(args, "device", "auto"))
     dtype = pick_dtype(device, getattr(args, "dtype", "auto"))
-    if getattr(args, "prepack", None) and (reason := refusal(device, dtype)):
+    asked = getattr(args, "prepack", None)
+    if asked and (reason := refusal(device, dtype)):
         raise CLIError(f"--prepack: {reason}: drop --prepack")
-    return device, dtype
+    return device, dtype, default_for(device, dtype) if asked is None else bool(asked)
 
 
 def model_identity(args) -> dict:
     """The model, the precision and device it runs in, resolved (``auto`` differs between machines: a run
     resumed where bf16 is not native would mix float32 answers into a bf16 run), and the batching (rows batched
     differently round differently). ``--prepack`` where the weights cannot be packed is refused here; in float32
-    prepacked weights (the default on a CPU with oneDNN) round differently, so such a run says so (in bf16 they
-    change no output, and no identity; a float32 run on plain weights has no ``prepack`` key, as before packing
-    was float32's default, so its folder resumes with ``--no-prepack``)."""
+    prepacked weights (the default on a CPU with oneDNN) round differently, so a float32 run says which weights it
+    served (in bf16 they change no output, and no identity; a folder from before the key existed served what
+    :data:`LEGACY_MODEL_IDENTITY` says)."""
     import torch
 
-    from rosa2_dspy.engine.prepack import default_for
-
-    device, dtype = check_prepack(args)
+    device, dtype, prepack = check_prepack(args)
     identity = {"model": args.model, "device": device.split(":")[0], "dtype": str(dtype).removeprefix("torch."),
                 "batching": getattr(args, "batching", None)}
-    prepack = getattr(args, "prepack", None)
-    if dtype == torch.float32 and (default_for(device, dtype) if prepack is None else prepack):
-        identity["prepack"] = True
+    if dtype == torch.float32:
+        identity["prepack"] = prepack
     return identity
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from rosa2_dspy.cli.common import (METHOD_ORDER, CLIError, apply_session_recipe, check_compiled_adapter,
-                                    compile_overlap, data_identity, engine_for, model_identity, program_kwargs,
-                                    ray_workers, seen_by, session_identity, train_val)
+from rosa2_dspy.cli.common import (LEGACY_MODEL_IDENTITY, METHOD_ORDER, CLIError, apply_session_recipe,
+                                    check_compiled_adapter, compile_overlap, data_identity, engine_for,
+                                    model_identity, program_kwargs, ray_workers, seen_by, session_identity, train_val)
 
 
 def cmd_eval(args) -> int:
@@ -59,7 +59,8 @@ def cmd_eval(args) -> int:
     if args.method:
         config.update(session_identity(args), method=args.method)
     resume_keys = tuple(k for k in config if k not in ("limit", "compile_overlap"))
-    out = prepare_run_dir(args.out, config, resume_keys=resume_keys, defaults=session_defaults(legacy=True))
+    out = prepare_run_dir(args.out, config, resume_keys=resume_keys,
+                          defaults={**session_defaults(legacy=True), **LEGACY_MODEL_IDENTITY})
     if args.method:
         return _run_methods(args, [args.method], examples, program, out, compiled=args.compiled, overlap=overlap,
                             spec=(args.program, kwargs))
@@ -177,7 +178,7 @@ def bench_compile(args) -> int:
               "limit": args.limit,
               "val_limit": args.val_limit, "eval_split": args.eval_split, "eval_level": args.eval_level,
               "seed": args.seed, **model_identity(args), "program": args.program, "max_tokens": args.max_tokens}
-    out = prepare_run_dir(args.out, config,
+    out = prepare_run_dir(args.out, config, defaults=LEGACY_MODEL_IDENTITY,
                           resume_keys=tuple(k for k in config if k not in ("eval_limit", "compile_overlap")))
     engine = engine_for(args)
     with segment(out, engine) as line:  # the run's command, commit, machine and peak memory, per segment
@@ -221,7 +222,7 @@ def bench_compare(args) -> int:
               "compiled": str(Path(args.compiled).resolve()) if args.compiled else None, **session_identity(args)}
     # a larger --limit extends a run (the report reads only the problems asked for); nothing else may change
     out = prepare_run_dir(args.out, config, resume_keys=tuple(k for k in config if k not in ("limit", "compile_overlap")),
-                          defaults=session_defaults(legacy=True))
+                          defaults={**session_defaults(legacy=True), **LEGACY_MODEL_IDENTITY})
     return _run_methods(args, methods, examples, load_program(program_spec, **kwargs), out, compiled=args.compiled,
                         overlap=overlap, spec=(program_spec, kwargs))
 

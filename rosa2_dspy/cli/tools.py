@@ -17,7 +17,7 @@ def cmd_info(args) -> int:
     import torch
 
     from rosa2_dspy import models
-    from rosa2_dspy.engine.prepack import default_for
+    from rosa2_dspy.engine.prepack import default_for, refusal
 
     def version(name):
         try:
@@ -35,7 +35,7 @@ def cmd_info(args) -> int:
         "device": device, "cpu": models.cpu_description(), "cuda_available": torch.cuda.is_available(),
         "cpu_native_bf16": models.cpu_has_native_bf16(), "precision": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
-        "prepacked_weights": ("no (--prepack to ask for it)" if not default_for(device, dtype) else
+        "prepacked_weights": (f"no ({refusal(device, dtype)})" if not default_for(device, dtype) else
                               "yes (bit-identical in bf16; --no-prepack to turn it off)" if dtype == torch.bfloat16
                               else "yes (rounds differently from plain float32 weights, so a run folder records "
                                    "it; --no-prepack to turn it off)"),
@@ -86,10 +86,10 @@ def cmd_bench(args) -> int:
             raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
         if not 0 <= args.mixed_weights <= 16:
             raise CLIError(f"--mixed-weights must be 0..16, got {args.mixed_weights}")
-        check_prepack(args)
         result = bench.bench_engine(args.model, max_tokens=args.max_tokens, concurrency=args.concurrency,
                                     cache_variants=args.cache_variants, batch_sizes=sizes,
-                                    mixed_weights=args.mixed_weights, repeats=args.repeats, prepack=args.prepack)
+                                    mixed_weights=args.mixed_weights, repeats=args.repeats,
+                                    prepack=check_prepack(args)[2])
     elif args.bench == "compare":
         return bench_compare(args)
     elif args.bench == "compile":
