@@ -67,8 +67,8 @@ def _raw_generate(engine, prompts: list[list[int]], max_tokens: int) -> int:
 def bench_engine(spec: str = "default", *, max_tokens: int = 96, concurrency: int = 8,
                  cache_variants: bool = False, batch_sizes: list[int] | None = (1, 8, 16, 32),
                  mixed_weights: int = 0, repeats: int = 3, prepack: bool | None = None) -> dict:
-    """``prepack``: the weights the engine serves from (None: its default); the roofline times the other
-    setting beside it."""
+    """``prepack``: the weights the engine serves from (None: the shared engine's as they are, its default when
+    this call loads it; the CLI passes the resolved setting); the roofline times the other setting beside it."""
     from rosa2_dspy.engine import LocalEngine, usage_scope
 
     # (b) and (c) measure padded batches against raw generate

@@ -1,7 +1,7 @@
 """Prepacked float32 weights against plain ones, in fresh processes (session 30). On a CPU without native bf16 the
 default model runs in float32, where until this A/B the engine packed its weights only on request (``--prepack``): a
-packed product rounds differently from a plain one, so it is a choice a run folder records. Session 23 measured one unrepeated
-1.94x per decode step at batch 16; this measures the decode step and a weight update, A B B A.
+packed product rounds differently from a plain one, so it is a choice a run folder records. Session 23 measured one
+unrepeated 1.94x per decode step at batch 16; this measures the decode step and a weight update, A B B A.
 
 One process per setting, in the order plain, packed, packed, plain. Each loads the model once
 (``LocalEngine.from_pretrained(model, prepack=...)``), then runs ``cycles`` times: ``steps`` decode steps of a
