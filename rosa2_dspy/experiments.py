@@ -117,6 +117,11 @@ SESSION_SETTINGS: dict[str, Setting] = {
                               "weights step with --frozen-prompt: rows whose scored part starts at different columns "
                               "each run on their own prefix, not all at the batch's earliest one (cheaper with "
                               "--reply-tail, and no row's update depends on the others in its batch)"),
+    "share_prefix": Setting("update", "share_prefix",
+                            "weights step: the prompt an update's rows share runs once, and each row only up to its "
+                            "own last token (the reference forward; with --frozen-prompt the prefix and the "
+                            "gradient columns too): the same update for less work, up to rounding",
+                            legacy=(False,)),
     "reply_tail": Setting("update", "reply_tail",
                           "weights step: score only each reply's last N tokens, where its final answer is (0: the "
                           "whole reply; sft always scores the whole reply); with --frozen-prompt the reply's head "

@@ -706,6 +706,115 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
     assert (plain != 0).sum() == 2
 
 
+def _shared_prompt_batch(tokenizer):
+    """A later update's layout: two rejected replies of different lengths under one prompt, prompt and reply
+    right-padded together (TRL's KTO collator), the labels the reply tokens."""
+    prompt = tokenizer.encode("Tell me, please, what is 12 times 3? Think it through.")
+    replies = [tokenizer.encode(" 12 times 3 is 36, since 10 times 3 is 30 and 2 times 3 is 6."),
+               tokenizer.encode(" 35, I would say")]
+    width = len(prompt) + max(map(len, replies))
+    pad = tokenizer.pad_token_id
+    ids = [prompt + r + [pad] * (width - len(prompt) - len(r)) for r in replies]
+    mask = [[1] * (len(prompt) + len(r)) + [0] * (width - len(prompt) - len(r)) for r in replies]
+    labels = [[-100] * len(prompt) + r + [-100] * (width - len(prompt) - len(r)) for r in replies]
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels), len(prompt)
+
+
+def test_an_updates_shared_prompt_runs_once_and_each_row_stops_at_its_own_end(tokenizer):
+    """``share_prefix``: the reference forward (no gradients) and, under ``frozen_prompt``, the policy's prefix and
+    gradient columns run the prompt the rows share once, on one row, and each row only up to its own last token;
+    the log-probabilities and the gradient are those without sharing (the same split column), for fewer tokens."""
+    from rosa2_dspy.weights.updater import _last_labelled, _prompt_as_frozen_prefix, _reference_shares_prefix
+
+    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
+    model = engine.peft_model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids, mask, labels, prompt = _shared_prompt_batch(tokenizer)
+    ends = mask.sum(dim=1).tolist()
+    assert ends[0] != ends[1] and ids.shape[1] == max(ends)
+    seen = []  # (gradients?, rows x columns) of each forward of the first block
+    block = model.get_base_model().model.layers[0]
+    block.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.is_grad_enabled(), args[0].shape[0] * args[0].shape[1])))
+    model.train()
+
+    with torch.no_grad():  # the reference's call
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        seen.clear()
+        with _reference_shares_prefix(model):
+            shared = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert shared.log_probs.shape == plain.log_probs.shape
+    torch.testing.assert_close(shared.log_probs, plain.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    # the prompt less its last column once, then each row from there to its own end, never the padding
+    assert sorted(n for _, n in seen) == sorted([prompt - 1] + [end - prompt + 1 for end in ends])
+    assert sum(n for _, n in seen) < ids.numel()
+
+    tail = _last_labelled(labels, 2)  # (a reply tail: the shorter reply sets the batch's split)
+    split = int((tail[1] != -100).int().argmax()) - 1
+    with _prompt_as_frozen_prefix(model):
+        batched, batched_grads = _scored(model, ids, mask, tail)
+    seen.clear()
+    with _prompt_as_frozen_prefix(model, share=True):
+        frozen, frozen_grads = _scored(model, ids, mask, tail)
+    torch.testing.assert_close(frozen, batched, rtol=1e-5, atol=1e-5)
+    for name, grad in batched_grads.items():  # the same split: the same gradient, to the rounding of other row
+        # counts (1e-5 of its norm here; another split moves it by about its norm)
+        assert (frozen_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name
+    grads = [n for grad, n in seen if grad]
+    common = int((ids[0] != ids[1]).nonzero()[0])  # the prompt, and any first reply token the two share
+    assert split > common >= prompt
+    assert sorted(n for grad, n in seen if not grad) == sorted([common, 2 * (split - common)])
+    assert sorted(grads) == sorted(end - split for end in ends) and sum(grads) < 2 * (ids.shape[1] - split)
+    # rows that begin differently share nothing; each still stops at its own end, with the same numbers
+    other = ids.clone()
+    other[1, 0] = (ids[0, 0] + 1) % len(tokenizer)
+    with torch.no_grad():
+        plain = model(input_ids=other, attention_mask=mask, labels=labels, fused_lm_head=True)
+        seen.clear()
+        with _reference_shares_prefix(model):
+            apart = model(input_ids=other, attention_mask=mask, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(apart.log_probs, plain.log_probs, rtol=1e-5, atol=1e-5)
+    assert sorted(n for _, n in seen) == sorted(ends)
+
+
+def test_an_update_sharing_its_prompt_moves_the_adapter_as_one_without(tokenizer):
+    """Through ``LoRAUpdater`` at the session's settings (apo_zero_unpaired, frozen prompt, reply tail): a first
+    update and a later one (the reference forward from moved weights) on two replies under one prompt give the
+    same adapter with ``share_prefix`` as without, while the blocks run fewer token positions."""
+    from rosa2_dspy.coadapt import session_update_config
+
+    long_reply = "12 times 3: 10 times 3 is 30, 2 times 3 is 6, so 30 + 6 = 36. \\boxed{36}"
+    rows = [kto_row(PROMPT, BAD, False), kto_row(PROMPT, long_reply, False)]
+    moves, shifts, tokens = {}, {}, {}
+    for setting in ("plain", "share_prefix", "prefix_per_row"):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        config = session_update_config(learning_rate=1e-2, max_length=128, reply_tail=3,
+                                       **({} if setting == "plain" else {setting: True}))
+        updater = LoRAUpdater(engine, config)
+        start = engine.snapshot()
+        seen = []
+        block = engine.peft_model.get_base_model().model.layers[0]
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0] * args[0].shape[1]))
+        shifts[setting] = [updater.update(rows).update_shift for _ in range(2)]
+        moves[setting] = torch.cat([(value - start[name]).flatten() for name, value in engine.adapter_state().items()])
+        tokens[setting] = sum(seen)
+
+    def apart(setting: str) -> float:
+        return float((moves[setting] - moves["plain"]).norm() / moves["plain"].norm())
+
+    # the same update to rounding (Adam's step magnifies a gradient's last digits where the gradient is near zero:
+    # 2e-4 of the adapter's move here), where another split of the rows (prefix_per_row) moves it elsewhere (0.7)
+    assert apart("share_prefix") < 1e-2 < 0.1 < apart("prefix_per_row")
+    assert shifts["share_prefix"] == pytest.approx(shifts["plain"], rel=1e-5) and min(shifts["plain"]) > 0
+    assert tokens["share_prefix"] < tokens["plain"]
+
+
 @pytest.mark.parametrize("checkpointing,per_row", [(False, False), (True, False), (False, True)])
 def test_an_update_with_a_frozen_prompt_trains_on_the_replies_only(tokenizer, checkpointing, per_row):
     """Through ``LoRAUpdater``: with ``frozen_prompt`` the blocks run with gradients over the reply columns only

@@ -36,9 +36,10 @@ def _session25_rows():
     return module.uneven_rows
 
 
-def measure(engine, setting: str, cycles: int, rows: int, steps: int) -> dict:
+def measure(engine, setting: str, cycles: int, rows: int, steps: int, update=None) -> dict:
     """The cycles of one process on ``engine`` (decode steps, then an update; the first cycle a warm-up), as JSON.
-    Session 30's prepack A/B measures its processes with this too."""
+    ``update``: the updates' :class:`~rosa2_dspy.weights.UpdateConfig` (default: the session's). Sessions 30's and
+    31's A/Bs measure their processes with this too."""
     from rosa2_dspy.adapters import FORMAT_REMINDER
     from rosa2_dspy.bench import continuous_step_seconds
     from rosa2_dspy.coadapt import session_update_config
@@ -50,7 +51,7 @@ def measure(engine, setting: str, cycles: int, rows: int, steps: int) -> dict:
                                    {"role": "user", "content": f"{example.problem}\n\n{FORMAT_REMINDER}"}])
                for example in load_examples("train", levels="1,2,3", limit=rows, seed=1)]
     _, uneven = _session25_rows()(engine.tokenizer)
-    updater = LoRAUpdater(engine, session_update_config())
+    updater = LoRAUpdater(engine, update or session_update_config())
     out = {"setting": setting, "cpu": cpu_description(), "dtype": str(engine.model.dtype), "cycles": []}
     for _ in range(cycles):
         step = continuous_step_seconds(engine, prompts, [None] * len(prompts), steps)

@@ -48,6 +48,11 @@ class UpdateConfig:
     # reply_tail) each run on their own prefix (True), or all at the batch's earliest such column (False: a longer
     # reply's head then takes gradients, and a row's update depends on the other rows of its batch)
     prefix_per_row: bool = False
+    # the columns every row of an update begins with (the prompt its rows share: a later update trains on each
+    # rejected reply under one prompt) run once, on one row, and each row runs only up to its own last token, not
+    # the longest row's (the reference forward, and with frozen_prompt the prefix and the gradient suffix): the same
+    # update, for less work, up to the rounding of products over other row counts
+    share_prefix: bool = False
     # score only the last N tokens of each reply (None or 0: all of it): the loss, and the reference's
     # log-probabilities, cover the reply's end, where its final answer is; with frozen_prompt the reply's head joins
     # the no-gradient prefix, so an update's gradient work no longer grows with the reply's length. A design

@@ -175,11 +175,12 @@ def _score_reply_tail(model, tokens: int):
     return _forward_wrapped(model, wrap)
 
 
-def _read_only_cache(cache):
-    """A prompt's keys and values (a ``DynamicCache`` of full-attention layers) as a cache that a forward reads and
-    never extends, or None for any other cache (sliding windows, quantized or static layers: the update then runs
-    the whole row). Reading only is what lets activation checkpointing recompute a block against it: the
-    recompute sees the same keys and values as the forward did (transformers' ``_can_checkpoint_with_cache``)."""
+def _read_only_cache(cache, rows: slice | None = None):
+    """A prompt's keys and values (a ``DynamicCache`` of full-attention layers; ``rows``: those rows of it only) as a
+    cache that a forward reads and never extends, or None for any other cache (sliding windows, quantized or static
+    layers: the update then runs the whole row). Reading only is what lets activation checkpointing recompute a
+    block against it: the recompute sees the same keys and values as the forward did (transformers'
+    ``_can_checkpoint_with_cache``)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class _ReadOnlyLayer(DynamicLayer):
@@ -189,13 +190,157 @@ def _read_only_cache(cache):
     if type(cache) is not DynamicCache or not cache.layers or any(type(layer) is not DynamicLayer or
                                                                     not layer.is_initialized for layer in cache.layers):
         return None
+    rows = rows or slice(None)
     frozen = DynamicCache()
     for layer in cache.layers:
         read_only = _ReadOnlyLayer()
         read_only.lazy_initialization(layer.keys, layer.values)
-        read_only.keys, read_only.values = layer.keys.detach(), layer.values.detach()
+        read_only.keys, read_only.values = layer.keys[rows].detach(), layer.values[rows].detach()
         frozen.layers.append(read_only)
     return frozen
+
+
+def _shared_columns(ids: torch.Tensor, mask: torch.Tensor | None, limit: int) -> int:
+    """How many leading columns, up to ``limit``, every row of a batch of two or more holds the same real tokens in
+    (the prompt, when an update's rows share one); 0 for one row."""
+    if ids.shape[0] < 2 or limit < 1:
+        return 0
+    same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0)
+    if mask is not None:
+        same &= (mask[:, :limit] == 1).all(dim=0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else min(limit, ids.shape[1])
+
+
+def _prefix_cache(backbone, ids: torch.Tensor, mask: torch.Tensor | None, split: int, share: bool):
+    """The keys and values of every row's columns before ``split``, computed without gradients. With ``share``, the
+    columns all rows begin with the same tokens in (:func:`_shared_columns`) run once, on one row, and serve every
+    row; the rest run batched after them. The same numbers as a batched run of the whole prefix, up to the rounding
+    of products over another number of rows."""
+    from transformers.cache_utils import DynamicCache
+
+    # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
+    cache = DynamicCache(config=backbone.config)
+    shared = _shared_columns(ids, mask, split) if share else 0
+    with torch.no_grad():
+        if shared:
+            backbone(input_ids=ids[:1, :shared], attention_mask=None if mask is None else mask[:1, :shared],
+                     past_key_values=cache)
+            cache.batch_repeat_interleave(ids.shape[0])
+        if split > shared:
+            backbone(input_ids=ids[:, shared:split], attention_mask=None if mask is None else mask[:, :split],
+                     past_key_values=cache)
+    return cache
+
+
+def _row_end(mask: torch.Tensor | None, row: int, width: int) -> int:
+    """One past a right-padded row's last real token."""
+    return width if mask is None else int(mask[row].nonzero().max()) + 1
+
+
+def _suffix(original, kwargs: dict, cache, split: int, end: int, rows: slice | None = None):
+    """The columns ``split:end`` of the rows of ``kwargs`` through ``original``, reading ``cache`` (the columns before
+    ``split``, of these rows or, with ``rows``, of a batch they are those rows of; None when ``split`` is 0); its
+    per-token outputs padded with zeros (TRL's value where the label is -100) to the whole row. None: the prefix's
+    cache cannot be read so (another kind of cache)."""
+    ids, labels, mask = kwargs["input_ids"], kwargs["labels"], kwargs.get("attention_mask")
+    extra = {}
+    if split:
+        extra["past_key_values"] = _read_only_cache(cache, rows)
+        if extra["past_key_values"] is None:
+            return None
+    out = original(**{**kwargs, "input_ids": ids[:, split:end], "labels": labels[:, split:end],
+                      "attention_mask": None if mask is None else mask[:, :end], **extra})
+    width = end - split - 1  # the suffix's next-token positions
+
+    def whole_row(value):
+        if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
+            return value
+        return torch.cat([value.new_zeros(value.shape[0], split), value,
+                          value.new_zeros(value.shape[0], ids.shape[1] - end)], dim=1)
+
+    return type(out)(**{key: whole_row(value) for key, value in out.items()})
+
+
+def _joined(rows: list, kwargs: dict):
+    """Row outputs (None: a row that ran nowhere, scored zeros) as one batch's, with the fused head's loss: minus the
+    log-probabilities' sum over the labelled tokens (or the count the trainer gives)."""
+    template = next(row for row in rows if row is not None)
+    joined = {key: torch.cat([template[key].new_zeros(template[key].shape) if row is None else row[key]
+                              for row in rows])
+              for key, value in template.items() if torch.is_tensor(value) and value.dim() == 2}
+    items = kwargs.get("num_items_in_batch")
+    joined["loss"] = -joined["log_probs"].sum() / (joined["label_mask"].sum().clamp(min=1) if items is None
+                                                   else items)
+    return type(template)(**joined)
+
+
+def _rows_to_their_ends(original, kwargs: dict, cache, split: int, scored: list[bool]):
+    """The columns from ``split`` of every row up to its own last real token, not the batch's longest (its padding
+    columns compute nothing TRL reads): one batch where every row ends at the same column, else row by row, each
+    reading its rows of ``cache``. A row with nothing scored runs nowhere and scores zeros. None: the cache cannot
+    be read so."""
+    ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    ends = [_row_end(mask, row, ids.shape[1]) for row in range(ids.shape[0])]
+    if len(set(ends)) == 1 and all(scored):
+        return _suffix(original, kwargs, cache, split, ends[0])
+    rows = []
+    for row, (end, keep) in enumerate(zip(ends, scored)):
+        if not keep:
+            rows.append(None)
+            continue
+        one = {**kwargs, **{k: kwargs[k][row:row + 1] for k in ("input_ids", "labels", "attention_mask")
+                            if kwargs.get(k) is not None}}
+        out = _suffix(original, one, cache, split, end, slice(row, row + 1))
+        if out is None:
+            return None
+        rows.append(out)
+    return _joined(rows, kwargs)
+
+
+def _fused_call(args: tuple, kwargs: dict) -> bool:
+    """Whether a forward is TRL's ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)``, with
+    no cache and no other tensor: the calls the update's wrappers below know how to split."""
+    known = ("input_ids", "attention_mask", "labels")
+    unknown = [k for k, v in kwargs.items() if torch.is_tensor(v) and k not in known]
+    return not (args or unknown or kwargs.get("input_ids") is None or kwargs.get("labels") is None
+                or not kwargs.get("fused_lm_head") or kwargs.get("past_key_values") is not None
+                or kwargs.get("output_router_logits"))
+
+
+@contextlib.contextmanager
+def _reference_shares_prefix(model):
+    """An update's forwards without gradients (the reference's, from moved weights) with their rows' shared prompt
+    run once and each row only up to its own last token (``UpdateConfig.share_prefix``).
+
+    A later update trains on every rejected reply of the conversation under one prompt, so its rows begin with the
+    same few hundred tokens, and TRL right-pads a shorter reply to the longest. The shared columns run on one row
+    (:func:`_prefix_cache`) and each row from there to its own end (:func:`_rows_to_their_ends`); the per-token
+    log-probabilities are the whole rows', in TRL's shapes, up to the rounding of products over other row counts.
+    A call with gradients, or one the wrapper does not know, runs as it came."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.base_model
+
+    def wrap(original):
+        def forward(*args, **kwargs):
+            if torch.is_grad_enabled() or not _fused_call(args, kwargs):
+                return original(*args, **kwargs)
+            ids, labels, mask = kwargs["input_ids"], kwargs["labels"], kwargs.get("attention_mask")
+            labelled = labels != -100
+            scored = labelled.any(dim=1).tolist()
+            if ids.shape[0] < 2 or not any(scored):
+                return original(*args, **kwargs)
+            # the shared columns, short of every scored row's first predicting position (a prefix has no head)
+            first = min(int(labelled[row].int().argmax()) - 1 for row, keep in enumerate(scored) if keep)
+            split = _shared_columns(ids, mask, first)
+            cache = _prefix_cache(backbone, ids, mask, split, share=True) if split else None
+            out = _rows_to_their_ends(original, kwargs, cache, split, scored)
+            return original(*args, **kwargs) if out is None else out
+
+        return forward
+
+    with _forward_wrapped(model, wrap):
+        yield
 
 
 def _checkpointable_blocks(model) -> list:
@@ -245,7 +390,7 @@ def _checkpoint_large_forwards(model, min_tokens: int):
 
 
 @contextlib.contextmanager
-def _prompt_as_frozen_prefix(model, per_row: bool = False):
+def _prompt_as_frozen_prefix(model, per_row: bool = False, share: bool = False):
     """An update whose rows' prompts run once without gradients, as a cached prefix, and whose forward and backward
     (and activation checkpointing's recompute) cover the replies only (``UpdateConfig.frozen_prompt``).
 
@@ -262,10 +407,12 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False):
     such column, so a row whose scored part starts later (a longer reply under a tail, a longer prompt) takes
     gradients from there; with ``per_row`` (``UpdateConfig.prefix_per_row``) rows whose splits differ run each on
     its own, up to its last real token, so that a row's gradient never depends on the other rows of its batch.
+    With ``share`` (``UpdateConfig.share_prefix``) the batch's split stays where it is, and so does the gradient,
+    but the columns every row begins with run once, on one row, and each row's suffix ends at its own last token
+    rather than the longest row's (:func:`_rows_to_their_ends`): the same update up to rounding, for less work.
     The per-token outputs are padded back to the whole row with zeros, TRL's value where the label is -100, so TRL
     sees the shapes it asked for. Any other call (no gradients: the reference forward; inputs it does not know)
     runs the whole row."""
-    from transformers.cache_utils import DynamicCache
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks = _checkpointable_blocks(model)
@@ -275,40 +422,11 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False):
     backbone = base.base_model
 
     def wrap(original):
-        def with_prefix(kwargs, split: int, end: int):
-            """The columns ``split:end`` of every row of ``kwargs`` with gradients, after the columns before ``split``
-            as a no-gradient cached prefix; per-token outputs padded with zeros to the whole row. None: the prefix
-            cannot be cached (another kind of cache)."""
-            ids, labels, mask = kwargs["input_ids"], kwargs["labels"], kwargs.get("attention_mask")
-            # (a cache handed in, not use_cache=True, which transformers turns off under activation checkpointing)
-            prefix = DynamicCache(config=backbone.config)
-            with torch.no_grad():
-                backbone(input_ids=ids[:, :split], attention_mask=None if mask is None else mask[:, :split],
-                         past_key_values=prefix)
-            cache = _read_only_cache(prefix)
-            if cache is None:
-                return None
-            out = original(**{**kwargs, "input_ids": ids[:, split:end], "labels": labels[:, split:end],
-                              "attention_mask": None if mask is None else mask[:, :end], "past_key_values": cache})
-            width = end - split - 1  # the suffix's next-token positions
-
-            def whole_row(value):
-                if not (torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width):
-                    return value
-                return torch.cat([value.new_zeros(value.shape[0], split), value,
-                                  value.new_zeros(value.shape[0], ids.shape[1] - end)], dim=1)
-
-            return type(out)(**{key: whole_row(value) for key, value in out.items()})
-
         def forward(*args, **kwargs):
-            ids, labels, mask = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("attention_mask")
-            unknown = [k for k, v in kwargs.items()
-                       if torch.is_tensor(v) and k not in ("input_ids", "attention_mask", "labels")]
-            if args or unknown or ids is None or labels is None or not kwargs.get("fused_lm_head") \
-                    or not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None \
-                    or kwargs.get("output_router_logits") \
+            if not _fused_call(args, kwargs) or not torch.is_grad_enabled() \
                     or (not can_checkpoint and any(b.gradient_checkpointing and b.training for b in blocks)):
                 return original(*args, **kwargs)
+            ids, labels, mask = kwargs["input_ids"], kwargs["labels"], kwargs.get("attention_mask")
             labelled = labels != -100
             scored = labelled.any(dim=1).tolist()
             splits = (labelled.int().argmax(dim=1) - 1).tolist()
@@ -317,7 +435,11 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False):
             if not per_row or (all(scored) and len(set(splits)) == 1):
                 # one prefix for every row, up to the earliest column any row scores
                 split = min(split for split, keep in zip(splits, scored) if keep)
-                out = with_prefix(kwargs, split, ids.shape[1]) if split >= 1 else None
+                if split < 1:
+                    return original(*args, **kwargs)
+                cache = _prefix_cache(backbone, ids, mask, split, share)
+                out = _rows_to_their_ends(original, kwargs, cache, split, scored) if share \
+                    else _suffix(original, kwargs, cache, split, ids.shape[1])
                 return original(*args, **kwargs) if out is None else out
             # rows whose scored part starts at different columns (replies of different lengths under reply_tail,
             # prompts of different lengths under TRL's right padding): each row on its own, its prefix its own and
@@ -330,18 +452,13 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False):
                     continue
                 one = {**kwargs, **{k: kwargs[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")
                                     if kwargs.get(k) is not None}}
-                end = ids.shape[1] if mask is None else int(mask[i].nonzero().max()) + 1
-                out = with_prefix(one, split, end) if split >= 1 else None
+                end = _row_end(mask, i, ids.shape[1])
+                out = None
+                if split >= 1:
+                    out = _suffix(original, one, _prefix_cache(backbone, one["input_ids"], one.get("attention_mask"),
+                                                               split, False), split, end)
                 rows.append(original(**one) if out is None else out)
-            template = next(row for row in rows if row is not None)
-            joined = {key: torch.cat([template[key].new_zeros(template[key].shape) if row is None else row[key]
-                                      for row in rows])
-                      for key, value in template.items() if torch.is_tensor(value) and value.dim() == 2}
-            items = kwargs.get("num_items_in_batch")
-            # the fused head's loss: minus the log-probabilities' sum over the labelled tokens (or the given count)
-            joined["loss"] = -joined["log_probs"].sum() / (joined["label_mask"].sum().clamp(min=1) if items is None
-                                                           else items)
-            return type(template)(**joined)
+            return _joined(rows, kwargs)
 
         return forward
 
@@ -538,12 +655,15 @@ class LoRAUpdater:
                 # (the reference reuse outermost: it must see the whole row's inputs and outputs; the reply's tail
                 # before the frozen prefix, which splits each row at its first scored column)
                 tail = self.config.reply_tail if objective != "sft" else None  # (sft: a mean over the reply)
-                # (the size check innermost: it must see the forward that takes gradients, a frozen prefix's suffix)
+                # (the size check innermost: it must see the forward that takes gradients, a frozen prefix's suffix;
+                # the reference's sharing inside the frozen prefix, which passes it the calls without gradients)
                 large_only = self.config.activation_checkpointing and self.config.checkpointing_min_tokens > 0
+                share = self.config.share_prefix
                 with _score_completions_only(), \
                         _checkpoint_large_forwards(peft_model, self.config.checkpointing_min_tokens) \
                         if large_only else contextlib.nullcontext(), \
-                        _prompt_as_frozen_prefix(peft_model, self.config.prefix_per_row) \
+                        _reference_shares_prefix(peft_model) if share else contextlib.nullcontext(), \
+                        _prompt_as_frozen_prefix(peft_model, self.config.prefix_per_row, share) \
                         if self.config.frozen_prompt else contextlib.nullcontext(), \
                         _score_reply_tail(peft_model, tail) if tail is not None else contextlib.nullcontext(), \
                         _reference_from_policy(peft_model) if from_reference else contextlib.nullcontext():
