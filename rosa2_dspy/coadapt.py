@@ -170,9 +170,13 @@ def session_update_config(**overrides) -> UpdateConfig:
     forward over at least 384 gradient tokens (a reply's head beside a shorter one's tail) checkpoints its
     blocks: the same update, a long one's activations 4.2 GB instead of 10.4 at 1.04x its time, an uneven later
     one's 3.8 instead of 5.9 at 0.9x, and a turn's usual rows (about 129 gradient tokens each) stay under it
-    (BENCHMARKS.md, session 25). ``None`` overrides are ignored."""
+    (BENCHMARKS.md, session 25). A later update's rows (every rejected reply so far, under one prompt) run that
+    prompt once, on one row, and each row only to its own last token (``share_prefix``): the same update up to
+    rounding, 0.70x a first update's time and 0.76x a later one's on two uneven replies (BENCHMARKS.md, session 31).
+    ``None`` overrides are ignored."""
     values = dict(objective=SESSION_OBJECTIVE, steps=1, batch_size=4, learning_rate=2e-4, max_length=1536,
-                  frozen_prompt=True, reply_tail=128, activation_checkpointing=True, checkpointing_min_tokens=384)
+                  frozen_prompt=True, reply_tail=128, share_prefix=True, activation_checkpointing=True,
+                  checkpointing_min_tokens=384)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return UpdateConfig(**values)
 

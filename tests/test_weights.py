@@ -559,6 +559,20 @@ def _kto_batch(tokenizer):
     return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels), p
 
 
+def _moved_adapter(tokenizer):
+    """A tiny engine whose adapter has taken one update (so TRL's fused head is installed) and then a random push
+    large enough to matter at the prompt; returns the engine and its PEFT model."""
+    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
+    model = engine.peft_model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    return engine, model
+
+
 def _scored(model, ids, mask, labels):
     """Per-token log-probabilities of the labels (TRL's fused head) and the adapter's gradient of their sum."""
     model.zero_grad(set_to_none=True)
@@ -577,14 +591,7 @@ def test_a_frozen_prompt_scores_the_replies_the_same_and_takes_their_gradient_on
 
     from rosa2_dspy.weights.updater import _prompt_as_frozen_prefix
 
-    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
-    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
-    model = engine.peft_model  # the adapter moved, and TRL's fused head installed
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn_like(param))  # an adapter large enough to matter at the prompt
+    engine, model = _moved_adapter(tokenizer)
     ids, mask, labels, prompt = _kto_batch(tokenizer)
     split = prompt - 1
     model.train()
@@ -633,14 +640,7 @@ def test_rows_whose_scored_tokens_start_at_different_columns_each_take_their_own
 
     from rosa2_dspy.weights.updater import _last_labelled, _prompt_as_frozen_prefix
 
-    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
-    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
-    model = engine.peft_model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn_like(param))
+    engine, model = _moved_adapter(tokenizer)
     ids, mask, labels, _ = _kto_batch(tokenizer)
     labels = _last_labelled(labels, 1)  # each reply's last token: the replies differ in length
     splits = ((labels != -100).int().argmax(dim=1) - 1).tolist()
@@ -726,14 +726,7 @@ def test_an_updates_shared_prompt_runs_once_and_each_row_stops_at_its_own_end(to
     the log-probabilities and the gradient are those without sharing (the same split column), for fewer tokens."""
     from rosa2_dspy.weights.updater import _last_labelled, _prompt_as_frozen_prefix, _reference_shares_prefix
 
-    engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
-    LoRAUpdater(engine, fast(objective="apo_zero_unpaired", steps=1)).update([kto_row(PROMPT, BAD, False)])
-    model = engine.peft_model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(0.05 * torch.randn_like(param))
+    engine, model = _moved_adapter(tokenizer)
     ids, mask, labels, prompt = _shared_prompt_batch(tokenizer)
     ends = mask.sum(dim=1).tolist()
     assert ends[0] != ends[1] and ids.shape[1] == max(ends)
@@ -786,7 +779,8 @@ def test_an_updates_shared_prompt_runs_once_and_each_row_stops_at_its_own_end(to
 def test_an_update_sharing_its_prompt_moves_the_adapter_as_one_without(tokenizer):
     """Through ``LoRAUpdater`` at the session's settings (apo_zero_unpaired, frozen prompt, reply tail): a first
     update and a later one (the reference forward from moved weights) on two replies under one prompt give the
-    same adapter with ``share_prefix`` as without, while the blocks run fewer token positions."""
+    same adapter with ``share_prefix`` (the session's default) as without, while the blocks run fewer token
+    positions."""
     from rosa2_dspy.coadapt import session_update_config
 
     long_reply = "12 times 3: 10 times 3 is 30, 2 times 3 is 6, so 30 + 6 = 36. \\boxed{36}"
@@ -795,14 +789,16 @@ def test_an_update_sharing_its_prompt_moves_the_adapter_as_one_without(tokenizer
     for setting in ("plain", "share_prefix", "prefix_per_row"):
         engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
         config = session_update_config(learning_rate=1e-2, max_length=128, reply_tail=3,
-                                       **({} if setting == "plain" else {setting: True}))
+                                       share_prefix=setting == "share_prefix",
+                                       prefix_per_row=setting == "prefix_per_row")
         updater = LoRAUpdater(engine, config)
         start = engine.snapshot()
         seen = []
         block = engine.peft_model.get_base_model().model.layers[0]
         block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0] * args[0].shape[1]))
         shifts[setting] = [updater.update(rows).update_shift for _ in range(2)]
-        moves[setting] = torch.cat([(value - start[name]).flatten() for name, value in engine.adapter_state().items()])
+        moves[setting] = torch.cat([(value.detach() - start[name]).flatten()
+                                    for name, value in engine.adapter_state().items()])
         tokens[setting] = sum(seen)
 
     def apart(setting: str) -> float:

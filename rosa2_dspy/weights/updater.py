@@ -275,6 +275,12 @@ def _joined(rows: list, kwargs: dict):
     return type(template)(**joined)
 
 
+def _one_row(kwargs: dict, row: int) -> dict:
+    """A fused call's keyword arguments for one of its rows."""
+    return {**kwargs, **{k: kwargs[k][row:row + 1] for k in ("input_ids", "labels", "attention_mask")
+                         if kwargs.get(k) is not None}}
+
+
 def _rows_to_their_ends(original, kwargs: dict, cache, split: int, scored: list[bool]):
     """The columns from ``split`` of every row up to its own last real token, not the batch's longest (its padding
     columns compute nothing TRL reads): one batch where every row ends at the same column, else row by row, each
@@ -289,9 +295,7 @@ def _rows_to_their_ends(original, kwargs: dict, cache, split: int, scored: list[
         if not keep:
             rows.append(None)
             continue
-        one = {**kwargs, **{k: kwargs[k][row:row + 1] for k in ("input_ids", "labels", "attention_mask")
-                            if kwargs.get(k) is not None}}
-        out = _suffix(original, one, cache, split, end, slice(row, row + 1))
+        out = _suffix(original, _one_row(kwargs, row), cache, split, end, slice(row, row + 1))
         if out is None:
             return None
         rows.append(out)
@@ -450,8 +454,7 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False, share: bool = False):
                 if not keep:
                     rows.append(None)
                     continue
-                one = {**kwargs, **{k: kwargs[k][i:i + 1] for k in ("input_ids", "labels", "attention_mask")
-                                    if kwargs.get(k) is not None}}
+                one = _one_row(kwargs, i)
                 end = _row_end(mask, i, ids.shape[1])
                 out = None
                 if split >= 1:
