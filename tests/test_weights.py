@@ -809,6 +809,43 @@ def test_an_update_sharing_its_prompt_moves_the_adapter_as_one_without(tokenizer
     assert apart("share_prefix") < 1e-2 < 0.1 < apart("prefix_per_row")
     assert shifts["share_prefix"] == pytest.approx(shifts["plain"], rel=1e-5) and min(shifts["plain"]) > 0
     assert tokens["share_prefix"] < tokens["plain"]
+    # rows run one by one checkpoint as their call would: by all its gradient tokens, not each row's own
+
+    def checkpointed(min_tokens: int | None):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        config = session_update_config(learning_rate=1e-2, max_length=128, reply_tail=3,
+                                       activation_checkpointing=min_tokens is not None,
+                                       checkpointing_min_tokens=min_tokens or 0)
+        updater = LoRAUpdater(engine, config)
+        sizes = []
+        block = engine.peft_model.get_base_model().model.layers[0]
+        block.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0] * args[0].shape[1])
+                                        if torch.is_grad_enabled() else None)
+        calls = _block_forwards(engine, lambda: updater.update(rows))
+        return calls[0], sizes, {k: v.clone() for k, v in engine.adapter_state().items()}
+
+    plain, sizes, state = checkpointed(None)
+    assert len(sizes) == 2 and sum(sizes) > max(sizes)  # the rows' gradient columns, one forward each
+    calls, _, moved = checkpointed(sum(sizes))
+    assert calls == plain + 2 and same_state(moved, state)  # both recomputed, the same update to the bit
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_kto_and_dpo_updates_sharing_their_prompt_move_the_adapter_as_without(tokenizer, objective):
+    """KTO's forwards (its KL ones too, on mismatched pairs) and DPO's chosen and rejected rows under one prompt:
+    the same shifts, to rounding, with ``share_prefix`` as without."""
+    from rosa2_dspy.coadapt import session_update_config
+    from rosa2_dspy.weights import dpo_row
+
+    rows = ([kto_row(PROMPT, BAD, False), kto_row(PROMPT, "2+3 is 5, so \\boxed{5}", True),
+             kto_row(PROMPT, "I think it is 8", False)] if objective == "kto" else [dpo_row(PROMPT, GOOD, BAD)])
+    shifts = {}
+    for share in (False, True):
+        engine = LocalEngine(make_tiny_model(tokenizer), tokenizer, name="tiny")
+        updater = LoRAUpdater(engine, session_update_config(objective=objective, learning_rate=1e-2, max_length=128,
+                                                            reply_tail=3, share_prefix=share))
+        shifts[share] = [updater.update(rows).update_shift for _ in range(2)]
+    assert shifts[True] == pytest.approx(shifts[False], rel=1e-5) and min(shifts[False]) > 0
 
 
 @pytest.mark.parametrize("checkpointing,per_row", [(False, False), (True, False), (False, True)])

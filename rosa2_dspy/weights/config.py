@@ -50,8 +50,9 @@ class UpdateConfig:
     prefix_per_row: bool = False
     # the columns every row of an update begins with (the prompt its rows share: a later update trains on each
     # rejected reply under one prompt) run once, on one row, and each row runs only up to its own last token, not
-    # the longest row's (the reference forward, and with frozen_prompt the prefix and the gradient suffix): the same
-    # update, for less work, up to the rounding of products over other row counts
+    # the longest row's (the reference forward, and with frozen_prompt the prefix and the gradient suffix, unless
+    # prefix_per_row gives each row a prefix of its own): the same update, for less work, up to the rounding of
+    # products over other row counts
     share_prefix: bool = False
     # score only the last N tokens of each reply (None or 0: all of it): the loss, and the reference's
     # log-probabilities, cover the reply's end, where its final answer is; with frozen_prompt the reply's head joins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import tempfile
@@ -281,6 +282,12 @@ def _one_row(kwargs: dict, row: int) -> dict:
                          if kwargs.get(k) is not None}}
 
 
+# the gradient tokens of the whole call a row-by-row forward belongs to (:func:`_rows_to_their_ends`), for
+# :func:`_checkpoint_large_forwards` to decide on; None outside one
+_CALL_GRADIENT_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("_call_gradient_tokens",
+                                                                                   default=None)
+
+
 def _rows_to_their_ends(original, kwargs: dict, cache, split: int, scored: list[bool]):
     """The columns from ``split`` of every row up to its own last real token, not the batch's longest (its padding
     columns compute nothing TRL reads): one batch where every row ends at the same column, else row by row, each
@@ -291,14 +298,19 @@ def _rows_to_their_ends(original, kwargs: dict, cache, split: int, scored: list[
     if len(set(ends)) == 1 and all(scored):
         return _suffix(original, kwargs, cache, split, ends[0])
     rows = []
-    for row, (end, keep) in enumerate(zip(ends, scored)):
-        if not keep:
-            rows.append(None)
-            continue
-        out = _suffix(original, _one_row(kwargs, row), cache, split, end, slice(row, row + 1))
-        if out is None:
-            return None
-        rows.append(out)
+    # the rows' forwards checkpoint as the call's gradient tokens, all rows together, say (a batched call's would)
+    whole = _CALL_GRADIENT_TOKENS.set(sum(end - split for end, keep in zip(ends, scored) if keep))
+    try:
+        for row, (end, keep) in enumerate(zip(ends, scored)):
+            if not keep:
+                rows.append(None)
+                continue
+            out = _suffix(original, _one_row(kwargs, row), cache, split, end, slice(row, row + 1))
+            if out is None:
+                return None
+            rows.append(out)
+    finally:
+        _CALL_GRADIENT_TOKENS.reset(whole)
     return _joined(rows, kwargs)
 
 
@@ -343,8 +355,16 @@ def _reference_shares_prefix(model):
 
         return forward
 
-    with _forward_wrapped(model, wrap):
-        yield
+    blocks = _checkpointable_blocks(model)
+    flagged = [block for block in blocks if "_can_checkpoint_with_cache" not in vars(block)]
+    for block in flagged:  # (a no-grad call TRL leaves checkpointing on for: KTO's KL forward of the policy)
+        block._can_checkpoint_with_cache = True  # the rows only read the prefix (see _read_only_cache)
+    try:
+        with _forward_wrapped(model, wrap):
+            yield
+    finally:
+        for block in flagged:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
 
 
 def _checkpointable_blocks(model) -> list:
@@ -360,7 +380,8 @@ def _checkpoint_large_forwards(model, min_tokens: int):
     """Activation checkpointing for an update's large forwards only (``UpdateConfig.checkpointing_min_tokens``).
 
     With checkpointing on (the Trainer turns it on for every block), a forward with gradients over at least
-    ``min_tokens`` tokens (its rows times its columns: under a frozen prefix, the columns that take gradients)
+    ``min_tokens`` tokens (its rows times its columns: under a frozen prefix, the columns that take gradients; a
+    call that ``share_prefix`` runs row by row counts all its rows' columns, as the batch would)
     checkpoints as configured; a smaller one, and any forward without gradients (the reference's), keeps its
     activations. A large forward is where checkpointing pays: a long reply under one prefix per batch kept 14.3 GB
     of activations without it, 4.5 GB with it (BENCHMARKS.md, session 23); a small one's activations are few, and
@@ -377,8 +398,9 @@ def _checkpoint_large_forwards(model, min_tokens: int):
             tokens = kwargs.get("input_ids", args[0] if args else None)
             if tokens is None:
                 tokens = kwargs.get("inputs_embeds")
-            large = torch.is_grad_enabled() and (
-                not torch.is_tensor(tokens) or tokens.shape[:2].numel() >= min_tokens)
+            call = _CALL_GRADIENT_TOKENS.get()  # (a row of a call run row by row: the call's tokens decide)
+            large = torch.is_grad_enabled() and (not torch.is_tensor(tokens) or (
+                tokens.shape[:2].numel() if call is None else call) >= min_tokens)
             for block, on in zip(blocks, configured):
                 block.gradient_checkpointing = on and large
             try:
