@@ -355,16 +355,9 @@ def _reference_shares_prefix(model):
 
         return forward
 
-    blocks = _checkpointable_blocks(model)
-    flagged = [block for block in blocks if "_can_checkpoint_with_cache" not in vars(block)]
-    for block in flagged:  # (a no-grad call TRL leaves checkpointing on for: KTO's KL forward of the policy)
-        block._can_checkpoint_with_cache = True  # the rows only read the prefix (see _read_only_cache)
-    try:
-        with _forward_wrapped(model, wrap):
-            yield
-    finally:
-        for block in flagged:
-            block.__dict__.pop("_can_checkpoint_with_cache", None)
+    # (a no-grad call TRL leaves checkpointing on for: KTO's KL forward of the policy)
+    with _blocks_checkpoint_with_a_read_only_cache(model), _forward_wrapped(model, wrap):
+        yield
 
 
 def _checkpointable_blocks(model) -> list:
@@ -373,6 +366,22 @@ def _checkpointable_blocks(model) -> list:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def _blocks_checkpoint_with_a_read_only_cache(model):
+    """The model's blocks told that a checkpointed forward may keep the cache it is handed (transformers'
+    ``_can_checkpoint_with_cache``), while the block runs: the update's wrappers hand them a prefix they only read
+    (:func:`_read_only_cache`), so a recompute sees the same keys and values. A block already told (by a wrapper
+    outside this one) is left to it."""
+    told = [block for block in _checkpointable_blocks(model) if "_can_checkpoint_with_cache" not in vars(block)]
+    for block in told:
+        block._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for block in told:
+            block.__dict__.pop("_can_checkpoint_with_cache", None)
 
 
 @contextlib.contextmanager
@@ -487,14 +496,8 @@ def _prompt_as_frozen_prefix(model, per_row: bool = False, share: bool = False):
 
         return forward
 
-    for block in blocks:
-        block._can_checkpoint_with_cache = True  # the suffix only reads the prefix (see _read_only_cache)
-    try:
-        with _forward_wrapped(model, wrap):
-            yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("_can_checkpoint_with_cache", None)
+    with _blocks_checkpoint_with_a_read_only_cache(model), _forward_wrapped(model, wrap):
+        yield
 
 
 def _checkpointing(on: bool) -> dict:
